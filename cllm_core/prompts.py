@@ -1,0 +1,43 @@
+"""Prompt text at the edge: read a prompt file, render it with the chat template, tokenize a batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def read_prompts(path: str | Path, field: str = "question", limit: int | None = None) -> list[str]:
+    """Prompts from a .jsonl file (one object per line, text in `field`) or a .txt file (one per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            record = json.loads(line)
+            if field not in record:
+                raise KeyError(f"{path}:{number} has no field {field!r} (fields: {', '.join(record)})")
+            prompts.append(record[field])
+    else:
+        prompts = lines
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts[:limit]
+
+
+def render(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -> str:
+    """The prompt as the model expects it: the chat template when the tokenizer has one."""
+    if chat and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str = "cpu"):
+    """Left-padded (input_ids, attention_mask) for a batch of rendered prompts."""
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -1,0 +1,82 @@
+"""Tier (a): the Jacobi loop against fake models whose greedy output and pass counts are known exactly."""
+
+import pytest
+import torch
+
+from cllm_core import jacobi_generate, jacobi_steps
+from tests.fakes import by_position, constant, noisy, successor
+
+PROMPT = torch.tensor([[1, 2, 3]])
+
+
+@pytest.mark.parametrize("n_tokens", [1, 2, 4, 16])
+def test_constant_model_converges_in_one_pass_per_block(n_tokens):
+    out = jacobi_generate(constant(7), PROMPT, n_tokens=n_tokens, max_new_tokens=12, eos_token_id=[],
+                          return_trajectories=True)
+    assert out.sequences[0, 3:].tolist() == [7] * 12
+    # the prefill, then a whole block per pass (n_tokens=1: the carried token fills a block, so a pass
+    # works on the next one and fixes it and its own carried token)
+    assert out.stats.forwards == 1 + -(-11 // max(n_tokens, 2))
+    assert all(block.passes <= 1 for block in out.trajectories[0])
+
+
+def test_successor_model_needs_one_pass_per_token():
+    model = successor()
+    out = jacobi_generate(model, PROMPT, n_tokens=4, max_new_tokens=8, eos_token_id=[])
+    assert out.sequences[0, 3:].tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert out.stats.forwards == 8 and out.stats.tokens_per_forward == 1.0
+    assert out.stats.fast_forward == 0
+    # only the unconverged tail is re-fed: [last] + 3, 2, 1 guesses in block 0, then 4, 3, 2, 1 in block 1
+    assert [q for _, q in model.calls] == [3, 4, 3, 2, 5, 4, 3, 2]
+
+
+def test_fast_forward_and_stationary_counts_on_a_known_trajectory():
+    # positions 3..: 5 6 5 5 9; the repeat guess 5 5 5 is right at positions 5 and 6 from the first pass on
+    model = by_position([0, 0, 0, 5, 6, 5, 5, 9, 9, 9])
+    out = jacobi_generate(model, PROMPT, n_tokens=4, max_new_tokens=5, eos_token_id=[], return_trajectories=True)
+    assert out.sequences[0, 3:].tolist() == [5, 6, 5, 5, 9]
+    assert out.stats.forwards == 3
+    assert (out.stats.fast_forward, out.stats.stationary) == (2, 2)
+    first = out.trajectories[0][0]
+    assert first.states == [[5, 5, 5, 5], [5, 6, 5, 5]] and first.fixed_point == [5, 6, 5, 5] and first.passes == 2
+    assert out.trajectories[0][1].fixed_point == [9] and out.trajectories[0][1].passes == 0  # the carried token
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_pass_commits_a_token_and_the_loop_stays_in_bound(n_tokens, batch):
+    prompts = torch.randint(3, 60, (batch, 5))
+    steps = list(jacobi_steps(noisy(), prompts, n_tokens=n_tokens, max_new_tokens=20, eos_token_id=[]))
+    assert all(len(row.committed) >= 1 for step in steps for row in step.rows)
+    assert len(steps) <= 20
+    assert all(sum(len(r.committed) for s in steps for r in s.rows if r.row == b) == 20 for b in range(batch))
+
+
+def test_first_eos_ends_the_row_and_nothing_after_it_is_returned():
+    out = jacobi_generate(constant(7), PROMPT, n_tokens=4, max_new_tokens=12, eos_token_id=7)
+    assert out.sequences.tolist() == [[1, 2, 3, 7]]
+    out = jacobi_generate(successor(), PROMPT, n_tokens=16, max_new_tokens=12, eos_token_id=6, pad_token_id=0,
+                          return_trajectories=True)
+    assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert out.trajectories[0][0].fixed_point == [4, 5, 6]
+    assert all(len(state) == 3 for state in out.trajectories[0][0].states)
+
+
+def test_finished_rows_leave_the_batch():
+    model = successor()
+    prompts = torch.tensor([[1, 2, 3], [20, 21, 22]])
+    out = jacobi_generate(model, prompts, n_tokens=4, max_new_tokens=8, eos_token_id=6, pad_token_id=0)
+    assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0], [20, 21, 22, *range(23, 31)]]
+    assert out.stats.row_forwards == [3, 8]
+    assert [rows for rows, _ in model.calls] == [2, 2, 2] + [1] * 5
+
+
+def test_random_init_is_seeded_per_row():
+    prompts = torch.randint(3, 60, (2, 6))
+    runs = [jacobi_generate(successor(), prompts, n_tokens=8, max_new_tokens=16, eos_token_id=[], init="random",
+                            seed=seed, return_trajectories=True) for seed in (0, 0, 1)]
+    initial = [[row[0].states[0] for row in run.trajectories] for run in runs]
+    assert initial[0] == initial[1] and initial[0] != initial[2]
+    assert torch.equal(runs[0].sequences, runs[2].sequences)
+    context = [set(p.tolist()) | set(range(p[-1].item() + 1, p[-1].item() + 18)) for p in prompts]
+    assert all(set(state[1:]) <= ctx for state, ctx in zip(initial[0], context))

@@ -1,0 +1,62 @@
+"""Tier (b): on tiny random Hugging Face models, Jacobi output == greedy `generate`, token for token (fp32)."""
+
+import pytest
+import torch
+
+from cllm_core import jacobi_generate
+from tests.tiny import PAD, prompts, tiny_model
+
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def model(request):
+    model = tiny_model(request.param)
+    model.generation_config.eos_token_id = None  # `generate` stops only where a test asks it to
+    return model
+
+
+def greedy(model, ids, mask, eos):
+    return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                          eos_token_id=eos, pad_token_id=PAD)
+
+
+def eos_from_output(model, ids, mask) -> int:
+    """A token the model really emits early in row 0, so that EOS stops rows at different points."""
+    return int(greedy(model, ids, mask, eos=None)[0, ids.shape[1] + 5])
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("n_tokens", [1, 2, 4, 16, 32])
+def test_jacobi_equals_greedy_generate(model, n_tokens, batch, with_eos):
+    ids, mask = prompts(batch)
+    eos = [eos_from_output(model, ids, mask)] if with_eos else []
+    expected = greedy(model, ids, mask, eos=eos or None)
+    if not with_eos:
+        assert expected.shape[1] == ids.shape[1] + MAX_NEW
+    out = jacobi_generate(model, ids, mask, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                          pad_token_id=PAD)
+    assert out.sequences.tolist() == expected.tolist()
+    if with_eos:
+        assert (out.sequences[0, ids.shape[1]:] == eos[0]).any()
+
+
+def test_random_initialisation_reaches_the_same_fixed_points(model):
+    ids, mask = prompts(4)
+    expected = greedy(model, ids, mask, eos=None)
+    out = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=[], init="random",
+                          seed=3, pad_token_id=PAD, return_trajectories=True)
+    assert out.sequences.tolist() == expected.tolist()
+    response = out.sequences[0, ids.shape[1]:].tolist()
+    assert [t for block in out.trajectories[0] for t in block.fixed_point] == response
+
+
+def test_batched_rows_equal_unpadded_single_rows(model):
+    ids, mask = prompts(4)
+    batched = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=[])
+    for row in range(4):
+        alone = jacobi_generate(model, ids[row][mask[row].bool()][None], n_tokens=8, max_new_tokens=MAX_NEW,
+                                eos_token_id=[])
+        assert batched.sequences[row, -MAX_NEW:].tolist() == alone.sequences[0, -MAX_NEW:].tolist()
+        assert batched.stats.row_forwards[row] == alone.stats.forwards

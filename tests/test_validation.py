@@ -1,0 +1,66 @@
+"""Bad input fails before any forward, with one error that names the argument and the fix."""
+
+import pytest
+import torch
+from transformers import LlamaModel
+
+from cllm_core import ar_generate, jacobi_generate, lookup_generate, reference_jacobi_generate
+from tests.fakes import constant
+from tests.tiny import tiny_model
+
+PROMPT = torch.tensor([[5, 6, 7]])
+
+
+@pytest.mark.parametrize("n_tokens", [0, -3, 2.5])
+def test_n_tokens_must_be_positive(n_tokens):
+    with pytest.raises(ValueError, match="n_tokens must be a positive integer"):
+        jacobi_generate(constant(), PROMPT, n_tokens=n_tokens)
+
+
+@pytest.mark.parametrize("decode", [jacobi_generate, ar_generate, lookup_generate, reference_jacobi_generate])
+def test_max_new_tokens_must_be_positive(decode):
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        decode(model, PROMPT, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("ids", [torch.zeros((1, 0), dtype=torch.long), torch.zeros((0, 4), dtype=torch.long)])
+def test_empty_prompt_is_refused(ids):
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        jacobi_generate(constant(), ids)
+
+
+def test_prompt_must_be_two_dimensional():
+    with pytest.raises(ValueError, match=r"input_ids must be a 2-D tensor.*ids\[None\]"):
+        jacobi_generate(constant(), torch.tensor([1, 2, 3]))
+
+
+def test_an_all_padding_row_is_an_empty_prompt():
+    ids = torch.tensor([[0, 0], [4, 5]])
+    with pytest.raises(ValueError, match="empty prompt"):
+        jacobi_generate(constant(), ids, torch.tensor([[0, 0], [1, 1]]), pad_token_id=0)
+
+
+def test_padded_batch_without_attention_mask_is_refused():
+    ids = torch.tensor([[0, 0, 4, 5], [3, 4, 5, 6]])
+    with pytest.raises(ValueError, match="attention_mask is None"):
+        jacobi_generate(constant(), ids, pad_token_id=0)
+
+
+def test_right_padding_is_refused():
+    ids = torch.tensor([[4, 5, 0], [3, 4, 5]])
+    with pytest.raises(ValueError, match="left padding"):
+        jacobi_generate(constant(), ids, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+
+
+def test_model_without_language_model_head_is_refused():
+    base = LlamaModel(tiny_model("llama").config)
+    with pytest.raises(TypeError, match="LlamaModel is not a causal LM"):
+        jacobi_generate(base, PROMPT)
+    with pytest.raises(TypeError, match="not a causal LM"):
+        ar_generate(base, PROMPT)
+
+
+def test_unknown_init_strategy_is_refused():
+    with pytest.raises(ValueError, match="init must be 'repeat' or 'random'"):
+        jacobi_generate(constant(), PROMPT, init="zeros")
