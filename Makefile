@@ -23,6 +23,7 @@ demo: $(STAMP)
 		--prompts data/gsm8k_sample.jsonl --limit 5 --n-tokens 16 --max-new-tokens 64 --json runs/demo/decoding.json
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -124,7 +124,8 @@ def reference_jacobi_generate(
             size = min(n_tokens, max_new_tokens - (len(context) - prompt_len))
             states = [rng.choices(context, k=size)]
             while True:
-                logits = model(input_ids=torch.tensor([context + states[-1]], device=ids.device), use_cache=False).logits
+                fed = torch.tensor([context + states[-1]], device=ids.device)  # everything, every iteration
+                logits = model(input_ids=fed, use_cache=False).logits
                 stats.row_forwards[row] += 1
                 update = logits[0, len(context) - 1 : len(context) - 1 + size].argmax(-1).tolist()
                 if update == states[-1]:

@@ -37,6 +37,7 @@ class RowStep:
     row: int  # index in the input batch
     block: int  # index of the block the pass worked on
     state: tuple[int, ...]  # the block as fed: its committed prefix, then the guess (empty for the prefill)
+    prefix: int  # how many tokens of `state` were committed before this pass
     committed: tuple[int, ...]  # tokens this pass fixed, in order (at least one)
     fast_forward: int  # guess tokens the pass confirmed
     stationary: int  # of those, tokens already correct and unchanged in the pass before
@@ -151,7 +152,7 @@ def _pass(forward, rows, kv_mask, pad, rule):
         matched = next((i for i, (g, p) in enumerate(zip(guess, pred)) if g != p), len(guess))
         row.guess = pred[matched + 1 : len(guess)]  # the Jacobi update of the unconfirmed tail
         row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], guess[matched + 1 :], row.guess)]
-        steps.append(_commit(row, pred[: matched + 1], age[:matched], rule, state))
+        steps.append(_commit(row, pred[: matched + 1], age[:matched], rule, state, len(state) - len(guess)))
         new_mask[b, matched + 1 :] = 0  # cache slots of [last, *confirmed] stay; the rest become holes
     live = [int(m.sum()) for m, row in zip(new_mask, rows) if not row.finished]
     surplus = width - max(live, default=width)
@@ -159,7 +160,7 @@ def _pass(forward, rows, kv_mask, pad, rule):
     return torch.cat([kv_mask, new_mask[:, : width - surplus]], 1), steps
 
 
-def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule, state=()) -> RowStep:
+def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule, state=(), prefix=0) -> RowStep:
     """Append tokens up to the first EOS or the budget; open the next block once this one is full."""
     block, committed = row.block, []
     for tok in tokens:
@@ -178,7 +179,7 @@ def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule,
         row.block_end = min((row.block + 1) * rule.n_tokens, rule.max_new_tokens)
         row.guess = _initial_guess(row, row.block_end - len(row.response), rule.init)
         row.age = [1] * len(row.guess)
-    return RowStep(row.index, block, state, tuple(committed), fast_forward, stationary, row.finished)
+    return RowStep(row.index, block, state, prefix, tuple(committed), fast_forward, stationary, row.finished)
 
 
 def _initial_guess(row: _Row, size: int, init: Init) -> list[int]:

@@ -1,7 +1,6 @@
 """Tier (b): on tiny random Hugging Face models, Jacobi output == greedy `generate`, token for token (fp32)."""
 
 import pytest
-import torch
 
 from cllm_core import jacobi_generate
 from tests.tiny import PAD, prompts, tiny_model

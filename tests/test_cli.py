@@ -1,0 +1,58 @@
+"""`cllm decode` and the decoding benchmark, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from benchmarks import decoding
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_decode_prints_every_pass_and_a_summary(tiny_model_dir):
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--max-new-tokens", "12",
+                                 "--n-tokens", "4", "--no-live", "What is 2 + 3?"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("pass ") == 12  # this random model fixes one token per pass
+    assert "12 tokens in 12 forwards: 1.00 tokens per forward" in result.output
+
+
+def test_decode_live_view_runs(tiny_model_dir):
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "Hi"])
+    assert result.exit_code == 0, result.output
+    assert "6 tokens in 6 forwards" in result.output
+
+
+def test_decode_bad_input_is_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path):
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--n-tokens", "0", "Hi"])
+    assert result.exit_code == 1
+    assert result.output.strip().endswith("error: n_tokens must be a positive integer, got 0")
+    result = runner.invoke(app, ["decode", "--model", "package:not_installed_model", "Hi"])
+    assert result.exit_code == 1 and "not installed" in result.output and "Traceback" not in result.output
+
+
+def test_cllm_without_arguments_lists_the_stages():
+    result = subprocess.run([sys.executable, "-m", "flows.cli"], capture_output=True, text=True)
+    assert "decode" in result.stdout
+
+
+def test_benchmark_writes_the_table_fields_as_json(tiny_model_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    decoding.main(["--model", str(tiny_model_dir), "--prompts", "data/gsm8k_sample.jsonl", "--limit", "2",
+                   "--max-new-tokens", "12", "--n-tokens", "4", "--methods", "ar,jacobi,lookup,reference",
+                   "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [row["method"] for row in result["methods"]] == ["ar", "jacobi", "lookup", "reference"]
+    for row in result["methods"]:
+        assert {"tokens_per_forward", "tokens_per_s", "speedup_vs_ar", "exact_match_vs_ar"} <= set(row)
+        assert row["exact_match_vs_ar"] == 1.0 and row["new_tokens"] == 24  # fp32: every method is exact
+    assert len(result["per_prompt"]) == 2
+
+
+def test_benchmark_rejects_an_unknown_method():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.decoding", "--model", "x", "--prompts", "y",
+                             "--methods", "ar,medusa"], capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown medusa" in result.stderr

