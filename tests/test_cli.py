@@ -29,9 +29,37 @@ def test_decode_live_view_runs(tiny_model_dir):
 def test_decode_bad_input_is_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--n-tokens", "0", "Hi"])
     assert result.exit_code == 1
-    assert result.output.strip().endswith("error: n_tokens must be a positive integer, got 0")
+    assert result.output.strip().endswith("error: n_tokens: Input should be greater than or equal to 1 (got 0)")
     result = runner.invoke(app, ["decode", "--model", "package:not_installed_model", "Hi"])
     assert result.exit_code == 1 and "not installed" in result.output and "Traceback" not in result.output
+
+
+def test_decode_reads_a_profile_and_options_override_it(tiny_model_dir, tmp_path):
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndecode:\n  max_new_tokens: 5\n")
+    result = runner.invoke(app, ["decode", "--config", str(profile), "--no-live", "Hi"])
+    assert result.exit_code == 0 and "5 tokens in 5 forwards" in result.output, result.output
+    result = runner.invoke(app, ["decode", "--config", str(profile), "--max-new-tokens", "3", "--no-live", "Hi"])
+    assert "3 tokens in 3 forwards" in result.output
+
+
+def test_a_bad_profile_names_the_file_and_the_field(tmp_path):
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("model:\n  name_or_path: x\ndecode:\n  n_tokens: -1\n")
+    result = runner.invoke(app, ["decode", "--config", str(profile), "Hi"])
+    assert result.exit_code == 1
+    assert f"profile {profile}: decode.n_tokens: Input should be greater than or equal to 1" in result.output
+    result = runner.invoke(app, ["decode", "Hi"])
+    assert result.exit_code == 1 and "no model: pass --model" in result.output
+
+
+def test_shipped_profiles_are_valid():
+    from pathlib import Path
+
+    from cllm_core.config import load_profile
+
+    for path in Path("configs").glob("*.yaml"):
+        load_profile(path)
 
 
 def test_cllm_without_arguments_lists_the_stages():
