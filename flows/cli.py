@@ -105,15 +105,17 @@ class TrajectoryView:
         self.fast_forward += row.fast_forward
         self.stationary += row.stationary
 
-    def piece(self, tokens, style: str) -> Text:
-        return Text(self.tokenizer.decode(list(tokens)), style=style)
+    def piece(self, tokens, style: str, inline: bool = False) -> Text:
+        text = self.tokenizer.decode(list(tokens))
+        return Text(text.replace("\n", "↵") if inline else text, style=style)
 
     def line(self) -> Text:
         """One pass: the block as fed, its earlier commits dim, this pass's commits green, the rest red."""
         row = self.step
         return Text.assemble(f"pass {self.passes:3d}  block {row.block:2d}  +{len(row.committed):2d}  ",
-                             self.piece(row.state[: row.prefix], "dim"), self.piece(row.committed, "bold green"),
-                             self.piece(row.state[row.prefix + len(row.committed) :], "red"))
+                             self.piece(row.state[: row.prefix], "dim", True),
+                             self.piece(row.committed, "bold green", True),
+                             self.piece(row.state[row.prefix + len(row.committed) :], "red", True))
 
     def render(self) -> Group:
         if self.step is None:
