@@ -135,10 +135,11 @@ def reference_jacobi_generate(
             fast_forward, stationary = _confirmed(states, fixed_point)
             stats.row_fast_forward[row] += fast_forward
             stats.row_stationary[row] += stationary
-            cut = next((i + 1 for i, t in enumerate(fixed_point) if t in eos), size)
+            eos_at = next((i for i, t in enumerate(fixed_point) if t in eos), None)
+            cut = size if eos_at is None else eos_at + 1
             context += fixed_point[:cut]
             blocks.append(BlockTrajectory([s[:cut] for s in states], fixed_point[:cut], len(states)))
-            if cut < size:
+            if eos_at is not None:
                 break
         responses.append(context[prompt_len:])
         stats.row_new_tokens[row] = len(responses[-1])

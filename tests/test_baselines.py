@@ -68,7 +68,10 @@ def test_reference_jacobi_commits_whole_blocks_and_re_encodes_everything():
     assert again.trajectories == out.trajectories
 
 
-def test_reference_jacobi_stops_after_the_block_with_eos():
-    out = reference_jacobi_generate(successor(), torch.tensor([[1, 2, 3]]), n_tokens=4, max_new_tokens=16,
+@pytest.mark.parametrize("n_tokens", [3, 4])
+def test_reference_jacobi_stops_after_the_block_with_eos(n_tokens):
+    """Regression: an EOS in the last slot of a block (n_tokens=3 here) was not seen as a stop, and the
+    loop went on decoding past it (found as a 4/5 exact match vs AR on SmolLM2)."""
+    out = reference_jacobi_generate(successor(), torch.tensor([[1, 2, 3]]), n_tokens=n_tokens, max_new_tokens=16,
                                     eos_token_id=6)
     assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6]]
