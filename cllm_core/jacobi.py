@@ -87,6 +87,12 @@ def jacobi_steps(
     from the row's context (prompt and response so far), seeded per row by `seed` (int: seed + row).
     Arguments are checked here, before the first step is asked for.
     """
+    return _steps(*_setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id,
+                          init, seed))
+
+
+def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed):
+    """Check the arguments and build the loop's state: (forward, input_ids, kv_mask, rows, pad, rule)."""
     check_model(model)
     check_positive("n_tokens", n_tokens)
     check_positive("max_new_tokens", max_new_tokens)
@@ -103,7 +109,7 @@ def jacobi_steps(
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
     rule = _Rule(n_tokens, max_new_tokens, eos, init)
-    return _steps(_Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule)
+    return _Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule
 
 
 @dataclass(frozen=True)
@@ -240,13 +246,13 @@ def jacobi_generate(
 ) -> DecodeOutput:
     """Greedy Jacobi decoding shaped like `model.generate`: `out.sequences` is (B, L + T), rows that
     stopped early are padded; `out.stats` counts forwards, tokens, fast-forward and stationary tokens."""
-    steps = jacobi_steps(model, input_ids, attention_mask, n_tokens=n_tokens, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, init=init, seed=seed)
+    setup = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed)
+    pad = setup[4]
     batch = len(input_ids)
     stats = DecodeStats.empty(batch)
     responses: list[list[int]] = [[] for _ in range(batch)]
     states: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in range(batch)]
-    for step in steps:
+    for step in _steps(*setup):
         stats.forwards += 1
         for r in step.rows:
             stats.row_forwards[r.row] += 1
@@ -256,8 +262,7 @@ def jacobi_generate(
             responses[r.row].extend(r.committed)
             if return_trajectories and r.state:
                 states[r.row].setdefault(r.block, []).append(r.state)
-    eos = resolve_eos(model, eos_token_id)
-    sequences = pad_sequences(input_ids, responses, resolve_pad(model, pad_token_id, eos))
+    sequences = pad_sequences(input_ids, responses, pad)
     trajectories = None
     if return_trajectories:
         trajectories = [_blocks(seen, response, n_tokens) for seen, response in zip(states, responses)]
