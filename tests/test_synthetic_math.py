@@ -2,7 +2,7 @@
 
 import re
 
-from data.synthetic_math import FAMILIES, OPS, generate, splits
+from data.synthetic_math import FAMILIES, OPS, TRAIN_POOL, TRAIN_SEED, generate, splits
 
 
 def test_same_seed_same_problems_other_seed_other_problems():
@@ -30,7 +30,10 @@ def test_problems_vary_across_families_and_names():
     assert len(FAMILIES) == 8
 
 
-def test_eval_split_shares_no_question_with_train():
+def test_eval_split_is_disjoint_from_the_whole_train_pool_and_has_distinct_questions():
     train, eval_ = splits(3000, 300)
-    assert not {p["question"] for p in train} & {p["question"] for p in eval_}
-    assert len(eval_) > 250
+    assert len(train) == 3000 and len(eval_) == 300
+    pool = {p["question"] for p in generate(TRAIN_POOL, TRAIN_SEED)}
+    assert not pool & {p["question"] for p in eval_}
+    assert len({p["question"] for p in eval_}) == 300
+    assert splits(10, 5)[1] == eval_[:5]
