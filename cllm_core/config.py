@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cllm_core.sources import PRESETS, Preset
+from cllm_core.templates import CHAT, TEMPLATES
 
 
 class ModelConfig(BaseModel):
@@ -45,29 +49,127 @@ class DecodeConfig(BaseModel):
     seed: int = Field(0, description="Seed of the random initial guess (row i uses seed + i).")
 
 
+class TeacherConfig(BaseModel):
+    """The demo teacher: data, tokenizer, model shape and training schedule."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    train_problems: int = Field(50_000, ge=100, le=100_000,
+                                description="Synthetic-math problems to train on (train seed).")
+    eval_problems: int = Field(200, ge=1, description="Held-out problems (eval seed) to measure accuracy on.")
+    template: str = Field("gsm8k", description="Prompt template the teacher learns to answer (as ingest renders).")
+    drill_share: float = Field(0.3, ge=0, lt=1, description="Share of training sequences that are arithmetic "
+                               "drills (worked lines of the problems, loss on results only).")
+    drill_lines: int = Field(8, ge=1, description="Worked lines per drill sequence.")
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary target (it saturates below on this corpus).")
+    hidden_size: int = Field(256, ge=16, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Transformer layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    intermediate_size: int = Field(688, ge=16, description="MLP width.")
+    steps: int = Field(1200, ge=1, description="Optimiser steps; the schedule ends here unless the budget ends first.")
+    max_minutes: float = Field(5.0, gt=0, description="Wall-clock training budget; the schedule anneals within it.")
+    batch_size: int = Field(32, ge=1, description="Sequences per step.")
+    lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(60, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay on matrices.")
+    optimizer: Literal["adamw", "muon"] = Field("muon", description="Muon on the hidden matrices (AdamW for "
+                                                "embeddings and norms), or AdamW everywhere.")
+    muon_lr_scale: float = Field(1.0, gt=0, description="Muon's learning rate as a multiple of lr.")
+    seed: int = Field(0, description="Seed of initialisation and batch order.")
+
+    def fingerprint(self) -> str:
+        """Content hash of the config: the cache key of the trained teacher."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+
+
+class IngestConfig(BaseModel):
+    """Where prompts come from and how they become the pipeline's prompt set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(description="A preset (gsm8k, spider, code-python, sharegpt, synthetic-math), a Hugging "
+                        "Face dataset id (owner/name), or a local .jsonl/.json/.csv/.parquet file.")
+    preset: str | None = Field(None, description="Read `source` in this preset's format (fields, template); "
+                               "defaults to `source` itself when that names a preset.")
+    subset: str | None = Field(None, description="Hugging Face dataset configuration (e.g. 'main' for gsm8k).")
+    fields: dict[str, str] = Field({}, description="Column of each role: question (required), answer, context, "
+                                   "conversations. Overrides the preset's mapping, e.g. {question: instruction}.")
+    template: str | None = Field(None, description=f"Prompt template: {', '.join(TEMPLATES)}, or '{CHAT}' for the "
+                                 "tokenizer's chat template. Default: the preset's, else plain.")
+    train_split: str = Field("train", description="Split to take training prompts from.")
+    eval_split: str | None = Field(None, description="Split to take eval prompts from; none: a seeded share of "
+                                   "train (eval_fraction). Default: the preset's.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when there is no eval split.")
+    max_train: int | None = Field(None, ge=1, description="Keep at most this many training prompts.")
+    max_eval: int | None = Field(None, ge=1, description="Keep at most this many eval prompts.")
+    max_prompt_tokens: int = Field(1024, ge=1, description="Drop (and count) prompts longer than this in tokens.")
+    seed: int = Field(0, description="Seed of the train/eval split.")
+
+    @model_validator(mode="after")
+    def _known_names(self) -> IngestConfig:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.template is not None and self.template not in [*TEMPLATES, CHAT]:
+            raise ValueError(f"unknown template {self.template!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
+        return self
+
+    def resolved_preset(self) -> Preset:
+        """The preset this source is read with; a plain local file or hub id gets the empty preset."""
+        return PRESETS.get(self.preset or self.source, Preset())
+
+
+class TrackingConfig(BaseModel):
+    """Where runs are recorded in MLflow."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str | None = Field(None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
+                            "sqlite:///<work_dir>/mlflow.db.")
+    experiment: str = Field("cllm", description="MLflow experiment the runs go to.")
+
+
 class Profile(BaseModel):
     """A YAML profile in configs/: only what differs from the defaults."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
-    model: ModelConfig = Field(description="The model to load.")
+    work_dir: Path = Field(Path("runs/demo"), description="Where stages write prompts, models, runs and reports.")
+    model: ModelConfig | None = Field(None, description="The teacher to load. Default with `teacher`: the demo "
+                                      "teacher in <work_dir>/teacher.")
     decode: DecodeConfig = Field(DecodeConfig(), description="Jacobi decoding settings.")
+    teacher: TeacherConfig | None = Field(None, description="Train this demo teacher from scratch (cached).")
+    ingest: IngestConfig | None = Field(None, description="The prompt source.")
+    tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _teacher_is_the_model(self) -> Profile:
+        if self.model is None and self.teacher is not None:
+            object.__setattr__(self, "model", ModelConfig(name_or_path=str(self.work_dir / "teacher")))
+        return self
 
 
-def load_profile(path: str | Path) -> Profile:
-    """Read a YAML profile; any problem is one ValueError naming the file and the field."""
+def read_profile(path: str | Path) -> dict:
+    """A YAML profile's raw sections, after checking that they validate (one ValueError naming the field)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"profile {path} does not exist")
     try:
-        return Profile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        Profile.model_validate(data)
     except yaml.YAMLError as error:
         raise ValueError(f"profile {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     except ValidationError as error:
         raise ValueError(f"profile {path}: {describe(error)}") from None
+    return data
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read a YAML profile; any problem is one ValueError naming the file and the field."""
+    return Profile.model_validate(read_profile(path))
 
 
 def describe(error: ValidationError) -> str:
     """A pydantic error as one line that names the field: 'decode.n_tokens: Input should be ...'."""
     first = error.errors()[0]
     return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']} (got {first.get('input')!r})"
+

@@ -10,10 +10,18 @@ from transformers import PreTrainedTokenizerBase
 
 
 def read_prompts(path: str | Path, field: str = "question", limit: int | None = None) -> list[str]:
-    """Prompts from a .jsonl file (one object per line, text in `field`) or a .txt file (one per line)."""
+    """Prompts from a .jsonl file (one object per line, text in `field`), a .parquet file (column `field`,
+    e.g. `prompt` of ingest's output) or a .txt file (one per line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        columns = pq.read_schema(path).names
+        if field not in columns:
+            raise KeyError(f"{path} has no column {field!r} (columns: {', '.join(columns)})")
+        return pq.read_table(path, columns=[field]).column(field).to_pylist()[:limit]
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         prompts = []
@@ -37,7 +45,12 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -
     return prompt
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str = "cpu"):
-    """Left-padded (input_ids, attention_mask) for a batch of rendered prompts."""
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+def encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], device: torch.device | str = "cpu",
+           chat: bool = True):
+    """Left-padded (input_ids, attention_mask) for a batch of rendered prompts.
+
+    A chat template writes its own special tokens; plain text gets the tokenizer's (e.g. BOS), as in training.
+    """
+    use_chat = chat and bool(tokenizer.chat_template)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not use_chat)
     return batch["input_ids"].to(device), batch["attention_mask"].to(device)

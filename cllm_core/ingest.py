@@ -1,0 +1,117 @@
+"""Stage 1, ingest: a prompt source -> `train.parquet` and `eval.parquet` of rendered, deduplicated prompts.
+
+Every source goes through `datasets` (hub ids and local files alike) and is reduced to records with a
+`question` and an optional `answer` (and `context`), by a field mapping that presets fill in. Each prompt is
+rendered with a named template or the tokenizer's chat template, hashed into a stable `prompt_id`, counted in
+tokens, and dropped when too long. The two files and a manifest appear together, or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cllm_core.config import IngestConfig, ModelConfig
+from cllm_core.files import publish_dir
+from cllm_core.sources import IngestError, is_local, load_records
+from cllm_core.templates import CHAT, TEMPLATES, render_template
+
+SCHEMA_VERSION = 1
+PROMPT_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("question", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("answer", pa.string()),
+])
+
+
+def prompt_id(prompt: str) -> str:
+    """Stable id of a rendered prompt: the first 16 hex digits of its sha256."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+
+
+def ingest(config: IngestConfig, tokenizer_config: ModelConfig, out_dir: str | Path, log=print) -> dict:
+    """Write `out_dir/{train,eval}.parquet` and `manifest.json`; returns the manifest (counts and choices)."""
+    from cllm_core.models import load_tokenizer
+
+    preset = config.resolved_preset()
+    template = config.template or preset.template
+    eval_split = config.eval_split or (None if is_local(config.source) else preset.eval_split)
+    splits = load_records(config, preset, eval_split, log)
+    tokenizer = load_tokenizer(tokenizer_config)
+    if template == CHAT and not tokenizer.chat_template:
+        raise IngestError(f"template 'chat' needs a chat template, and the tokenizer of "
+                          f"{tokenizer_config.name_or_path} has none; pick one of {', '.join(TEMPLATES)}")
+    if eval_split is None:
+        splits = _seeded_split(splits["train"], config.eval_fraction, config.seed)
+    tables, counts = {}, {"template": template, "eval_split": eval_split or f"seeded {config.eval_fraction:g}"}
+    seen: set[str] = set()
+    for name in ("eval", "train"):  # eval first: a prompt in both splits stays out of train
+        limit = config.max_eval if name == "eval" else config.max_train
+        rows, dropped = _rows(splits[name], template, tokenizer, config, seen, limit)
+        counts |= {f"{name}_rows": len(rows)} | {f"{name}_{key}": value for key, value in dropped.items()}
+        tables[name] = pa.Table.from_pylist(rows, schema=PROMPT_SCHEMA)
+    too_long = counts["train_too_long"] + counts["eval_too_long"]
+    if not counts["train_rows"] and too_long:
+        raise IngestError(f"every prompt is longer than max_prompt_tokens={config.max_prompt_tokens} ({too_long} "
+                          "dropped); raise max_prompt_tokens")
+    for name in ("train", "eval"):
+        if not counts[f"{name}_rows"]:
+            raise IngestError(f"no {name} prompts are left from {config.source} (counts: {counts}); check the "
+                              "split names, limits and max_prompt_tokens")
+    manifest = {"schema_version": SCHEMA_VERSION, "config": config.model_dump(mode="json"),
+                "tokenizer": tokenizer_config.model_dump(mode="json"), **counts}
+    _write(Path(out_dir), tables, manifest, template)
+    return manifest
+
+
+def _seeded_split(records: list[dict], eval_fraction: float, seed: int) -> dict[str, list[dict]]:
+    order = random.Random(seed).sample(range(len(records)), len(records))
+    held_out = set(order[:max(1, round(eval_fraction * len(records)))])
+    return {"train": [r for i, r in enumerate(records) if i not in held_out],
+            "eval": [r for i, r in enumerate(records) if i in held_out]}
+
+
+def _rows(records, template, tokenizer, config, seen, limit) -> tuple[list[dict], dict[str, int]]:
+    """Rendered rows in source order, skipping empties, duplicates (of `seen` too) and over-long prompts."""
+    rows, dropped = [], {"empty": 0, "duplicates": 0, "too_long": 0}
+    texts = [_render(template, record, tokenizer) if record["question"].strip() else None for record in records]
+    lengths = iter(tokenizer([t for t in texts if t is not None], add_special_tokens=template != CHAT)["input_ids"])
+    for record, text in zip(records, texts):
+        if text is None:
+            dropped["empty"] += 1
+            continue
+        tokens, key = len(next(lengths)), prompt_id(text)
+        if key in seen:
+            dropped["duplicates"] += 1
+        elif tokens > config.max_prompt_tokens:
+            dropped["too_long"] += 1
+        elif limit is None or len(rows) < limit:
+            seen.add(key)
+            rows.append({"prompt_id": key, "source": config.source, "question": record["question"], "prompt": text,
+                         "prompt_tokens": tokens, "answer": record.get("answer")})
+    return rows, dropped
+
+
+def _render(template: str, record: dict, tokenizer) -> str:
+    if template == CHAT:
+        return tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}], tokenize=False,
+                                             add_generation_prompt=True)
+    return render_template(template, record)
+
+
+def _write(out_dir: Path, tables: dict[str, pa.Table], manifest: dict, template: str) -> None:
+    """Both Parquet files and the manifest (with their sha256), published together."""
+    metadata = {"cllm.schema_version": str(SCHEMA_VERSION), "cllm.template": template}
+    with publish_dir(out_dir) as staging:
+        for name, table in tables.items():
+            pq.write_table(table.replace_schema_metadata(metadata), staging / f"{name}.parquet", compression="zstd")
+            manifest[f"{name}_sha256"] = hashlib.sha256((staging / f"{name}.parquet").read_bytes()).hexdigest()
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

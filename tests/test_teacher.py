@@ -1,0 +1,77 @@
+"""The demo teacher: tokenizer, from-scratch Llama, cache, and the same loading path as any hub model."""
+
+import json
+
+import pytest
+import torch
+
+from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
+from cllm_core.baselines import ar_generate
+from cllm_core.config import TeacherConfig
+from cllm_core.teacher import build_teacher, learning_rate, train_tokenizer
+
+# A few seconds of training: enough to exercise every part, not to learn arithmetic.
+TINY = TeacherConfig(train_problems=400, eval_problems=20, hidden_size=32, num_layers=1, num_heads=2,
+                     intermediate_size=64, steps=6, batch_size=8, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("teacher") / "teacher"
+    build_teacher(TINY, directory, log=lambda line: None)
+    return directory
+
+
+def test_digits_are_single_tokens_and_text_round_trips():
+    tokenizer = train_tokenizer(["Ava has 12 apples and 305 pears.\n12 + 305 = 317\n#### 317"] * 20, 400)
+    ids = tokenizer("Ben has 1024 cards.", add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert [p for p in pieces if p.isdigit()] == ["1", "0", "2", "4"]  # no leading-space variants
+    assert tokenizer.decode(ids) == "Ben has 1024 cards."
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_teacher_is_an_ordinary_model_directory_that_the_shared_loader_reads(teacher_dir):
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+            "teacher.json"} <= {p.name for p in teacher_dir.iterdir()}
+    model_config = ModelConfig(name_or_path=str(teacher_dir))
+    model, tokenizer = load_model(model_config), load_tokenizer(model_config)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.eos_token_id == tokenizer.eos_token_id
+    record = json.loads((teacher_dir / "teacher.json").read_text())
+    assert record["fingerprint"] == TINY.fingerprint() and record["metrics"]["train_steps"] == TINY.steps
+    assert 0.0 <= record["metrics"]["eval_accuracy"] <= 1.0 and record["history"][0]["step"] == 0
+
+
+def test_jacobi_equals_greedy_on_the_teacher(teacher_dir):
+    model_config = ModelConfig(name_or_path=str(teacher_dir))
+    model, tokenizer = load_model(model_config), load_tokenizer(model_config)
+    batch = tokenizer(["Question:\nAva has 3 apples.\nAnswer:\n", "Question:\nHi\nAnswer:\n"], return_tensors="pt",
+                      padding=True)
+    ar = ar_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=24)
+    jacobi = jacobi_generate(model, batch["input_ids"], batch["attention_mask"], n_tokens=8, max_new_tokens=24)
+    assert torch.equal(ar.sequences, jacobi.sequences)
+
+
+def test_same_config_reuses_the_cached_teacher_and_another_config_retrains(teacher_dir):
+    said = []
+    record = build_teacher(TINY, teacher_dir, log=said.append)
+    assert record["reused"] and "reusing" in said[0]
+    weights = (teacher_dir / "model.safetensors").read_bytes()
+    other = TINY.model_copy(update={"seed": 1})
+    record = build_teacher(other, teacher_dir, log=said.append)
+    assert not record["reused"] and record["fingerprint"] == other.fingerprint()
+    assert (teacher_dir / "model.safetensors").read_bytes() != weights
+    assert not [p for p in teacher_dir.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_same_config_trains_the_same_weights(tmp_path):
+    for name in ("first", "again"):
+        build_teacher(TINY, tmp_path / name, log=lambda line: None)
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "first/model.safetensors").read_bytes()
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    config = TeacherConfig(lr=1e-3, warmup_steps=10)
+    assert learning_rate(config, 0, 0.0) == pytest.approx(1e-4)
+    assert learning_rate(config, 50, 0.0) == pytest.approx(1e-3)
+    assert learning_rate(config, 50, 1.0) == pytest.approx(1e-4)
