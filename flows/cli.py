@@ -119,14 +119,20 @@ def ingest(
             raise ValueError("no tokenizer: pass --model ID_OR_DIR (the teacher whose tokenizer renders and counts "
                              "the prompts) or --config configs/PROFILE.yaml")
         use_work_dir(profile.work_dir)
+        import datasets
+
         from flows.ingest import ingest_prompts
 
+        datasets.disable_progress_bars()
+        quiet_input_errors()
+
         manifest = ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
+    dropped = {kind: manifest[f"train_{kind}"] + manifest[f"eval_{kind}"]
+               for kind in ("empty", "duplicates", "too_long")}
     console.print(f"[bold]{manifest['train_rows']} train and {manifest['eval_rows']} eval prompts[/] in "
-                  f"{profile.work_dir / 'prompts'} (template {manifest['template']}; dropped: "
-                  + ", ".join(f"{key} {value}" for key, value in manifest.items()
-                              if key.split("_", 1)[-1] in ("empty", "duplicates", "too_long")) + ")",
-                  soft_wrap=True, highlight=False)
+                  f"{profile.work_dir / 'prompts'} (template {manifest['template']}; dropped "
+                  f"{dropped['duplicates']} duplicates, {dropped['empty']} empty, {dropped['too_long']} over "
+                  f"{profile.ingest.max_prompt_tokens} tokens)", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -144,6 +150,8 @@ def teacher(
                                                              "train_problems": train_problems, "seed": seed})
         use_work_dir(profile.work_dir)
         from flows.teacher import train_teacher
+
+        quiet_input_errors()
 
         record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking)
     metrics = record["metrics"]
@@ -175,16 +183,23 @@ def resolve_profile(path: Path | None, work_dir: Path | None = None, **sections:
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Bad input ends the command with one line and exit code 1, never a traceback."""
-    quiet = _QuietInputErrors()
-    logging.getLogger("prefect").addFilter(quiet)
     try:
         yield
     except ValidationError as error:
         raise fail(describe(error)) from None
     except (ValueError, OSError, TypeError, KeyError) as error:
         raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
-    finally:
-        logging.getLogger("prefect").removeFilter(quiet)
+
+
+def quiet_input_errors() -> None:
+    """Drop the traceback of bad-input errors from Prefect's terminal output (its API log keeps it).
+
+    Call after importing a flow: Prefect attaches its console handler when it is imported.
+    """
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and \
+                not any(isinstance(f, _QuietInputErrors) for f in handler.filters):
+            handler.addFilter(_QuietInputErrors())
 
 
 class _QuietInputErrors(logging.Filter):
@@ -198,8 +213,10 @@ class _QuietInputErrors(logging.Filter):
 
 def use_work_dir(work_dir: Path) -> None:
     """Keep Prefect's local state in the work dir unless the user points Prefect elsewhere."""
-    if "PREFECT_API_URL" not in os.environ:
-        os.environ.setdefault("PREFECT_HOME", str((work_dir / ".prefect").resolve()))
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        home = work_dir / ".prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home.resolve())
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 

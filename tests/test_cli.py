@@ -29,7 +29,7 @@ def test_decode_live_view_runs(tiny_model_dir):
 def test_decode_bad_input_is_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_path):
     result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--n-tokens", "0", "Hi"])
     assert result.exit_code == 1
-    assert result.output.strip().endswith("error: n_tokens: Input should be greater than or equal to 1 (got 0)")
+    assert result.output.strip().endswith("error: decode.n_tokens: Input should be greater than or equal to 1 (got 0)")
     result = runner.invoke(app, ["decode", "--model", "package:not_installed_model", "Hi"])
     assert result.exit_code == 1 and "not installed" in result.output and "Traceback" not in result.output
 
