@@ -34,13 +34,9 @@ from cllm_core import (
     reference_jacobi_generate,
 )
 from cllm_core.prompts import encode, read_prompts, render
+from cllm_core.trajectories import repetitive
 
 METHODS = ("ar", "jacobi", "lookup", "reference")
-
-
-def repetitive(tokens: list[int], run: int = 10) -> bool:
-    """A run of `run` identical tokens: the degenerate output that inflates tokens per forward."""
-    return any(len(set(tokens[i : i + run])) == 1 for i in range(len(tokens) - run + 1))
 
 
 def decoders(args) -> dict:
@@ -142,7 +138,7 @@ def print_table(result: dict) -> None:
                       f"{row['exact_match_vs_ar']:.0%}", str(row["fast_forward"]), str(row["stationary"]))
     console = Console(width=160)
     console.print(table)
-    console.print(f"prompts whose AR output has a 10-token repeat: {result['methods'][0]['repetitive_prompts']}; "
+    console.print(f"prompts whose AR output repeats degenerately: {result['methods'][0]['repetitive_prompts']}; "
                   f"environment: {result['environment']}")
 
 

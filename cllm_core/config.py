@@ -118,6 +118,21 @@ class IngestConfig(BaseModel):
         return PRESETS.get(self.preset or self.source, Preset())
 
 
+class CollectConfig(BaseModel):
+    """How to collect Jacobi trajectories from the teacher."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_tokens: int = Field(16, ge=1, description="Jacobi block size: the n of the n-token states collected.")
+    max_new_tokens: int = Field(256, ge=1, description="Stop a response after this many tokens (or at EOS).")
+    init: Literal["repeat", "random"] = Field("random", description="Initial guess of a block: random tokens of "
+                                              "the context (the paper's) or the last token repeated.")
+    seed: int = Field(0, description="Seed of the initial guesses; each prompt's comes from its id and this.")
+    batch_size: int = Field(16, ge=1, description="Prompts decoded together (left-padded, KV-cached).")
+    shard_size: int = Field(256, ge=1, description="Prompts per shard: the unit of work, of writing and of resume.")
+    limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
+
+
 class TrackingConfig(BaseModel):
     """Where runs are recorded in MLflow."""
 

@@ -1,0 +1,129 @@
+"""Stage 2, collect: teacher + `prompts/train.parquet` -> trajectory shards, batched and KV-cached.
+
+Prompts are assigned to shards by position (shard k holds prompts k*shard_size ... (k+1)*shard_size - 1), so
+the assignment never changes between runs. Each prompt's initial guesses are seeded from its id, so its
+trajectory does not depend on which batch or shard it lands in. `collection_record` hashes everything that
+decides a shard's content; a store only ever holds shards of one such hash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cllm_core.config import CollectConfig, ModelConfig
+from cllm_core.inputs import resolve_eos
+from cllm_core.jacobi import jacobi_generate
+from cllm_core.prompts import encode
+from cllm_core.shards import ShardStore
+from cllm_core.trajectories import TRAJECTORY_SCHEMA, trajectory_row
+
+PROMPT_COLUMNS = ("prompt_id", "prompt")
+
+
+def read_prompt_table(path: str | Path, limit: int | None = None) -> tuple[pa.Table, bool]:
+    """The prompts (id and rendered text) and whether they were rendered with a chat template."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist; run `cllm ingest` first")
+    try:
+        schema = pq.read_schema(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise ValueError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+    missing = [c for c in PROMPT_COLUMNS if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path} is not a prompts file from `cllm ingest`: no column {missing[0]!r} "
+                         f"(columns: {', '.join(schema.names)})")
+    table = pq.read_table(path, columns=list(PROMPT_COLUMNS))
+    chat = (schema.metadata or {}).get(b"cllm.template") == b"chat"
+    return (table.slice(0, limit) if limit else table), chat
+
+
+def shard_count(prompts: int, shard_size: int) -> int:
+    return math.ceil(prompts / shard_size)
+
+
+def teacher_fingerprint(model: ModelConfig) -> str:
+    """The teacher's identity: its config, and for a local directory its config.json and weight files' sizes."""
+    parts = [model.model_dump_json()]
+    directory = Path(model.name_or_path)
+    if directory.is_dir():
+        for file in sorted(directory.iterdir()):
+            if file.name == "config.json":
+                parts.append(file.read_text())
+            elif file.suffix in (".safetensors", ".bin", ".gguf"):
+                parts.append(f"{file.name}:{file.stat().st_size}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: str | Path) -> dict:
+    """Everything that decides shard content, and its hash (`config_hash`)."""
+    record = {"config": config.model_dump(), "teacher": teacher_fingerprint(model),
+              "prompts_sha256": hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest()}
+    record["config_hash"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return record
+
+
+@functools.lru_cache(maxsize=2)
+def _teacher(model: ModelConfig):
+    from cllm_core.models import load_model, load_tokenizer
+
+    return load_model(model), load_tokenizer(model)
+
+
+def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store: ShardStore,
+                  shard: int, record: dict, log: Callable[[str], None] = print) -> dict:
+    """Collect one shard's trajectories and publish it; returns its manifest (with throughput figures)."""
+    table, chat = read_prompt_table(prompts_path, config.limit)
+    part = table.slice(shard * config.shard_size, config.shard_size).to_pylist()
+    if not part:
+        raise ValueError(f"shard {shard} is empty: the prompts make {shard_count(len(table), config.shard_size)}")
+    lm, tokenizer = _teacher(model)
+    eos = resolve_eos(lm, None)
+    rows, forwards, start = [], 0, time.perf_counter()
+    for first in range(0, len(part), config.batch_size):
+        batch = part[first:first + config.batch_size]
+        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
+        seeds = [int(p["prompt_id"][:8], 16) ^ config.seed for p in batch]
+        out = jacobi_generate(lm, ids, mask, n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens,
+                              init=config.init, seed=seeds, return_trajectories=True)
+        forwards += out.stats.forwards
+        for r, prompt in enumerate(batch):
+            response = out.sequences[r, ids.shape[1]:ids.shape[1] + out.stats.row_new_tokens[r]].tolist()
+            rows.append(trajectory_row(prompt["prompt_id"], ids[r][mask[r].bool()].tolist(), response,
+                                       out.trajectories[r], config.n_tokens, bool(response) and response[-1] in eos))
+    seconds = time.perf_counter() - start
+    tokens = sum(len(row["response_ids"]) for row in rows)
+    passes = [p for row in rows for p in row["block_passes"]]
+    figures = {"seconds": seconds, "prompts_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
+               "tokens": tokens, "forwards": forwards, "mean_passes_per_block": sum(passes) / max(len(passes), 1),
+               "repetitive": sum(row["repetitive"] for row in rows)}
+    manifest = store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA),
+                           {"config_hash": record["config_hash"], "teacher": record["teacher"], **figures})
+    log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({figures['prompts_per_s']:.2f} "
+        f"prompts/s, {figures['mean_passes_per_block']:.2f} passes per block, {figures['repetitive']} repetitive)")
+    return manifest
+
+
+def collect(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
+            log: Callable[[str], None] = print) -> list[dict]:
+    """Collect every shard not already done in the store (the library-level run; flows fan the shards out)."""
+    table, _ = read_prompt_table(prompts_path, config.limit)
+    record, store = collection_record(config, model, prompts_path), ShardStore(store_url)
+    store.pin(record)
+    manifests = []
+    for shard in range(shard_count(len(table), config.shard_size)):
+        if store.is_done(shard, record["config_hash"]):
+            log(f"shard {shard}: done, skipped")
+            manifests.append(json.loads(store.fs.cat_file(store.path(f"shard-{shard:05d}.json"))))
+        else:
+            manifests.append(collect_shard(config, model, prompts_path, store, shard, record, log))
+    return manifests

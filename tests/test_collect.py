@@ -1,0 +1,142 @@
+"""Stage 2 in the library: trajectory records, the shard store, and batched collection on a tiny model."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cllm_core import ModelConfig, ar_generate, load_model, load_tokenizer
+from cllm_core.collect import collect, read_prompt_table
+from cllm_core.config import CollectConfig, IngestConfig
+from cllm_core.ingest import ingest
+from cllm_core.prompts import encode
+from cllm_core.shards import ShardStore
+from cllm_core.trajectories import TRAJECTORY_SCHEMA, check_schema, repetitive
+
+CONFIG = CollectConfig(n_tokens=4, max_new_tokens=12, batch_size=4, shard_size=4, limit=10)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model_dir):
+    return ModelConfig(name_or_path=str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory, teacher):
+    """Ten rendered prompts of varied length, written by stage 1 (plain template: no chat tokens)."""
+    directory = tmp_path_factory.mktemp("prompts")
+    source = directory / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": "Count " + "and more " * (i % 4) + f"to {i}."}) + "\n"
+                              for i in range(14)))
+    ingest(IngestConfig(source=str(source), template="plain", eval_fraction=0.2), teacher, directory / "out",
+           log=lambda line: None)
+    return directory / "out/train.parquet"
+
+
+def rows(store, shards):
+    return ShardStore(str(store)).read(shards).sort_by("prompt_id").to_pylist()
+
+
+def quiet(line):
+    pass
+
+
+def test_repetition_flags_token_runs_and_repeating_patterns_only():
+    assert repetitive([5] * 10) and not repetitive([5] * 9 + [6])
+    assert repetitive([1, 2] * 5) and repetitive([1, 2, 3, 4] * 3)
+    assert not repetitive(list(range(40))) and not repetitive([1, 2, 1, 3, 1, 4, 1, 5, 1, 6])
+
+
+def test_shards_hold_each_prompt_once_with_states_ending_at_fixed_points_that_spell_greedy_output(
+        tmp_path, teacher, prompts):
+    manifests = collect(CONFIG, teacher, prompts, str(tmp_path / "store"), log=quiet)
+    assert [m["rows"] for m in manifests] == [4, 4, 2]
+    records = rows(tmp_path / "store", [0, 1, 2])
+    table, _ = read_prompt_table(prompts, CONFIG.limit)
+    assert sorted(r["prompt_id"] for r in records) == sorted(table.column("prompt_id").to_pylist())
+    model, tokenizer = load_model(teacher), load_tokenizer(teacher)
+    texts = dict(zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist()))
+    for record in records:
+        n = record["n_tokens"]
+        for b, (states, passes) in enumerate(zip(record["block_states"], record["block_passes"])):
+            assert states[-1] == record["response_ids"][b * n:(b + 1) * n] and len(states) >= passes
+        ids, mask = encode(tokenizer, [texts[record["prompt_id"]]], chat=False)
+        assert ids[0].tolist() == record["prompt_ids"]
+        greedy = ar_generate(model, ids, mask, max_new_tokens=CONFIG.max_new_tokens)
+        assert greedy.sequences[0, ids.shape[1]:].tolist()[:len(record["response_ids"])] == record["response_ids"]
+
+
+def test_a_prompts_trajectory_does_not_depend_on_its_batch(tmp_path, teacher, prompts):
+    collect(CONFIG, teacher, prompts, str(tmp_path / "batched"), log=quiet)
+    collect(CONFIG.model_copy(update={"batch_size": 1}), teacher, prompts, str(tmp_path / "single"), log=quiet)
+    assert rows(tmp_path / "batched", [0, 1, 2]) == rows(tmp_path / "single", [0, 1, 2])
+
+
+def test_rerun_skips_done_shards_and_redoes_truncated_flipped_or_missing_ones(tmp_path, teacher, prompts):
+    store = tmp_path / "store"
+    collect(CONFIG, teacher, prompts, str(store), log=quiet)
+    before = rows(store, [0, 1, 2])
+    said = []
+    collect(CONFIG, teacher, prompts, str(store), log=said.append)
+    assert said == [f"shard {i}: done, skipped" for i in range(3)]
+    data = (store / "shard-00000.parquet").read_bytes()
+    (store / "shard-00000.parquet").write_bytes(data[: len(data) // 2])  # truncated
+    flipped = bytearray((store / "shard-00001.parquet").read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF
+    (store / "shard-00001.parquet").write_bytes(bytes(flipped))  # same size, one byte changed
+    (store / "shard-00002.parquet").unlink()
+    said.clear()
+    collect(CONFIG, teacher, prompts, str(store), log=said.append)
+    assert not any("skipped" in line for line in said)
+    assert rows(store, [0, 1, 2]) == before
+
+
+def test_a_store_refuses_another_config_and_says_how_to_start_over(tmp_path, teacher, prompts):
+    collect(CONFIG, teacher, prompts, str(tmp_path / "store"), log=quiet)
+    with pytest.raises(ValueError, match=r"another config \(differs in: n_tokens\); use a new store"):
+        collect(CONFIG.model_copy(update={"n_tokens": 8}), teacher, prompts, str(tmp_path / "store"), log=quiet)
+
+
+def test_an_fsspec_url_works_as_the_store(teacher, prompts):
+    collect(CONFIG, teacher, prompts, "memory://cllm-test/store", log=quiet)
+    assert ShardStore("memory://cllm-test/store").read([0, 1, 2]).num_rows == 10
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "does not exist; run `cllm ingest` first"),
+    ("wrong-schema", "is not a prompts file from `cllm ingest`: no column 'prompt_id' (columns: text)"),
+    ("not-parquet", "is not a readable Parquet file"),
+    ("unwritable", "is not writable"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, teacher, prompts, case, expected):
+    path, store = prompts, tmp_path / "store"
+    if case == "missing":
+        path = tmp_path / "nowhere.parquet"
+    elif case == "wrong-schema":
+        path = tmp_path / "other.parquet"
+        pq.write_table(pa.table({"text": ["a"]}), path)
+    elif case == "not-parquet":
+        path = tmp_path / "broken.parquet"
+        path.write_bytes(b"not parquet at all")
+    elif case == "unwritable":
+        (tmp_path / "a-file").write_text("x")
+        store = tmp_path / "a-file" / "store"
+    with pytest.raises((OSError, ValueError)) as error:
+        collect(CONFIG, teacher, path, str(store), log=quiet)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_shard_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="shard_size"):
+        CollectConfig(shard_size=0)
+
+
+def test_schema_check_names_the_wrong_column(tmp_path):
+    assert TRAJECTORY_SCHEMA.metadata[b"cllm.schema_version"] == b"1"
+    other = TRAJECTORY_SCHEMA.set(TRAJECTORY_SCHEMA.get_field_index("response_ids"),
+                                  pa.field("response_ids", pa.list_(pa.int64())))
+    with pytest.raises(ValueError, match="column 'response_ids' is list<item: int64>"):
+        check_schema(other, "shard-00000.parquet")
+    with pytest.raises(ValueError, match="schema version 0"):
+        check_schema(TRAJECTORY_SCHEMA.with_metadata({"cllm.schema_version": "0"}), "x")
