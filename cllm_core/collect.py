@@ -66,7 +66,8 @@ def teacher_fingerprint(model: ModelConfig) -> str:
 
 def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: str | Path) -> dict:
     """Everything that decides shard content, and its hash (`config_hash`)."""
-    record = {"config": config.model_dump(), "teacher": teacher_fingerprint(model),
+    content = config.model_dump(exclude={"batch_size", "devices"})  # these change speed, not the trajectories
+    record = {"config": content, "teacher": teacher_fingerprint(model),
               "prompts_sha256": hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest()}
     record["config_hash"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
@@ -113,17 +114,23 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     return manifest
 
 
-def collect(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
-            log: Callable[[str], None] = print) -> list[dict]:
-    """Collect every shard not already done in the store (the library-level run; flows fan the shards out)."""
+def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str) -> dict:
+    """Pin the store to this collection and sort its shards into done (verified) and to do."""
     table, _ = read_prompt_table(prompts_path, config.limit)
     record, store = collection_record(config, model, prompts_path), ShardStore(store_url)
     store.pin(record)
-    manifests = []
-    for shard in range(shard_count(len(table), config.shard_size)):
-        if store.is_done(shard, record["config_hash"]):
-            log(f"shard {shard}: done, skipped")
-            manifests.append(json.loads(store.fs.cat_file(store.path(f"shard-{shard:05d}.json"))))
-        else:
-            manifests.append(collect_shard(config, model, prompts_path, store, shard, record, log))
-    return manifests
+    shards = range(shard_count(len(table), config.shard_size))
+    done = [shard for shard in shards if store.is_done(shard, record["config_hash"])]
+    return {"record": record, "prompts": len(table), "shards": len(shards), "done": done,
+            "todo": [shard for shard in shards if shard not in done]}
+
+
+def collect(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
+            log: Callable[[str], None] = print) -> list[dict]:
+    """Collect every shard not already done, one after another (flows fan the same shards out)."""
+    work, store = plan(config, model, prompts_path, store_url), ShardStore(store_url)
+    for shard in work["done"]:
+        log(f"shard {shard}: done, skipped")
+    for shard in work["todo"]:
+        collect_shard(config, model, prompts_path, store, shard, work["record"], log)
+    return [store.manifest(shard) for shard in range(work["shards"])]

@@ -131,6 +131,8 @@ class CollectConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Prompts decoded together (left-padded, KV-cached).")
     shard_size: int = Field(256, ge=1, description="Prompts per shard: the unit of work, of writing and of resume.")
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
+    devices: list[str] = Field([], description="Devices to spread shards over (e.g. [cuda:0, cuda:1]); "
+                               "empty: the model's device.")
 
 
 class TrackingConfig(BaseModel):
@@ -154,6 +156,7 @@ class Profile(BaseModel):
     decode: DecodeConfig = Field(DecodeConfig(), description="Jacobi decoding settings.")
     teacher: TeacherConfig | None = Field(None, description="Train this demo teacher from scratch (cached).")
     ingest: IngestConfig | None = Field(None, description="The prompt source.")
+    collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
 
     @model_validator(mode="after")

@@ -24,6 +24,10 @@ from fsspec.implementations.local import LocalFileSystem
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
 
 
+class ShardsFailed(RuntimeError):
+    """Some shards failed while the rest were collected; the message says which and how to resume."""
+
+
 @dataclass(frozen=True)
 class ShardStore:
     """A directory of shards, local or remote."""
@@ -70,6 +74,9 @@ class ShardStore:
         if not fs.exists(data_path) or fs.size(data_path) != manifest["bytes"]:
             return False
         return hashlib.sha256(fs.cat_file(data_path)).hexdigest() == manifest["sha256"]
+
+    def manifest(self, shard: int) -> dict:
+        return json.loads(self.fs.cat_file(self.path(manifest_name(shard))))
 
     def write(self, shard: int, table: pa.Table, manifest: dict) -> dict:
         """Publish the shard, then its manifest (completed with rows, bytes and sha256); returns the manifest."""

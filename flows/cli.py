@@ -16,12 +16,23 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from cllm_core.config import DecodeConfig, IngestConfig, ModelConfig, Profile, TeacherConfig, describe, read_profile
+from cllm_core.config import (
+    CollectConfig,
+    DecodeConfig,
+    IngestConfig,
+    ModelConfig,
+    Profile,
+    TeacherConfig,
+    describe,
+    read_profile,
+)
+from cllm_core.shards import ShardsFailed
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 MODEL, DECODE = ModelConfig.model_fields, DecodeConfig.model_fields
 INGEST, TEACHER, PROFILE = IngestConfig.model_fields, TeacherConfig.model_fields, Profile.model_fields
+COLLECT = CollectConfig.model_fields
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML profile from configs/; options override it.")]
 WorkDirOption = Annotated[Path | None, typer.Option(help=PROFILE["work_dir"].description)]
 
@@ -161,6 +172,43 @@ def teacher(
                   f"{metrics['eval_problems']} held-out problems", soft_wrap=True, highlight=False)
 
 
+@app.command()
+def collect(
+    config: ConfigOption = None,
+    n_tokens: Annotated[int | None, typer.Option(help=COLLECT["n_tokens"].description)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=COLLECT["max_new_tokens"].description)] = None,
+    init: Annotated[str | None, typer.Option(help=COLLECT["init"].description)] = None,
+    seed: Annotated[int | None, typer.Option(help=COLLECT["seed"].description)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=COLLECT["batch_size"].description)] = None,
+    shard_size: Annotated[int | None, typer.Option(help=COLLECT["shard_size"].description)] = None,
+    limit: Annotated[int | None, typer.Option(help=COLLECT["limit"].description)] = None,
+    device: Annotated[list[str] | None, typer.Option(help=COLLECT["devices"].description, show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL["name_or_path"].description)] = None,
+    gguf_file: Annotated[str | None, typer.Option(help=MODEL["gguf_file"].description)] = None,
+    store: Annotated[str | None, typer.Option(help="Shard store: a directory or fsspec URL. Default: "
+                                              "<work_dir>/trajectories.")] = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Collect Jacobi trajectories of <work_dir>/prompts/train.parquet into shards; reruns skip finished ones."""
+    with one_line_errors():
+        profile = resolve_profile(
+            config, work_dir, model={"name_or_path": model, "gguf_file": gguf_file},
+            collect={"n_tokens": n_tokens, "max_new_tokens": max_new_tokens, "init": init, "seed": seed,
+                     "batch_size": batch_size, "shard_size": shard_size, "limit": limit, "devices": device})
+        if profile.model is None:
+            raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+        use_work_dir(profile.work_dir)
+        from flows.collect import collect_trajectories
+
+        quiet_input_errors()
+        summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, profile.tracking)
+    console.print(f"[bold]{summary['shards']} shards[/] in {summary['store']}: {summary['shards_collected']} "
+                  f"collected, {summary['shards_skipped']} already done"
+                  + (f"; {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.0f} tokens/s, "
+                     f"{summary['mean_passes_per_block']:.2f} passes per block, {summary['repetitive']} repetitive"
+                     if summary["shards_collected"] else ""), soft_wrap=True, highlight=False)
+
+
 def _role_column(item: str) -> tuple[str, str]:
     role, sep, column = item.partition("=")
     if not sep or not role or not column:
@@ -187,7 +235,7 @@ def one_line_errors() -> Iterator[None]:
         yield
     except ValidationError as error:
         raise fail(describe(error)) from None
-    except (ValueError, OSError, TypeError, KeyError) as error:
+    except (ValueError, OSError, TypeError, KeyError, ShardsFailed) as error:
         raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
@@ -206,7 +254,7 @@ class _QuietInputErrors(logging.Filter):
     """Prefect logs a failed run's exception with its traceback; for bad input the one line is enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (ValueError, OSError)):
+        if record.exc_info and isinstance(record.exc_info[1], (ValueError, OSError, ShardsFailed)):
             record.exc_info = record.exc_text = None
         return True
 

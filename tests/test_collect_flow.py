@@ -1,0 +1,105 @@
+"""Stage 2 as users run it: `cllm collect` under Prefect, a failing shard, and kill -9 then resume."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+import tasks.collect
+from cllm_core.collect import collect
+from cllm_core.config import CollectConfig, IngestConfig, ModelConfig
+from cllm_core.ingest import ingest
+from cllm_core.shards import ShardStore
+from flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory, tiny_model_dir):
+    """A work dir whose prompts/ came from stage 1: 36 train prompts."""
+    directory = tmp_path_factory.mktemp("work")
+    source = directory / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"Tell me about the number {i} please."}) + "\n"
+                              for i in range(40)))
+    ingest(IngestConfig(source=str(source), template="plain"), ModelConfig(name_or_path=str(tiny_model_dir)),
+           directory / "prompts", log=lambda line: None)
+    return directory
+
+
+@pytest.fixture
+def fresh(work_dir, tmp_path, monkeypatch):
+    """A copy of the work dir with its own MLflow store."""
+    copy = tmp_path / "work"
+    shutil.copytree(work_dir / "prompts", copy / "prompts")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return copy
+
+
+def options(model, work):
+    return ["collect", "--model", str(model), "--work-dir", str(work), "--n-tokens", "4", "--max-new-tokens", "12",
+            "--shard-size", "8", "--batch-size", "4"]
+
+
+def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(fresh, tiny_model_dir, monkeypatch):
+    real = tasks.collect.collect_shard
+
+    def shard_two_breaks(config, model, prompts, store, shard, record, log):
+        if shard == 2:
+            raise ValueError("shard 2 hit bad data")
+        return real(config, model, prompts, store, shard, record, log)
+
+    with prefect_test_harness(server_startup_timeout=180):
+        monkeypatch.setattr(tasks.collect, "collect_shard", shard_two_breaks)
+        first = runner.invoke(app, options(tiny_model_dir, fresh))
+        assert first.exit_code == 1 and "shards [2] failed" in first.output
+        store = ShardStore(str(fresh / "trajectories"))
+        assert sorted(p.name for p in (fresh / "trajectories").glob("shard-*.json")) == [
+            f"shard-0000{i}.json" for i in (0, 1, 3, 4)]
+        monkeypatch.setattr(tasks.collect, "collect_shard", real)
+        second = runner.invoke(app, options(tiny_model_dir, fresh))
+    assert second.exit_code == 0, second.output
+    assert "5 shards in" in second.output and "1 collected, 4 already done" in second.output
+    assert store.read(list(range(5))).num_rows == 36
+    run = mlflow.search_runs(experiment_names=["cllm"], filter_string="attributes.status = 'FINISHED'",
+                             output_format="list")[0]
+    assert run.data.metrics["shards_collected"] == 1 and run.data.metrics["shards_skipped"] == 4
+    assert run.inputs.dataset_inputs[0].dataset.name == "jacobi-trajectories"
+
+
+def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(fresh, tiny_model_dir, tmp_path):
+    command = [sys.executable, "-m", "flows.cli", *options(tiny_model_dir, fresh)[:-4], "--shard-size", "2",
+               "--batch-size", "1"]
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    store = fresh / "trajectories"
+    deadline = time.monotonic() + 240
+    while not list(store.glob("shard-*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.5))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = len(list(store.glob("shard-*.json")))
+    assert 1 <= done_at_kill < 18  # it died mid-way
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{done_at_kill} already done" in resumed.stdout.replace("\n", " ")
+    config = CollectConfig(n_tokens=4, max_new_tokens=12, shard_size=2, batch_size=1)
+    collect(config, ModelConfig(name_or_path=str(tiny_model_dir)), fresh / "prompts/train.parquet",
+            str(tmp_path / "uninterrupted"), log=lambda line: None)
+    shards = list(range(18))
+    resumed_rows = ShardStore(str(store)).read(shards).sort_by("prompt_id").to_pylist()
+    clean_rows = ShardStore(str(tmp_path / "uninterrupted")).read(shards).sort_by("prompt_id").to_pylist()
+    assert len({r["prompt_id"] for r in resumed_rows}) == len(resumed_rows) == 36
+    assert resumed_rows == clean_rows
