@@ -187,6 +187,8 @@ def collect(
     gguf_file: Annotated[str | None, typer.Option(help=MODEL["gguf_file"].description)] = None,
     store: Annotated[str | None, typer.Option(help="Shard store: a directory or fsspec URL. Default: "
                                               "<work_dir>/trajectories.")] = None,
+    deployment: Annotated[str | None, typer.Option(help="Run each shard as a flow run of this deployment "
+                                                   "(e.g. collect-shard/collect-shard) on its work pool.")] = None,
     work_dir: WorkDirOption = None,
 ) -> None:
     """Collect Jacobi trajectories of <work_dir>/prompts/train.parquet into shards; reruns skip finished ones."""
@@ -201,7 +203,8 @@ def collect(
         from flows.collect import collect_trajectories
 
         quiet_input_errors()
-        summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, profile.tracking)
+        summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, deployment,
+                                       profile.tracking)
     console.print(f"[bold]{summary['shards']} shards[/] in {summary['store']}: {summary['shards_collected']} "
                   f"collected, {summary['shards_skipped']} already done"
                   + (f"; {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.0f} tokens/s, "

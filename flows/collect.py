@@ -1,11 +1,14 @@
-"""Flow of stage 2: teacher + prompts -> `<work_dir>/trajectories/shard-NNNNN.parquet`, resumable.
+"""Flows of stage 2: teacher + prompts -> `<work_dir>/trajectories/shard-NNNNN.parquet`, resumable.
 
-Shards run one after another per device (`collect.devices`, or the model's device), devices side by side;
-a failed shard does not stop the others, and the flow fails at the end naming the shards to retry.
+`collect_trajectories` plans the shards and runs those not done. Locally, shards run one after another per
+device (`collect.devices`, or the model's device), devices side by side. With `deployment`, each shard is a
+flow run of `collect_shard` on a work pool (`run_deployment`), every worker writing to the shared store.
+Either way a failed shard does not stop the others, and the flow fails at the end naming the shards to retry.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -13,39 +16,39 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from prefect import allow_failure, flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.states import Scheduled
 
 from cllm_core.config import CollectConfig, ModelConfig, TrackingConfig
-from cllm_core.shards import ShardsFailed
+from cllm_core.shards import ShardsFailed, ShardStore
 from tasks.collect import collect_one_shard, plan_collection
 from tasks.tracking import mlflow_run
 
 
+@flow(name="collect-shard")
+def collect_shard_flow(collect: CollectConfig, model: ModelConfig, prompts: Path, store: str, shard: int,
+                       record: dict) -> dict:
+    """One shard as its own flow run: the unit a work pool's workers take (`prefect.yaml`: collect-shard)."""
+    if ShardStore(store).is_done(shard, record["config_hash"]):
+        return ShardStore(store).manifest(shard)
+    return collect_one_shard(collect, model, prompts, store, shard, record)
+
+
 @flow(name="collect-trajectories")
 def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: Path = Path("runs/demo"),
-                         store: str | None = None, tracking: TrackingConfig = TrackingConfig()) -> dict:
-    """Collect every shard of `<work_dir>/prompts/train.parquet` not already done in the store."""
+                         store: str | None = None, deployment: str | None = None,
+                         tracking: TrackingConfig = TrackingConfig()) -> dict:
+    """Collect every shard of `<work_dir>/prompts/train.parquet` not already done in the store; with
+    `deployment` (e.g. collect-shard/collect-shard), as one flow run per shard on that deployment's pool."""
     prompts, store = work_dir / "prompts" / "train.parquet", store or str(work_dir / "trajectories")
     with mlflow_run(tracking, work_dir, "collect", {"collect": collect.model_dump(), "model": model.model_dump(),
-                                                    "store": store}):
+                                                    "store": store, "deployment": deployment}):
         work = plan_collection(collect, model, prompts, store)
         progress = create_progress_artifact(100 * len(work["done"]) / work["shards"], key="collect-progress")
-        devices = collect.devices or [model.device]
-        last, futures = {}, {}
-        for i, shard in enumerate(work["todo"]):  # one chain of shards per device
-            device = devices[i % len(devices)]
-            futures[shard] = collect_one_shard.submit(
-                collect, model.model_copy(update={"device": device}), prompts, store, shard, work["record"],
-                wait_for=[allow_failure(last[device])] if device in last else None)
-            last[device] = futures[shard]
-        manifests, failed = {}, []
-        for shard, future in futures.items():
-            future.wait()
-            if future.state.is_completed():
-                manifests[shard] = future.result()
-            else:
-                failed.append(shard)
-            update_progress_artifact(progress, 100 * (len(work["done"]) + len(manifests)) / work["shards"])
+        run = _on_pool if deployment else _locally
+        manifests, failed = run(collect, model, prompts, store, work, progress, deployment)
         summary = {"shards": work["shards"], "shards_skipped": len(work["done"]),
                    "shards_collected": len(manifests), "shards_failed": len(failed)}
         if manifests:
@@ -66,3 +69,50 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
             raise ShardsFailed(f"shards {failed} failed; run `prefect flow-run retry {flow_run.id}` or the same "
                                "command again: finished shards are skipped")
     return summary | {"store": store, "config_hash": work["record"]["config_hash"]}
+
+
+def _locally(collect, model, prompts, store, work, progress, deployment) -> tuple[dict, list[int]]:
+    devices = collect.devices or [model.device]
+    last, futures = {}, {}
+    for i, shard in enumerate(work["todo"]):  # one chain of shards per device
+        device = devices[i % len(devices)]
+        futures[shard] = collect_one_shard.submit(
+            collect, model.model_copy(update={"device": device}), prompts, store, shard, work["record"],
+            wait_for=[allow_failure(last[device])] if device in last else None)
+        last[device] = futures[shard]
+    manifests, failed = {}, []
+    for shard, future in futures.items():
+        future.wait()
+        if future.state.is_completed():
+            manifests[shard] = future.result()
+        else:
+            failed.append(shard)
+        update_progress_artifact(progress, 100 * (len(work["done"]) + len(manifests)) / work["shards"])
+    return manifests, failed
+
+
+def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s: float = 2.0):
+    """One child flow run per shard; a parent retry gets the same children back and reschedules failed ones
+    (notes/prefect_mlflow.md §4: the idempotency key alone would return the failed child unchanged)."""
+    runs = {}
+    with get_client(sync_client=True) as client:
+        for shard in work["todo"]:
+            child = run_deployment(
+                deployment, timeout=0, idempotency_key=f"{flow_run.id}-shard-{shard}",
+                flow_run_name=f"shard-{shard:05d}", tags=["cllm", f"shard:{shard}"],
+                parameters={"collect": collect.model_dump(), "model": model.model_dump(), "prompts": str(prompts),
+                            "store": store, "shard": shard, "record": work["record"]})
+            if child.state and child.state.is_final() and not child.state.is_completed():
+                client.set_flow_run_state(child.id, Scheduled(), force=True)
+            runs[shard] = child.id
+        finished: dict[int, object] = {}
+        while len(finished) < len(runs):
+            time.sleep(poll_s)
+            for shard, run_id in runs.items():
+                child = client.read_flow_run(run_id)
+                if shard not in finished and child.state.is_final():
+                    finished[shard] = child.state
+                    update_progress_artifact(progress, 100 * (len(work["done"]) + len(finished)) / work["shards"])
+    manifests = {shard: ShardStore(store).manifest(shard) for shard, state in finished.items()
+                 if state.is_completed()}
+    return manifests, [shard for shard in runs if shard not in manifests]
