@@ -95,7 +95,7 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
         ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
         seeds = [int(p["prompt_id"][:8], 16) ^ config.seed for p in batch]
         out = jacobi_generate(lm, ids, mask, n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens,
-                              init=config.init, seed=seeds, return_trajectories=True)
+                              init=config.init, seed=seeds, carry=config.carry, return_trajectories=True)
         forwards += out.stats.forwards
         for r, prompt in enumerate(batch):
             response = out.sequences[r, ids.shape[1]:ids.shape[1] + out.stats.row_new_tokens[r]].tolist()

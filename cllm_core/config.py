@@ -128,6 +128,8 @@ class CollectConfig(BaseModel):
     init: Literal["repeat", "random"] = Field("random", description="Initial guess of a block: random tokens of "
                                               "the context (the paper's) or the last token repeated.")
     seed: int = Field(0, description="Seed of the initial guesses; each prompt's comes from its id and this.")
+    carry: bool = Field(False, description="Start blocks with the token the last pass already fixed (faster); "
+                        "off: every block starts from a whole guess, as in the paper's trajectories.")
     batch_size: int = Field(16, ge=1, description="Prompts decoded together (left-padded, KV-cached).")
     shard_size: int = Field(256, ge=1, description="Prompts per shard: the unit of work, of writing and of resume.")
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")

@@ -16,6 +16,7 @@ With exact arithmetic the result is the greedy (`generate(do_sample=False)`) out
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -57,7 +58,7 @@ class _Row:
     index: int
     context: list[int]  # prompt without padding, then the response
     prompt_len: int
-    generator: torch.Generator
+    rng: random.Random
     block: int = 0
     block_end: int = 0
     guess: list[int] = field(default_factory=list)
@@ -80,18 +81,22 @@ def jacobi_steps(
     pad_token_id: int | None = None,
     init: Init = "repeat",
     seed: int | Sequence[int] = 0,
+    carry: bool = True,
 ) -> Iterator[JacobiStep]:
     """Yield one `JacobiStep` per forward pass until every row has its EOS or `max_new_tokens` tokens.
 
     `init` fills a new block's guess: "repeat" the last token, or "random" tokens drawn with replacement
     from the row's context (prompt and response so far), seeded per row by `seed` (int: seed + row).
+    `carry` starts each block with the free token the previous pass already fixed (faster decoding); without
+    it every block starts from a whole guess, as in the paper's trajectories (and its reference code).
     Arguments are checked here, before the first step is asked for.
     """
     return _steps(*_setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id,
-                          init, seed))
+                          init, seed, carry))
 
 
-def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed):
+def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
+           carry=True):
     """Check the arguments and build the loop's state: (forward, input_ids, kv_mask, rows, pad, rule)."""
     check_model(model)
     check_positive("n_tokens", n_tokens)
@@ -105,10 +110,10 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
     if len(seeds) != len(input_ids):
         raise ValueError(f"seed has {len(seeds)} entries for {len(input_ids)} rows; give one per row or an int")
     rows = [
-        _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), torch.Generator().manual_seed(int(s)))
+        _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)))
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
-    rule = _Rule(n_tokens, max_new_tokens, eos, init)
+    rule = _Rule(n_tokens, max_new_tokens, eos, init, carry)
     return _Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule
 
 
@@ -118,12 +123,19 @@ class _Rule:
     max_new_tokens: int
     eos: frozenset[int]
     init: Init
+    carry: bool = True
 
 
 def _steps(forward, input_ids, kv_mask, rows, pad, rule) -> Iterator[JacobiStep]:
-    logits = forward(input_ids, kv_mask, _positions(kv_mask), last_only=True)  # (B, 1, V)
-    first = logits[:, -1].argmax(-1).tolist()
-    yield JacobiStep(0, tuple(_commit(row, [tok], [], rule) for row, tok in zip(rows, first)))
+    if rule.carry:  # the prefill fixes the first token, which opens the first block
+        logits = forward(input_ids, kv_mask, _positions(kv_mask), last_only=True)  # (B, 1, V)
+        first = logits[:, -1].argmax(-1).tolist()
+        yield JacobiStep(0, tuple(_commit(row, [tok], [], rule) for row, tok in zip(rows, first)))
+    else:  # the prompt's last token is fed with the first block's whole guess, so the prefill stops before it
+        if input_ids.shape[1] > 1:
+            forward(input_ids[:, :-1], kv_mask[:, :-1], _positions(kv_mask)[:, :-1], last_only=True)
+        kv_mask = kv_mask[:, :-1]
+        yield JacobiStep(0, tuple(_commit(row, [], [], rule) for row in rows))
     index = 0
     while True:
         keep = [b for b, row in enumerate(rows) if not row.finished]
@@ -156,10 +168,12 @@ def _pass(forward, rows, kv_mask, pad, rule):
         guess, age = row.guess, row.age
         state = (*row.response[row.block * rule.n_tokens :], *guess)
         matched = next((i for i, (g, p) in enumerate(zip(guess, pred)) if g != p), len(guess))
+        # commit the confirmed prefix and the token after it, unless that token would open the next block uncarried
+        take = matched + 1 if rule.carry or matched < len(guess) else matched
         row.guess = pred[matched + 1 : len(guess)]  # the Jacobi update of the unconfirmed tail
         row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], guess[matched + 1 :], row.guess)]
-        steps.append(_commit(row, pred[: matched + 1], age[:matched], rule, state, len(state) - len(guess)))
-        new_mask[b, matched + 1 :] = 0  # cache slots of [last, *confirmed] stay; the rest become holes
+        steps.append(_commit(row, pred[:take], age[:matched], rule, state, len(state) - len(guess)))
+        new_mask[b, take:] = 0  # the cache keeps every committed token but the last; the rest become holes
     live = [int(m.sum()) for m, row in zip(new_mask, rows) if not row.finished]
     surplus = width - max(live, default=width)
     forward.crop(surplus)
@@ -191,8 +205,7 @@ def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule,
 def _initial_guess(row: _Row, size: int, init: Init) -> list[int]:
     if init == "repeat":
         return [row.context[-1]] * size
-    picks = torch.randint(len(row.context), (size,), generator=row.generator)
-    return [row.context[i] for i in picks.tolist()]
+    return row.rng.choices(row.context, k=size)  # the reference code's draw, so seeded runs can be compared
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
@@ -242,11 +255,13 @@ def jacobi_generate(
     pad_token_id: int | None = None,
     init: Init = "repeat",
     seed: int | Sequence[int] = 0,
+    carry: bool = True,
     return_trajectories: bool = False,
 ) -> DecodeOutput:
     """Greedy Jacobi decoding shaped like `model.generate`: `out.sequences` is (B, L + T), rows that
     stopped early are padded; `out.stats` counts forwards, tokens, fast-forward and stationary tokens."""
-    setup = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed)
+    setup = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
+                   carry)
     pad = setup[4]
     batch = len(input_ids)
     stats = DecodeStats.empty(batch)

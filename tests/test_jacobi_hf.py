@@ -2,7 +2,7 @@
 
 import pytest
 
-from cllm_core import jacobi_generate
+from cllm_core import jacobi_generate, reference_jacobi_generate
 from tests.tiny import PAD, prompts, tiny_model
 
 MAX_NEW = 40
@@ -25,17 +25,18 @@ def eos_from_output(model, ids, mask) -> int:
     return int(greedy(model, ids, mask, eos=None)[0, ids.shape[1] + 5])
 
 
+@pytest.mark.parametrize("carry", [True, False])
 @pytest.mark.parametrize("with_eos", [False, True])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("n_tokens", [1, 2, 4, 16, 32])
-def test_jacobi_equals_greedy_generate(model, n_tokens, batch, with_eos):
+def test_jacobi_equals_greedy_generate(model, n_tokens, batch, with_eos, carry):
     ids, mask = prompts(batch)
     eos = [eos_from_output(model, ids, mask)] if with_eos else []
     expected = greedy(model, ids, mask, eos=eos or None)
     if not with_eos:
         assert expected.shape[1] == ids.shape[1] + MAX_NEW
     out = jacobi_generate(model, ids, mask, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=eos,
-                          pad_token_id=PAD)
+                          pad_token_id=PAD, carry=carry)
     assert out.sequences.tolist() == expected.tolist()
     if with_eos:
         assert (out.sequences[0, ids.shape[1]:] == eos[0]).any()
@@ -59,3 +60,19 @@ def test_batched_rows_equal_unpadded_single_rows(model):
                                 eos_token_id=[])
         assert batched.sequences[row, -MAX_NEW:].tolist() == alone.sequences[0, -MAX_NEW:].tolist()
         assert batched.stats.row_forwards[row] == alone.stats.forwards
+
+
+@pytest.mark.parametrize("n_tokens", [1, 4, 16])
+def test_uncarried_random_trajectories_equal_the_reference_codes_state_for_state(model, n_tokens):
+    """Without the carried token and with the same seeded draws, the batched KV-cached loop visits exactly
+    the states of the research code's batch-1, no-cache loop; only its pass count can be one lower, since
+    the token after a confirmed prefix needs no confirming pass."""
+    ids, mask = prompts(4)
+    ours = jacobi_generate(model, ids, mask, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=[],
+                           pad_token_id=PAD, init="random", seed=5, carry=False, return_trajectories=True)
+    for row in range(4):
+        alone = ids[row][mask[row].bool()][None]
+        theirs = reference_jacobi_generate(model, alone, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=[],
+                                           pad_token_id=PAD, seed=5 + row, return_trajectories=True)
+        assert [b.states for b in ours.trajectories[row]] == [b.states for b in theirs.trajectories[0]]
+        assert all(0 <= b.passes - a.passes <= 1 for a, b in zip(ours.trajectories[row], theirs.trajectories[0]))
