@@ -105,16 +105,20 @@ class ShardStore:
     def _write_atomically(self, name: str, data: bytes) -> None:
         fs, final = self.fs, self.path(name)
         temporary = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-        if isinstance(fs, LocalFileSystem):
-            with open(temporary, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, final)
-        else:
-            with fs.open(temporary, "wb") as stream:
-                stream.write(data)
-            fs.mv(temporary, final)
+        try:
+            if isinstance(fs, LocalFileSystem):
+                with open(temporary, "wb") as stream:
+                    stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(temporary, final)
+            else:
+                with fs.open(temporary, "wb") as stream:
+                    stream.write(data)
+                fs.mv(temporary, final)
+        finally:
+            if fs.exists(temporary):  # a failed write leaves nothing behind (a kill -9 can: readers skip dotfiles)
+                fs.rm(temporary)
 
 
 def shard_name(shard: int) -> str:

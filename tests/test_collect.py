@@ -140,3 +140,12 @@ def test_schema_check_names_the_wrong_column(tmp_path):
         check_schema(other, "shard-00000.parquet")
     with pytest.raises(ValueError, match="schema version 0"):
         check_schema(TRAJECTORY_SCHEMA.with_metadata({"cllm.schema_version": "0"}), "x")
+
+
+def test_a_failed_shard_write_leaves_no_file_and_no_manifest(tmp_path):
+    store = ShardStore(str(tmp_path))
+    (tmp_path / "shard-00000.parquet").mkdir()  # the rename into place fails
+    with pytest.raises(OSError):
+        store.write(0, pa.Table.from_pylist([], schema=TRAJECTORY_SCHEMA), {"config_hash": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.parquet"]
+    assert not store.is_done(0, "x")
