@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cllm_core.config import CollectConfig, ModelConfig
+from cllm_core.files import parquet_schema
 from cllm_core.inputs import resolve_eos
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.prompts import encode
@@ -34,10 +35,7 @@ def read_prompt_table(path: str | Path, limit: int | None = None) -> tuple[pa.Ta
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist; run `cllm ingest` first")
-    try:
-        schema = pq.read_schema(path)
-    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise ValueError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+    schema = parquet_schema(path)
     missing = [c for c in PROMPT_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"{path} is not a prompts file from `cllm ingest`: no column {missing[0]!r} "
@@ -82,7 +80,10 @@ def _teacher(model: ModelConfig):
 
 def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store: ShardStore,
                   shard: int, record: dict, log: Callable[[str], None] = print) -> dict:
-    """Collect one shard's trajectories and publish it; returns its manifest (with throughput figures)."""
+    """Collect one shard's trajectories and publish it, unless the store already holds it verified; returns
+    its manifest (with throughput figures)."""
+    if store.is_done(shard, record["config_hash"]):  # another worker or an earlier attempt finished it
+        return _skipped(store, shard, log)
     table, chat = read_prompt_table(prompts_path, config.limit)
     part = table.slice(shard * config.shard_size, config.shard_size).to_pylist()
     if not part:
@@ -129,8 +130,24 @@ def collect(config: CollectConfig, model: ModelConfig, prompts_path: str | Path,
             log: Callable[[str], None] = print) -> list[dict]:
     """Collect every shard not already done, one after another (flows fan the same shards out)."""
     work, store = plan(config, model, prompts_path, store_url), ShardStore(store_url)
-    for shard in work["done"]:
-        log(f"shard {shard}: done, skipped")
-    for shard in work["todo"]:
-        collect_shard(config, model, prompts_path, store, shard, work["record"], log)
-    return [store.manifest(shard) for shard in range(work["shards"])]
+    return [_skipped(store, shard, log) if shard in work["done"]
+            else collect_shard(config, model, prompts_path, store, shard, work["record"], log)
+            for shard in range(work["shards"])]
+
+
+def _skipped(store: ShardStore, shard: int, log: Callable[[str], None]) -> dict:
+    log(f"shard {shard}: done, skipped")
+    return store.manifest(shard)
+
+
+SHARD_COLUMNS = ("shard", "rows", "tokens", "seconds", "prompts_per_s", "mean_passes_per_block", "repetitive")
+
+
+def summarize(manifests: list[dict]) -> dict[str, float]:
+    """Throughput and cleaning figures over collected shards (none: an empty summary)."""
+    if not manifests:
+        return {}
+    rows, seconds = sum(m["rows"] for m in manifests), sum(m["seconds"] for m in manifests)
+    return {"prompts_per_s": rows / seconds, "tokens_per_s": sum(m["tokens"] for m in manifests) / seconds,
+            "repetitive": sum(m["repetitive"] for m in manifests),
+            "mean_passes_per_block": sum(m["mean_passes_per_block"] * m["rows"] for m in manifests) / rows}

@@ -161,11 +161,13 @@ class Profile(BaseModel):
     collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
 
-    @model_validator(mode="after")
-    def _teacher_is_the_model(self) -> Profile:
-        if self.model is None and self.teacher is not None:
-            object.__setattr__(self, "model", ModelConfig(name_or_path=str(self.work_dir / "teacher")))
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_is_the_model(cls, data):
+        if isinstance(data, dict) and data.get("model") is None and data.get("teacher") is not None:
+            work_dir = Path(data.get("work_dir") or cls.model_fields["work_dir"].default)
+            data = data | {"model": {"name_or_path": str(work_dir / "teacher")}}
+        return data
 
 
 def read_profile(path: str | Path) -> dict:

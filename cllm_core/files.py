@@ -10,6 +10,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def parquet_schema(path: str | Path):
+    """The schema of a Parquet file, or one ValueError line when the file is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise ValueError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+
+
 @contextmanager
 def publish_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty staging directory beside `target`; when the block succeeds it replaces `target` whole.

@@ -72,6 +72,12 @@ def ingest(config: IngestConfig, tokenizer_config: ModelConfig, out_dir: str | P
     return manifest
 
 
+def manifest_counts(manifest: dict) -> dict[str, int]:
+    """The manifest's row and drop counts per split (`train_rows`, `eval_duplicates`, ...)."""
+    return {key: value for key, value in manifest.items() if key.startswith(("train_", "eval_"))
+            and isinstance(value, int)}
+
+
 def _seeded_split(records: list[dict], eval_fraction: float, seed: int) -> dict[str, list[dict]]:
     order = random.Random(seed).sample(range(len(records)), len(records))
     held_out = set(order[:max(1, round(eval_fraction * len(records)))])

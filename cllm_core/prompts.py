@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from cllm_core.files import parquet_schema
+
 
 def read_prompts(path: str | Path, field: str = "question", limit: int | None = None) -> list[str]:
     """Prompts from a .jsonl file (one object per line, text in `field`), a .parquet file (column `field`,
@@ -18,7 +20,7 @@ def read_prompts(path: str | Path, field: str = "question", limit: int | None = 
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        columns = pq.read_schema(path).names
+        columns = parquet_schema(path).names
         if field not in columns:
             raise KeyError(f"{path} has no column {field!r} (columns: {', '.join(columns)})")
         return pq.read_table(path, columns=[field]).column(field).to_pylist()[:limit]

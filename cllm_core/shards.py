@@ -15,6 +15,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 
 import fsspec
 import pyarrow as pa
@@ -34,13 +35,18 @@ class ShardStore:
 
     url: str
 
+    @cached_property
+    def _resolved(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, root = fsspec.core.url_to_fs(self.url)
+        return fs, root.rstrip("/")
+
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.url)[0]
+        return self._resolved[0]
 
     @property
     def root(self) -> str:
-        return fsspec.core.url_to_fs(self.url)[1].rstrip("/")
+        return self._resolved[1]
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"

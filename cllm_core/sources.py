@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pyarrow.parquet as pq
+from cllm_core.files import parquet_schema
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("question", "answer", "context", "conversations")
@@ -106,9 +106,9 @@ def _local(path: Path):
         raise IngestError(f"cannot read {path}: use a {'/'.join(LOCAL_FORMATS)} file")
     if kind == "parquet":
         try:
-            pq.ParquetFile(path)
-        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-            raise IngestError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+            parquet_schema(path)
+        except ValueError as error:
+            raise IngestError(str(error)) from None
     else:
         _check_utf8(path)
         with path.open(encoding="utf-8") as lines:

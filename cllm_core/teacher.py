@@ -203,7 +203,7 @@ def build_teacher(config: TeacherConfig, directory: str | Path, log: Callable[[s
         record = json.loads(record_path.read_text())
         if record.get("fingerprint") == config.fingerprint():
             log(f"reusing the demo teacher in {directory} (config {config.fingerprint()})")
-            return record | {"reused": True}
+            return record | {"path": str(directory), "reused": True}
         log(f"the teacher in {directory} was built from another config; training a new one")
     train_set, eval_set = splits(config.train_problems, config.eval_problems)
     texts = [render_template(config.template, p) + p["answer"] for p in train_set]
@@ -227,7 +227,15 @@ def build_teacher(config: TeacherConfig, directory: str | Path, log: Callable[[s
     log(f"exact-answer accuracy on {len(eval_set)} held-out problems: {metrics['eval_accuracy']:.1%}")
     with publish_dir(directory) as staging:
         save_teacher(model, tokenizer, staging, config, metrics, history)
-    return json.loads(record_path.read_text()) | {"reused": False}
+    return json.loads(record_path.read_text()) | {"path": str(directory), "reused": False}
+
+
+def describe_teacher(record: dict) -> str:
+    """One line on a teacher record: where, trained or reused, size, training and held-out accuracy."""
+    metrics = record["metrics"]
+    return (f"{record['path']} ({'reused' if record['reused'] else 'trained'}): {metrics['parameters']:,} parameters, "
+            f"{metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, exact-answer accuracy "
+            f"{metrics['eval_accuracy']:.1%} on {metrics['eval_problems']} held-out problems")
 
 
 def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig, metrics: dict[str, float],

@@ -129,14 +129,12 @@ def ingest(
         if profile.model is None:
             raise ValueError("no tokenizer: pass --model ID_OR_DIR (the teacher whose tokenizer renders and counts "
                              "the prompts) or --config configs/PROFILE.yaml")
-        use_work_dir(profile.work_dir)
+        start_prefect(profile.work_dir)
         import datasets
 
         from flows.ingest import ingest_prompts
 
         datasets.disable_progress_bars()
-        quiet_input_errors()
-
         manifest = ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
     dropped = {kind: manifest[f"train_{kind}"] + manifest[f"eval_{kind}"]
                for kind in ("empty", "duplicates", "too_long")}
@@ -159,17 +157,12 @@ def teacher(
     with one_line_errors():
         profile = resolve_profile(config, work_dir, teacher={"max_minutes": max_minutes, "steps": steps,
                                                              "train_problems": train_problems, "seed": seed})
-        use_work_dir(profile.work_dir)
+        start_prefect(profile.work_dir)
+        from cllm_core.teacher import describe_teacher
         from flows.teacher import train_teacher
 
-        quiet_input_errors()
-
         record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking)
-    metrics = record["metrics"]
-    console.print(f"[bold]demo teacher[/] {record['path']} ({'reused' if record['reused'] else 'trained'}): "
-                  f"{metrics['parameters']:,} parameters, {metrics['train_steps']} steps in "
-                  f"{metrics['train_seconds']:.0f} s, exact-answer accuracy [bold]{metrics['eval_accuracy']:.1%}[/] on "
-                  f"{metrics['eval_problems']} held-out problems", soft_wrap=True, highlight=False)
+    console.print(f"[bold]demo teacher[/] {describe_teacher(record)}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -199,10 +192,9 @@ def collect(
                      "batch_size": batch_size, "shard_size": shard_size, "limit": limit, "devices": device})
         if profile.model is None:
             raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
-        use_work_dir(profile.work_dir)
+        start_prefect(profile.work_dir)
         from flows.collect import collect_trajectories
 
-        quiet_input_errors()
         summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, deployment,
                                        profile.tracking)
     console.print(f"[bold]{summary['shards']} shards[/] in {summary['store']}: {summary['shards_collected']} "
@@ -242,11 +234,17 @@ def one_line_errors() -> Iterator[None]:
         raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
-def quiet_input_errors() -> None:
-    """Drop the traceback of bad-input errors from Prefect's terminal output (its API log keeps it).
+def start_prefect(work_dir: Path) -> None:
+    """Point Prefect at the work dir (unless the user points it elsewhere), then import it and keep bad-input
+    tracebacks off its terminal output: Prefect attaches its console handler when it is imported."""
+    use_work_dir(work_dir)
+    import prefect.main  # noqa: F401  (importing it sets up Prefect's logging)
 
-    Call after importing a flow: Prefect attaches its console handler when it is imported.
-    """
+    quiet_input_errors()
+
+
+def quiet_input_errors() -> None:
+    """Drop the traceback of bad-input errors from Prefect's terminal output (its API log keeps it)."""
     for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
         if type(handler).__name__ == "PrefectConsoleHandler" and \
                 not any(isinstance(f, _QuietInputErrors) for f in handler.filters):

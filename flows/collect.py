@@ -21,6 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.states import Scheduled
 
+from cllm_core.collect import SHARD_COLUMNS, summarize
 from cllm_core.config import CollectConfig, ModelConfig, TrackingConfig
 from cllm_core.shards import ShardsFailed, ShardStore
 from tasks.collect import collect_one_shard, plan_collection
@@ -31,8 +32,6 @@ from tasks.tracking import mlflow_run
 def collect_shard_flow(collect: CollectConfig, model: ModelConfig, prompts: Path, store: str, shard: int,
                        record: dict) -> dict:
     """One shard as its own flow run: the unit a work pool's workers take (`prefect.yaml`: collect-shard)."""
-    if ShardStore(store).is_done(shard, record["config_hash"]):
-        return ShardStore(store).manifest(shard)
     return collect_one_shard(collect, model, prompts, store, shard, record)
 
 
@@ -50,18 +49,10 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
         run = _on_pool if deployment else _locally
         manifests, failed = run(collect, model, prompts, store, work, progress, deployment)
         summary = {"shards": work["shards"], "shards_skipped": len(work["done"]),
-                   "shards_collected": len(manifests), "shards_failed": len(failed)}
+                   "shards_collected": len(manifests), "shards_failed": len(failed), **summarize([*manifests.values()])}
         if manifests:
-            rows = list(manifests.values())
-            seconds = sum(m["seconds"] for m in rows)
-            summary |= {"prompts_per_s": sum(m["rows"] for m in rows) / seconds,
-                        "tokens_per_s": sum(m["tokens"] for m in rows) / seconds,
-                        "repetitive": sum(m["repetitive"] for m in rows),
-                        "mean_passes_per_block": sum(m["mean_passes_per_block"] * m["rows"] for m in rows)
-                        / sum(m["rows"] for m in rows)}
-            create_table_artifact(key="collect-shards", table=[
-                {key: m[key] for key in ("shard", "rows", "tokens", "seconds", "prompts_per_s",
-                                         "mean_passes_per_block", "repetitive")} for m in rows])
+            create_table_artifact(key="collect-shards", table=[{key: m[key] for key in SHARD_COLUMNS}
+                                                               for m in manifests.values()])
         mlflow.log_metrics(summary)
         mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(store), name="jacobi-trajectories",
                                      digest=work["record"]["config_hash"][:8]), context="collect")

@@ -8,8 +8,8 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from cllm_core.config import ModelConfig, TrackingConfig
-from cllm_core.ingest import IngestConfig
+from cllm_core.config import IngestConfig, ModelConfig, TrackingConfig
+from cllm_core.ingest import manifest_counts
 from tasks.ingest import write_prompts
 from tasks.tracking import mlflow_run
 
@@ -21,7 +21,7 @@ def ingest_prompts(ingest: IngestConfig, model: ModelConfig, work_dir: Path = Pa
     out_dir = work_dir / "prompts"
     with mlflow_run(tracking, work_dir, "ingest", {"ingest": ingest.model_dump(), "model": model.model_dump()}):
         manifest = write_prompts(ingest, model, out_dir)
-        counts = {key: value for key, value in manifest.items() if isinstance(value, int) and key != "schema_version"}
+        counts = manifest_counts(manifest)
         mlflow.log_metrics(counts)
         mlflow.log_artifacts(str(out_dir), artifact_path="prompts")
     create_table_artifact(key="ingest-counts", table=[{"count": key, "value": value} for key, value in counts.items()],

@@ -9,6 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from cllm_core.config import TeacherConfig, TrackingConfig
+from cllm_core.teacher import describe_teacher
 from tasks.teacher import train_or_reuse_teacher
 from tasks.tracking import mlflow_run
 
@@ -25,11 +26,5 @@ def train_teacher(teacher: TeacherConfig = TeacherConfig(), work_dir: Path = Pat
             mlflow.log_metrics({"train_loss": point["train_loss"], "lr": point["lr"]}, step=point["step"])
         mlflow.log_metrics(record["metrics"])
         mlflow.log_artifact(str(directory / "teacher.json"))
-    metrics = record["metrics"]
-    create_markdown_artifact(
-        key="demo-teacher",
-        markdown=f"**Demo teacher** `{directory}` ({'reused' if record['reused'] else 'trained'}): "
-                 f"{metrics['parameters']:,} parameters, {metrics['train_steps']} steps in "
-                 f"{metrics['train_seconds']:.0f} s, exact-answer accuracy {metrics['eval_accuracy']:.1%} on "
-                 f"{metrics['eval_problems']} held-out problems.")
-    return {"path": str(directory), **record}
+    create_markdown_artifact(key="demo-teacher", markdown=f"**Demo teacher** {describe_teacher(record)}.")
+    return record
