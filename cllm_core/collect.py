@@ -116,8 +116,15 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
 
 
 def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str) -> dict:
-    """Pin the store to this collection and sort its shards into done (verified) and to do."""
+    """Pin the store to this collection and sort its shards into done (verified) and to do.
+
+    The teacher's tokenizer is loaded here once, so a teacher that cannot be found is one clear error before
+    any shard starts, not a failure (and retries) in every shard.
+    """
+    from cllm_core.models import load_tokenizer
+
     table, _ = read_prompt_table(prompts_path, config.limit)
+    load_tokenizer(model)
     record, store = collection_record(config, model, prompts_path), ShardStore(store_url)
     store.pin(record)
     shards = range(shard_count(len(table), config.shard_size))

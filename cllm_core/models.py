@@ -26,6 +26,9 @@ def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {source} does not exist")
         source, gguf = str(path.parent), path.name
+    written_as_path = source.startswith(("/", ".", "~")) or source.count("/") > 1  # hub ids: name or owner/name
+    if written_as_path and not Path(source).expanduser().exists():
+        raise FileNotFoundError(f"model directory {source} does not exist")
     if gguf is not None and Path(source).is_dir() and not (Path(source) / gguf).is_file():
         raise FileNotFoundError(f"gguf_file {gguf!r} is not in {source}")
     return source, gguf

