@@ -62,10 +62,12 @@ def teacher_fingerprint(model: ModelConfig) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: str | Path) -> dict:
-    """Everything that decides shard content, and its hash (`config_hash`)."""
+def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: str | Path,
+                      tokenizer: str | None = None) -> dict:
+    """Everything that decides shard content, and its hash (`config_hash`); `tokenizer` is the teacher's
+    tokenizer fingerprint, which fine-tuning checks its own against."""
     content = config.model_dump(exclude={"batch_size", "devices"})  # these change speed, not the trajectories
-    record = {"config": content, "teacher": teacher_fingerprint(model),
+    record = {"config": content, "teacher": teacher_fingerprint(model), "tokenizer": tokenizer,
               "prompts_sha256": hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest()}
     record["config_hash"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return record
@@ -121,11 +123,11 @@ def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, st
     The teacher's tokenizer is loaded here once, so a teacher that cannot be found is one clear error before
     any shard starts, not a failure (and retries) in every shard.
     """
-    from cllm_core.models import load_tokenizer
+    from cllm_core.models import load_tokenizer, tokenizer_fingerprint
 
     table, _ = read_prompt_table(prompts_path, config.limit)
-    load_tokenizer(model)
-    record, store = collection_record(config, model, prompts_path), ShardStore(store_url)
+    tokenizer = tokenizer_fingerprint(load_tokenizer(model))
+    record, store = collection_record(config, model, prompts_path, tokenizer), ShardStore(store_url)
     store.pin(record)
     shards = range(shard_count(len(table), config.shard_size))
     done = [shard for shard in shards if store.is_done(shard, record["config_hash"])]

@@ -68,6 +68,16 @@ class ShardStore:
         except OSError as error:
             raise OSError(f"the shard store {self.url} is not writable ({error.strerror or error})") from None
 
+    def collection(self) -> dict | None:
+        """The pinned collection record (config, teacher, tokenizer, hash), or None for an empty store."""
+        path = self.path("collection.json")
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def shards(self) -> list[int]:
+        """The shard numbers that have a manifest, in order."""
+        names = (name.rsplit("/", 1)[-1] for name in self.fs.glob(self.path("shard-*.json")))
+        return sorted(int(name[len("shard-"):-len(".json")]) for name in names)
+
     def is_done(self, shard: int, config_hash: str) -> bool:
         """Whether the shard's file and manifest are complete, intact, and from this config."""
         fs, manifest_path = self.fs, self.path(manifest_name(shard))
