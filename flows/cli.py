@@ -183,6 +183,7 @@ def collect(
     deployment: Annotated[str | None, typer.Option(help="Run each shard as a flow run of this deployment "
                                                    "(e.g. collect-shard/collect-shard) on its work pool.")] = None,
     work_dir: WorkDirOption = None,
+    progress: Annotated[bool, typer.Option(help="A progress bar per collected shard (on a terminal only).")] = True,
 ) -> None:
     """Collect Jacobi trajectories of <work_dir>/prompts/train.parquet into shards; reruns skip finished ones."""
     with one_line_errors():
@@ -195,13 +196,53 @@ def collect(
         start_prefect(profile.work_dir)
         from flows.collect import collect_trajectories
 
-        summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, deployment,
-                                       profile.tracking)
+        with shard_bar(progress):
+            summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, deployment,
+                                           profile.tracking)
     console.print(f"[bold]{summary['shards']} shards[/] in {summary['store']}: {summary['shards_collected']} "
                   f"collected, {summary['shards_skipped']} already done"
                   + (f"; {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.0f} tokens/s, "
                      f"{summary['mean_passes_per_block']:.2f} passes per block, {summary['repetitive']} repetitive"
                      if summary["shards_collected"] else ""), soft_wrap=True, highlight=False)
+
+
+@contextmanager
+def shard_bar(enabled: bool) -> Iterator[None]:
+    """A bar that advances per collected shard and shows its throughput. It draws on the console of Prefect's
+    log handler, so log lines scroll above it instead of through it; off unless both ends are terminals."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.theme import Theme
+
+    from flows.collect import shard_listener
+
+    screen = next((handler.console for handler in _prefect_console_handlers()), console)
+    if not (enabled and console.is_terminal and screen.is_terminal):
+        yield
+        return
+    failed: list[int] = []
+
+    def show(collected: int, total: int, shard: int | None, manifest: dict | None) -> None:
+        news = {}
+        if manifest is not None:
+            news["last"] = (f"shard {shard}: {manifest['prompts_per_s']:.2f} prompts/s, "
+                            f"{manifest['tokens_per_s']:.0f} tokens/s, "
+                            f"{manifest['mean_passes_per_block']:.2f} passes per block")
+        elif shard is not None:
+            failed.append(shard)
+            news["failed"] = f"failed: {failed}"
+        bar.update(task, total=total, completed=collected, **news)
+
+    screen.push_theme(Theme())  # Prefect's theme has only its log styles; the bar needs rich's own
+    token = shard_listener.set(show)
+    try:
+        with Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[last]}"), TextColumn("{task.fields[failed]}", style="red"),
+                      console=screen) as bar:
+            task = bar.add_task("collect", total=None, last="", failed="")
+            yield
+    finally:
+        shard_listener.reset(token)
+        screen.pop_theme()
 
 
 def _role_column(item: str) -> tuple[str, str]:
@@ -245,10 +286,14 @@ def start_prefect(work_dir: Path) -> None:
 
 def quiet_input_errors() -> None:
     """Drop the traceback of bad-input errors from Prefect's terminal output (its API log keeps it)."""
-    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
-        if type(handler).__name__ == "PrefectConsoleHandler" and \
-                not any(isinstance(f, _QuietInputErrors) for f in handler.filters):
+    for handler in _prefect_console_handlers():
+        if not any(isinstance(f, _QuietInputErrors) for f in handler.filters):
             handler.addFilter(_QuietInputErrors())
+
+
+def _prefect_console_handlers() -> list[logging.Handler]:
+    return [handler for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers
+            if type(handler).__name__ == "PrefectConsoleHandler"]
 
 
 class _QuietInputErrors(logging.Filter):

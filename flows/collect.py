@@ -4,11 +4,14 @@
 device (`collect.devices`, or the model's device), devices side by side. With `deployment`, each shard is a
 flow run of `collect_shard` on a work pool (`run_deployment`), every worker writing to the shared store.
 Either way a failed shard does not stop the others, and the flow fails at the end naming the shards to retry.
+Progress goes to a Prefect progress artifact and to `shard_listener` (the terminal bar of `cllm collect`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import mlflow
@@ -26,6 +29,11 @@ from cllm_core.config import CollectConfig, ModelConfig, TrackingConfig
 from cllm_core.shards import ShardsFailed, ShardStore
 from tasks.collect import collect_one_shard, plan_collection
 from tasks.tracking import mlflow_run
+
+ShardListener = Callable[[int, int, int | None, dict | None], None]
+shard_listener: ContextVar[ShardListener | None] = ContextVar("shard_listener", default=None)
+"""Told what the progress artifact is told: (shards collected, shards in all, the shard that just ended or None
+at the start, its manifest or None if it failed). `cllm collect` sets it to drive its terminal bar."""
 
 
 @flow(name="collect-shard")
@@ -45,7 +53,7 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
     with mlflow_run(tracking, work_dir, "collect", {"collect": collect.model_dump(), "model": model.model_dump(),
                                                     "store": store, "deployment": deployment}):
         work = plan_collection(collect, model, prompts, store)
-        progress = create_progress_artifact(100 * len(work["done"]) / work["shards"], key="collect-progress")
+        progress = _Progress(work)
         run = _on_pool if deployment else _locally
         manifests, failed = run(collect, model, prompts, store, work, progress, deployment)
         summary = {"shards": work["shards"], "shards_skipped": len(work["done"]),
@@ -78,7 +86,7 @@ def _locally(collect, model, prompts, store, work, progress, deployment) -> tupl
             manifests[shard] = future.result()
         else:
             failed.append(shard)
-        update_progress_artifact(progress, 100 * (len(work["done"]) + len(manifests)) / work["shards"])
+        progress.ended(shard, manifests.get(shard))
     return manifests, failed
 
 
@@ -96,14 +104,30 @@ def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s:
             if child.state and child.state.is_final() and not child.state.is_completed():
                 client.set_flow_run_state(child.id, Scheduled(), force=True)
             runs[shard] = child.id
-        finished: dict[int, object] = {}
-        while len(finished) < len(runs):
+        manifests, failed = {}, []
+        while len(manifests) + len(failed) < len(runs):
             time.sleep(poll_s)
             for shard, run_id in runs.items():
                 child = client.read_flow_run(run_id)
-                if shard not in finished and child.state.is_final():
-                    finished[shard] = child.state
-                    update_progress_artifact(progress, 100 * (len(work["done"]) + len(finished)) / work["shards"])
-    manifests = {shard: ShardStore(store).manifest(shard) for shard, state in finished.items()
-                 if state.is_completed()}
-    return manifests, [shard for shard in runs if shard not in manifests]
+                if shard not in manifests and shard not in failed and child.state.is_final():
+                    if child.state.is_completed():
+                        manifests[shard] = ShardStore(store).manifest(shard)
+                    else:
+                        failed.append(shard)
+                    progress.ended(shard, manifests.get(shard))
+    return manifests, failed
+
+
+class _Progress:
+    """The collect-progress artifact (the share of shards collected) and the `shard_listener`, told together."""
+
+    def __init__(self, work: dict):
+        self.collected, self.total = len(work["done"]), work["shards"]
+        self.listener = shard_listener.get() or (lambda *event: None)
+        self.artifact = create_progress_artifact(100 * self.collected / self.total, key="collect-progress")
+        self.listener(self.collected, self.total, None, None)
+
+    def ended(self, shard: int, manifest: dict | None) -> None:
+        self.collected += manifest is not None
+        update_progress_artifact(self.artifact, 100 * self.collected / self.total)
+        self.listener(self.collected, self.total, shard, manifest)

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from io import StringIO
 
 import mlflow
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+from rich.console import Console
 from typer.testing import CliRunner
 
 import tasks.collect
@@ -19,7 +21,8 @@ from cllm_core.collect import collect
 from cllm_core.config import CollectConfig, IngestConfig, ModelConfig
 from cllm_core.ingest import ingest
 from cllm_core.shards import ShardStore
-from flows.cli import app
+from flows.cli import app, shard_bar
+from flows.collect import shard_listener
 
 runner = CliRunner()
 
@@ -58,10 +61,16 @@ def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(f
             raise ValueError("shard 2 hit bad data")
         return real(config, model, prompts, store, shard, record, log)
 
+    heard = []
+    token = shard_listener.set(lambda *event: heard.append(event))  # not a terminal: the CLI keeps it
     with prefect_test_harness(server_startup_timeout=180):
         monkeypatch.setattr(tasks.collect, "collect_shard", shard_two_breaks)
         first = runner.invoke(app, options(tiny_model_dir, fresh))
         assert first.exit_code == 1 and "shards [2] failed" in first.output
+        assert [(collected, total, shard, manifest and manifest["shard"]) for collected, total, shard, manifest
+                in heard] == [(0, 5, None, None), (1, 5, 0, 0), (2, 5, 1, 1), (2, 5, 2, None), (3, 5, 3, 3),
+                              (4, 5, 4, 4)]
+        shard_listener.reset(token)
         store = ShardStore(str(fresh / "trajectories"))
         assert sorted(p.name for p in (fresh / "trajectories").glob("shard-*.json")) == [
             f"shard-0000{i}.json" for i in (0, 1, 3, 4)]
@@ -103,3 +112,23 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(fre
     clean_rows = ShardStore(str(tmp_path / "uninterrupted")).read(shards).sort_by("prompt_id").to_pylist()
     assert len({r["prompt_id"] for r in resumed_rows}) == len(resumed_rows) == 36
     assert resumed_rows == clean_rows
+
+
+def test_the_bar_shows_each_collected_shard_and_the_failed_ones_and_is_off_without_a_terminal(monkeypatch):
+    screen = Console(file=StringIO(), force_terminal=True, width=150)
+    monkeypatch.setattr("flows.cli.console", screen)
+    monkeypatch.setattr("flows.cli._prefect_console_handlers", lambda: [])
+    manifest = {"prompts_per_s": 12.5, "tokens_per_s": 300.0, "mean_passes_per_block": 2.25}
+    with shard_bar(True):
+        shard_listener.get()(1, 3, None, None)
+        shard_listener.get()(2, 3, 1, manifest)
+        shard_listener.get()(2, 3, 2, None)
+    shown = screen.file.getvalue()
+    assert "2/3" in shown and "shard 1: 12.50 prompts/s, 300 tokens/s, 2.25 passes per block" in shown
+    assert "failed: [2]" in shown and shard_listener.get() is None
+    for enabled, terminal in ((False, True), (True, False)):
+        screen = Console(file=StringIO(), force_terminal=terminal)
+        monkeypatch.setattr("flows.cli.console", screen)
+        with shard_bar(enabled):
+            assert shard_listener.get() is None
+        assert screen.file.getvalue() == ""
