@@ -8,12 +8,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.text import Text
 
 from cllm_core.config import (
@@ -43,7 +44,7 @@ def main() -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # [dask] is no tag
     return typer.Exit(1)
 
 
@@ -183,6 +184,9 @@ def collect(
     deployment: Annotated[str | None, typer.Option(help="Run each shard as a flow run of this deployment "
                                                    "(e.g. collect-shard/collect-shard) on its work pool.")] = None,
     work_dir: WorkDirOption = None,
+    task_runner: Annotated[Literal["threads", "dask"], typer.Option(
+        help="What runs the local shard chains: Prefect's thread pool, or a local Dask cluster with a worker "
+             "process per device (needs the dask extra).")] = "threads",
     progress: Annotated[bool, typer.Option(help="A progress bar per collected shard (on a terminal only).")] = True,
 ) -> None:
     """Collect Jacobi trajectories of <work_dir>/prompts/train.parquet into shards; reruns skip finished ones."""
@@ -195,10 +199,11 @@ def collect(
             raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
         start_prefect(profile.work_dir)
         from flows.collect import collect_trajectories
+        from flows.collect import task_runner as runner
 
+        flow = collect_trajectories.with_options(task_runner=runner(task_runner, profile.collect, profile.model))
         with shard_bar(progress):
-            summary = collect_trajectories(profile.collect, profile.model, profile.work_dir, store, deployment,
-                                           profile.tracking)
+            summary = flow(profile.collect, profile.model, profile.work_dir, store, deployment, profile.tracking)
     console.print(f"[bold]{summary['shards']} shards[/] in {summary['store']}: {summary['shards_collected']} "
                   f"collected, {summary['shards_skipped']} already done"
                   + (f"; {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.0f} tokens/s, "

@@ -1,18 +1,21 @@
 """Flows of stage 2: teacher + prompts -> `<work_dir>/trajectories/shard-NNNNN.parquet`, resumable.
 
 `collect_trajectories` plans the shards and runs those not done. Locally, shards run one after another per
-device (`collect.devices`, or the model's device), devices side by side. With `deployment`, each shard is a
-flow run of `collect_shard` on a work pool (`run_deployment`), every worker writing to the shared store.
+device (`collect.devices`, or the model's device), devices side by side, in threads or in Dask worker
+processes (`task_runner`). With `deployment`, each shard is a flow run of `collect_shard` on a work pool
+(`run_deployment`), every worker writing to the shared store.
 Either way a failed shard does not stop the others, and the flow fails at the end naming the shards to retry.
 Progress goes to a Prefect progress artifact and to `shard_listener` (the terminal bar of `cllm collect`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from mlflow.data.meta_dataset import MetaDataset
@@ -23,6 +26,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.states import Scheduled
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cllm_core.collect import SHARD_COLUMNS, summarize
 from cllm_core.config import CollectConfig, ModelConfig, TrackingConfig
@@ -70,8 +74,30 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
     return summary | {"store": store, "config_hash": work["record"]["config_hash"]}
 
 
+def task_runner(name: Literal["threads", "dask"], collect: CollectConfig, model: ModelConfig) -> TaskRunner:
+    """What runs the local shard chains: Prefect's thread pool, or a local Dask cluster with one worker
+    process per device chain (the dask extra). Use as `collect_trajectories.with_options(task_runner=...)`."""
+    if name == "threads":
+        return ThreadPoolTaskRunner()
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ValueError("the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'") from None
+    with get_client(sync_client=True) as client:  # starts the temporary server now if there is no other
+        api = str(client.api_url)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # the shard lines are the news, not the nannies
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": len(set(_devices(collect, model))), "threads_per_worker": 1, "processes": True,
+        "dashboard_address": None,
+        "env": {"PREFECT_API_URL": api}})  # without it, each worker would start a temporary server of its own
+
+
+def _devices(collect: CollectConfig, model: ModelConfig) -> list[str]:
+    return collect.devices or [model.device]
+
+
 def _locally(collect, model, prompts, store, work, progress, deployment) -> tuple[dict, list[int]]:
-    devices = collect.devices or [model.device]
+    devices = _devices(collect, model)
     last, futures = {}, {}
     for i, shard in enumerate(work["todo"]):  # one chain of shards per device
         device = devices[i % len(devices)]

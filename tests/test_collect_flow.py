@@ -11,6 +11,7 @@ import time
 from io import StringIO
 
 import mlflow
+import prefect_dask
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 from rich.console import Console
@@ -132,3 +133,31 @@ def test_the_bar_shows_each_collected_shard_and_the_failed_ones_and_is_off_witho
         with shard_bar(enabled):
             assert shard_listener.get() is None
         assert screen.file.getvalue() == ""
+
+
+def test_the_dask_runner_collects_the_same_rows_as_the_library_in_dask_workers(fresh, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    submitted = []
+    real_submit = prefect_dask.DaskTaskRunner.submit
+    monkeypatch.setattr(prefect_dask.DaskTaskRunner, "submit",
+                        lambda self, task, *args, **kwargs: submitted.append(task.name) or
+                        real_submit(self, task, *args, **kwargs))
+    with prefect_test_harness(server_startup_timeout=180):
+        result = runner.invoke(app, [*options(tiny_model_dir, fresh), "--task-runner", "dask"])
+    assert result.exit_code == 0, result.output
+    assert "5 shards in" in result.output and "5 collected" in result.output
+    assert submitted == ["collect-shard"] * 5
+    config = CollectConfig(n_tokens=4, max_new_tokens=12, shard_size=8, batch_size=4)
+    collect(config, ModelConfig(name_or_path=str(tiny_model_dir)), fresh / "prompts/train.parquet",
+            str(tmp_path / "library"), log=lambda line: None)
+    shards = list(range(5))
+    assert ShardStore(str(fresh / "trajectories")).read(shards).to_pylist() == \
+        ShardStore(str(tmp_path / "library")).read(shards).to_pylist()
+
+
+def test_the_dask_runner_without_the_extra_is_one_line(fresh, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # what an install without the extra sees
+    result = runner.invoke(app, [*options(tiny_model_dir, fresh), "--task-runner", "dask"])
+    assert result.exit_code == 1
+    assert result.output.strip().endswith(
+        "error: the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'")
