@@ -11,6 +11,7 @@ Progress goes to a Prefect progress artifact and to `shard_listener` (the termin
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -24,6 +25,7 @@ from prefect import allow_failure, flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from prefect.states import Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -69,9 +71,15 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
         mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(store), name="jacobi-trajectories",
                                      digest=work["record"]["config_hash"][:8]), context="collect")
         if failed:
-            raise ShardsFailed(f"shards {failed} failed; run `prefect flow-run retry {flow_run.id}` or the same "
-                               "command again: finished shards are skipped")
+            raise ShardsFailed(f"shards {failed} failed; run `{_retry_command()}` or the same command again: "
+                               "finished shards are skipped")
     return summary | {"store": store, "config_hash": work["record"]["config_hash"]}
+
+
+def _retry_command() -> str:
+    """A run started by `cllm collect` has no deployment, and `prefect flow-run retry` needs its code then."""
+    entrypoint = "" if deployment_runtime.id else f" --entrypoint {os.path.relpath(__file__)}:collect_trajectories"
+    return f"prefect flow-run retry {flow_run.id}{entrypoint}"
 
 
 def task_runner(name: Literal["threads", "dask"], collect: CollectConfig, model: ModelConfig) -> TaskRunner:

@@ -68,6 +68,8 @@ def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(f
         monkeypatch.setattr(tasks.collect, "collect_shard", shard_two_breaks)
         first = runner.invoke(app, options(tiny_model_dir, fresh))
         assert first.exit_code == 1 and "shards [2] failed" in first.output
+        # this run has no deployment: the retry it suggests must name the code (it once left --entrypoint out)
+        assert "--entrypoint flows/collect.py:collect_trajectories` or the same command again" in first.output
         assert [(collected, total, shard, manifest and manifest["shard"]) for collected, total, shard, manifest
                 in heard] == [(0, 5, None, None), (1, 5, 0, 0), (2, 5, 1, 1), (2, 5, 2, None), (3, 5, 3, 3),
                               (4, 5, 4, 4)]
