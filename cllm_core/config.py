@@ -137,6 +137,50 @@ class CollectConfig(BaseModel):
                                "empty: the model's device.")
 
 
+class FinetuneConfig(BaseModel):
+    """Consistency fine-tuning: losses, samples, schedule, checkpoints (notes/cllm_reference.md §2)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    consistency: Literal["global", "local"] = Field(
+        "global", description="Consistency target: the fixed point (global, the paper's main loss) or the next "
+        "state of the trajectory (local).")
+    consistency_weight: float = Field(1.0, ge=0, description="Weight of the consistency loss (0: AR loss only).")
+    ar_weight: float = Field(10.0, ge=0, description="Weight of the AR loss (the reference code's 10).")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the AR loss (reference: 0.1).")
+    ar_labels: Literal["teacher", "ground_truth"] = Field(
+        "teacher", description="AR target: the teacher's greedy response, or the dataset's answer.")
+    ar_on_prompt: bool = Field(False, description="Also put the AR loss on prompt tokens (the reference does).")
+    augment: float = Field(0.5, ge=0, le=1, description="Share of sampled states given the paper's augmentation "
+                           "(half the wrong tokens after the first error corrected).")
+    include_repetitive: bool = Field(False, description="Train on trajectories flagged as degenerate repetition.")
+    steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length).")
+    max_minutes: float | None = Field(None, gt=0, description="Stop early after this much wall time (recorded).")
+    batch_size: int = Field(32, ge=1, description="Samples per step per process: one block state each.")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * this.")
+    warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm to this.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="accelerate mixed precision (bf16 autocast also speeds up recent CPUs).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(0, description="Seed of the sample draws and of torch.")
+    log_every: int = Field(10, ge=1, description="Log losses, lr, gradient norm and tokens/s every N steps.")
+    checkpoint_every: int = Field(200, ge=1, description="Checkpoint every N steps; a rerun resumes from the last.")
+    sample_every: int = Field(200, ge=1, description="Jacobi-decode a few held-out prompts every N steps "
+                              "(tokens per forward, collapse flag).")
+    sample_prompts: int = Field(8, ge=0, description="How many prompts those samples decode.")
+    registered_model: str | None = Field("cllm", description="MLflow registered-model name for the result "
+                                         "(None: log it, do not register).")
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed (logging knobs and the time budget excluded)."""
+        decisive = self.model_dump(exclude={"max_minutes", "log_every", "checkpoint_every", "sample_every",
+                                            "sample_prompts", "registered_model"})
+        return hashlib.sha256(repr(sorted(decisive.items())).encode()).hexdigest()[:16]
+
+
 class TrackingConfig(BaseModel):
     """Where runs are recorded in MLflow."""
 
@@ -159,6 +203,7 @@ class Profile(BaseModel):
     teacher: TeacherConfig | None = Field(None, description="Train this demo teacher from scratch (cached).")
     ingest: IngestConfig | None = Field(None, description="The prompt source.")
     collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
+    finetune: FinetuneConfig = Field(FinetuneConfig(), description="Consistency fine-tuning.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
 
     @model_validator(mode="before")

@@ -20,6 +20,7 @@ from rich.text import Text
 from cllm_core.config import (
     CollectConfig,
     DecodeConfig,
+    FinetuneConfig,
     IngestConfig,
     ModelConfig,
     Profile,
@@ -33,7 +34,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 MODEL, DECODE = ModelConfig.model_fields, DecodeConfig.model_fields
 INGEST, TEACHER, PROFILE = IngestConfig.model_fields, TeacherConfig.model_fields, Profile.model_fields
-COLLECT = CollectConfig.model_fields
+COLLECT, FINETUNE = CollectConfig.model_fields, FinetuneConfig.model_fields
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML profile from configs/; options override it.")]
 WorkDirOption = Annotated[Path | None, typer.Option(help=PROFILE["work_dir"].description)]
 
@@ -209,6 +210,44 @@ def collect(
                   + (f"; {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.0f} tokens/s, "
                      f"{summary['mean_passes_per_block']:.2f} passes per block, {summary['repetitive']} repetitive"
                      if summary["shards_collected"] else ""), soft_wrap=True, highlight=False)
+
+
+@app.command()
+def train(
+    config: ConfigOption = None,
+    steps: Annotated[int | None, typer.Option(help=FINETUNE["steps"].description)] = None,
+    max_minutes: Annotated[float | None, typer.Option(help=FINETUNE["max_minutes"].description)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=FINETUNE["batch_size"].description)] = None,
+    lr: Annotated[float | None, typer.Option(help=FINETUNE["lr"].description)] = None,
+    consistency: Annotated[str | None, typer.Option(help=FINETUNE["consistency"].description)] = None,
+    consistency_weight: Annotated[float | None, typer.Option(help=FINETUNE["consistency_weight"].description)] = None,
+    ar_weight: Annotated[float | None, typer.Option(help=FINETUNE["ar_weight"].description)] = None,
+    ar_labels: Annotated[str | None, typer.Option(help=FINETUNE["ar_labels"].description)] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help=FINETUNE["mixed_precision"].description)] = None,
+    seed: Annotated[int | None, typer.Option(help=FINETUNE["seed"].description)] = None,
+    model: Annotated[str | None, typer.Option(help="The teacher: " + MODEL["name_or_path"].description)] = None,
+    store: Annotated[str | None, typer.Option(help="Shard store of the trajectories. Default: "
+                                              "<work_dir>/trajectories.")] = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Consistency-fine-tune the teacher on its trajectories into <work_dir>/cllm; a killed run resumes."""
+    with one_line_errors():
+        profile = resolve_profile(
+            config, work_dir, model={"name_or_path": model},
+            finetune={"steps": steps, "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr,
+                      "consistency": consistency, "consistency_weight": consistency_weight, "ar_weight": ar_weight,
+                      "ar_labels": ar_labels, "mixed_precision": mixed_precision, "seed": seed})
+        if profile.model is None:
+            raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+        start_prefect(profile.work_dir)
+        from cllm_core.finetune import describe_cllm
+        from flows.finetune import consistency_finetune
+
+        record = consistency_finetune(profile.finetune, profile.model, profile.work_dir, store, profile.tracking)
+    registered = record["logged"]
+    console.print(f"[bold]CLLM[/] {describe_cllm(record)}; logged as {registered['model_uri']}"
+                  + (f", registered as {registered['registered_model']} v{registered['version']}"
+                     if registered["registered_model"] else ""), soft_wrap=True, highlight=False)
 
 
 @contextmanager

@@ -19,3 +19,25 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     return load_model(SMOLLM2), load_tokenizer(SMOLLM2)
+
+
+@pytest.fixture(scope="session")
+def tiny_trajectories(tmp_path_factory, tiny_model_dir):
+    """Stages 1 and 2 on the tiny model: 12 prompts' Jacobi trajectories (n_tokens 4) in a shard store."""
+    import json
+
+    from cllm_core import ModelConfig
+    from cllm_core.collect import collect
+    from cllm_core.config import CollectConfig, IngestConfig
+    from cllm_core.ingest import ingest
+
+    directory = tmp_path_factory.mktemp("trajectories")
+    source = directory / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}" + " again" * (i % 3), "answer": str(i)})
+                              + "\n" for i in range(16)))
+    teacher = ModelConfig(name_or_path=str(tiny_model_dir))
+    ingest(IngestConfig(source=str(source), template="plain", eval_fraction=0.2), teacher, directory / "prompts",
+           log=lambda line: None)
+    collect(CollectConfig(n_tokens=4, max_new_tokens=12, batch_size=8, shard_size=8), teacher,
+            directory / "prompts/train.parquet", str(directory / "store"), log=lambda line: None)
+    return directory

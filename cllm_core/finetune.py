@@ -1,0 +1,310 @@
+"""Stage 3: consistency fine-tuning, teacher + trajectories -> a CLLM in an ordinary HF model directory.
+
+A plain loop over `accelerate` (CPU, one GPU, or `accelerate launch` for DDP/FSDP from the same code). Each
+step runs one forward over the AR sequences and the sampled states together: the AR loss on the responses,
+and the consistency loss of each state against the target block's distribution (for the global loss with the
+teacher's response as AR labels, that target is read off the AR forward itself: the fixed point is a prefix
+of the response). Checkpoints (weights as safetensors, the rest read back with `weights_only=True`) let a
+killed run resume at the same step with the same batches; the model directory appears only when training
+finished. The same config, teacher and data reuse the finished directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model as load_weights
+from safetensors.torch import save_model as save_weights
+from transformers import GenerationConfig
+
+from cllm_core.collect import read_prompt_table, teacher_fingerprint
+from cllm_core.config import FinetuneConfig, ModelConfig
+from cllm_core.files import publish_dir
+from cllm_core.jacobi import jacobi_generate
+from cllm_core.losses import ar_loss, consistency_kl, consistency_mask
+from cllm_core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+from cllm_core.prompts import encode
+from cllm_core.samples import Batch, draw_items, label_ids, load_trajectories, make_batch
+from cllm_core.trajectories import repetitive
+
+Callback = Callable[[int, dict], None]
+
+
+def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: str | Path, *,
+             answers: dict[str, str] | None = None, probe: tuple[list[str], bool] = ([], False),
+             log: Callable[[str], None] = print, on_metrics: Callback | None = None,
+             on_samples: Callback | None = None) -> dict:
+    """Train the CLLM into `out_dir` (or reuse it); returns its record (`cllm.json`) plus `path`, `reused`.
+
+    `answers` (prompt id -> text) are the ground-truth AR labels when `config.ar_labels` asks for them.
+    `probe` (prompt texts, chat) are decoded with Jacobi every `sample_every` steps; `on_samples` gets
+    tokens per forward, the repetition count and the texts. `on_metrics` gets the losses every `log_every`.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(model)
+    data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
+    fingerprint = f"{config.fingerprint()}-{data.fingerprint}-{teacher_fingerprint(model)}"
+    record_path = out_dir / "cllm.json"
+    if record_path.is_file() and json.loads(record_path.read_text()).get("fingerprint") == fingerprint:
+        log(f"reusing the CLLM in {out_dir} (same config, teacher and trajectories)")
+        return json.loads(record_path.read_text()) | {"path": str(out_dir), "reused": True}
+    _check_writable(out_dir)
+    labels = None
+    if config.ar_labels == "ground_truth":
+        labels = label_ids(data, answers or {}, lambda text: tokenizer(text, add_special_tokens=False).input_ids,
+                           tokenizer.eos_token_id)
+    checkpoints = Checkpoints(out_dir.parent / f"{out_dir.name}.checkpoints", fingerprint)
+    resume = checkpoints.latest()  # checked against this config before any step
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=resolve_device(model.device).type == "cpu")
+    torch.manual_seed(config.seed)
+    lm = load_model(model.model_copy(update={"dtype": "float32", "device": "cpu"})).train()
+    if config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
+    history, start_step, spent = [], 0, 0.0
+    if resume is not None:
+        state = checkpoints.load(resume, accelerator.unwrap_model(lm), optimizer, scheduler)
+        history, start_step, spent = state["history"], state["step"], state["seconds"]
+        log(f"resuming from {resume} at step {start_step}")
+    log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
+        f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, batch {config.batch_size}")
+
+    pad = tokenizer.pad_token_id
+    probe_ids = encode(tokenizer, probe[0][: config.sample_prompts], chat=probe[1]) if probe[0] else None
+    longest = max(len(r) for r in data.rows["response_ids"])
+    window, window_tokens, window_start = [], 0, time.perf_counter()
+    step, began, stopped_early, samples = start_step, time.perf_counter() - spent, False, None
+    while step < config.steps:
+        step += 1
+        batch = make_batch(data, draw_items(config.batch_size, step, accelerator.process_index * config.batch_size,
+                                            len(data.items), config.seed),
+                           step, accelerator.process_index * config.batch_size, seed=config.seed,
+                           local=config.consistency == "local", augment=config.augment, labels=labels,
+                           ar_on_prompt=config.ar_on_prompt, pad=pad)
+        with accelerator.autocast():
+            loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=labels is None)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append(terms | {"grad_norm": float(grad_norm)})
+        window_tokens += batch.tokens
+        out_of_time = config.max_minutes is not None and time.perf_counter() - began > 60 * config.max_minutes
+        last = step == config.steps or out_of_time
+        if step % config.log_every == 0 or last:
+            metrics = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+            metrics |= {"lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
+            history.append({"step": step, **metrics})
+            if on_metrics and accelerator.is_main_process:
+                on_metrics(step, metrics)
+            log(f"step {step}: loss {metrics['loss']:.3f} (consistency {metrics['consistency']:.3f}, ar "
+                f"{metrics['ar']:.3f}), fixed-point agreement {metrics['agreement']:.3f}, "
+                f"{metrics['tokens_per_s']:.0f} tok/s")
+            window, window_tokens, window_start = [], 0, time.perf_counter()
+        if probe_ids is not None and (step % config.sample_every == 0 or last):
+            samples = sample(accelerator.unwrap_model(lm), tokenizer, probe_ids, data.n_tokens, longest + data.n_tokens)
+            if on_samples and accelerator.is_main_process:
+                on_samples(step, samples)
+            warning = " (collapse: the same tokens over and over)" if samples["repetitive"] else ""
+            log(f"step {step}: Jacobi samples at {samples['tokens_per_forward']:.2f} tokens per forward, "
+                f"{samples['repetitive']} of {len(samples['texts'])} repetitive{warning}")
+        if step % config.checkpoint_every == 0 and not last:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                checkpoints.save(step, accelerator.unwrap_model(lm), optimizer, scheduler, history,
+                                 time.perf_counter() - began)
+        if out_of_time:
+            stopped_early = True
+            log(f"stopping at step {step}: the {config.max_minutes:g}-minute budget is spent")
+            break
+
+    seconds = time.perf_counter() - began
+    metrics = {"train_steps": step, "train_seconds": seconds, "stopped_early": stopped_early,
+               "train_blocks": len(data.items), "train_prompts": len(data.rows),
+               "excluded_repetitive": data.excluded_repetitive, **{f"final_{k}": v for k, v in history[-1].items()
+                                                                   if k != "step"}}
+    if samples is not None:
+        metrics |= {"sample_tokens_per_forward": samples["tokens_per_forward"],
+                    "sample_repetitive": samples["repetitive"]}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        record = {"config": config.model_dump(), "fingerprint": fingerprint, "teacher": model.model_dump(),
+                  "trajectories": {"store": store, "fingerprint": data.fingerprint}, "n_tokens": data.n_tokens,
+                  "metrics": metrics, "history": history}
+        with publish_dir(out_dir) as staging:
+            save_cllm(accelerator.unwrap_model(lm), tokenizer, staging, record)
+        shutil.rmtree(checkpoints.root, ignore_errors=True)
+        log(f"saved the CLLM to {out_dir} after {step} steps in {seconds:.0f} s")
+    return json.loads(record_path.read_text()) | {"path": str(out_dir), "reused": False}
+
+
+def describe_cllm(record: dict) -> str:
+    """One line on a CLLM record: where, trained or reused, steps, time and the final fixed-point agreement."""
+    metrics = record["metrics"]
+    return (f"{record['path']} ({'reused' if record['reused'] else 'trained'}): n_tokens {record['n_tokens']}, "
+            f"{metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s on {metrics['train_blocks']:,} "
+            "blocks, "
+            f"fixed-point agreement {metrics['final_agreement']:.3f}"
+            + (f", Jacobi samples at {metrics['sample_tokens_per_forward']:.2f} tokens per forward"
+               if "sample_tokens_per_forward" in metrics else ""))
+
+
+def read_answers(path: str | Path) -> dict[str, str]:
+    """prompt id -> the dataset's answer, from a prompts file of `cllm ingest` (ground-truth AR labels)."""
+    table = pq.read_table(path, columns=["prompt_id", "answer"])
+    return dict(zip(table.column("prompt_id").to_pylist(), table.column("answer").to_pylist()))
+
+
+def read_probe(path: str | Path) -> tuple[list[str], bool]:
+    """Held-out prompt texts to sample during training (none when the file is absent), and their chat flag."""
+    if not Path(path).is_file():
+        return [], False
+    table, chat = read_prompt_table(path)
+    return table.column("prompt").to_pylist(), chat
+
+
+def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool) -> tuple[torch.Tensor, dict]:
+    """The weighted loss of one batch and its terms (floats) for logging.
+
+    The AR sequences and the states go through the model in one forward; with `reuse_ar` (global loss and
+    the teacher's response as AR labels) the fixed point's logits are read off the AR half, detached.
+    """
+    ar_ids, state_ids = batch.ar_ids, batch.state_ids
+    width = max(ar_ids.shape[1], state_ids.shape[1])
+    both = torch.cat([_widen(ar_ids, width), _widen(state_ids, width)])  # (2B, T)
+    logits = lm(input_ids=both).logits  # (2B, T, V)
+    ar_logits, state_logits = logits[: len(ar_ids), : ar_ids.shape[1]], logits[len(ar_ids):]
+    index = _block_positions(batch)  # (B, n)
+    student = _gather(state_logits, index)  # (B, n, V)
+    if reuse_ar and config.consistency == "global":
+        target = _gather(ar_logits, index).detach()
+    else:
+        with torch.no_grad():
+            target = _gather(lm(input_ids=batch.target_ids).logits, index)
+    mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (B, n)
+    consistency = consistency_kl(student, target, mask)
+    ar = ar_loss(ar_logits, batch.ar_targets, batch.ar_mask, config.label_smoothing)
+    loss = config.consistency_weight * consistency + config.ar_weight * ar
+    agreement = (student.argmax(-1) == batch.fixed_points)[mask].float().mean() if mask.any() else torch.tensor(1.0)
+    return loss, {"loss": loss.item(), "consistency": consistency.item(), "ar": ar.item(),
+                  "agreement": agreement.item()}
+
+
+def lr_factor(config: FinetuneConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at `steps`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: int, max_new_tokens: int) -> dict:
+    """Jacobi-decode the probe prompts: tokens per forward, how many responses repeat degenerately, texts."""
+    was_training = lm.training
+    lm.eval()
+    ids, mask = (t.to(lm.device) for t in prompts)
+    out = jacobi_generate(lm, ids, mask, n_tokens=n_tokens, max_new_tokens=max_new_tokens)
+    lm.train(was_training)
+    responses = [out.sequences[r, ids.shape[1]: ids.shape[1] + out.stats.row_new_tokens[r]].tolist()
+                 for r in range(len(ids))]
+    return {"tokens_per_forward": sum(out.stats.row_new_tokens) / max(1, sum(out.stats.row_forwards)),
+            "repetitive": sum(repetitive(r) for r in responses),
+            "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
+
+
+def save_cllm(lm, tokenizer, directory: Path, record: dict) -> None:
+    """An HF directory `from_pretrained` loads as is, with `cllm_n_tokens` in its config and `cllm.json`."""
+    lm.config.cllm_n_tokens = record["n_tokens"]
+    lm.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    lm.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "cllm.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class Checkpoints:
+    """`step-NNNNNN/` directories: `model.safetensors` and `state.pt` (optimizer, scheduler, RNG, history)."""
+
+    def __init__(self, root: Path, fingerprint: str, keep: int = 2):
+        self.root, self.fingerprint, self.keep = root, fingerprint, keep
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, refused when it was made for another config, teacher or data."""
+        done = sorted(self.root.glob("step-*/state.pt")) if self.root.is_dir() else []
+        if not done:
+            return None
+        state = torch.load(done[-1], weights_only=True)
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(f"the checkpoint {done[-1].parent} was made with another config, teacher or data "
+                             f"({state['fingerprint']}, now {self.fingerprint}); delete {self.root} to start over, "
+                             "or restore the config it was made with")
+        return done[-1].parent
+
+    def save(self, step: int, lm, optimizer, scheduler, history: list, seconds: float) -> None:
+        final = self.root / f"step-{step:06d}"
+        staging = self.root / f".step-{step:06d}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_weights(lm, str(staging / "model.safetensors"))
+        torch.save({"step": step, "fingerprint": self.fingerprint, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
+                    "seconds": seconds}, staging / "state.pt")
+        os.replace(staging, final)
+        for old in sorted(self.root.glob("step-*"))[: -self.keep]:
+            shutil.rmtree(old)
+
+    def load(self, path: Path, lm, optimizer, scheduler) -> dict:
+        state = torch.load(path / "state.pt", weights_only=True)
+        load_weights(lm, str(path / "model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        return state
+
+
+def _check_writable(out_dir: Path) -> None:
+    """Fail before any step when the model directory cannot be written (probing it as the writer will)."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe = out_dir.parent / f".{out_dir.name}.write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"the model directory {out_dir} is not writable ({error.strerror or error})") from None
+
+
+def _block_positions(batch: Batch) -> torch.Tensor:
+    """(B, n): the logit position predicting each block token (block_start - 1 + i), clamped into range."""
+    n = batch.states.shape[1]
+    positions = batch.block_start[:, None] - 1 + torch.arange(n, device=batch.block_start.device)
+    return positions.clamp(max=batch.state_ids.shape[1] - 1)
+
+
+def _gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V) at index (B, n) -> (B, n, V)."""
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def _widen(ids: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=0)
+
+
+def _to(batch: Batch, device) -> Batch:
+    return Batch(**{name: getattr(batch, name).to(device) for name in Batch.__dataclass_fields__})
+
+

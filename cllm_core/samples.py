@@ -1,0 +1,186 @@
+"""Training samples for consistency fine-tuning: trajectories in, padded batches out.
+
+`load_trajectories` reads the verified shards of a store (a `datasets.Dataset` over the Parquet rows) and
+refuses what cannot be trained on. An *item* is one (prompt, block) whose trajectory has an intermediate
+state. `make_batch` turns items into tensors for one step: which state of each block is used, and the
+paper's augmentation (correct some wrong tokens after the first error), are drawn from a generator seeded
+by (seed, step, slot), so a batch depends only on its step and a resumed run sees the batches it would have.
+
+Sequences are right-padded: under causal attention no real token sees a pad, so no attention mask is needed,
+and every loss mask is built from lengths (never from `!= pad_token_id`, which breaks when pad == eos).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+import datasets
+import pyarrow.compute as pc
+import torch
+
+from cllm_core.shards import ShardStore
+from cllm_core.trajectories import SCHEMA_VERSION, check_schema
+
+Item = tuple[int, int]  # (row, block)
+
+
+@dataclass(frozen=True)
+class TrajectoryData:
+    """Rows to train on (repetitive ones removed unless asked for) and their (row, block) items."""
+
+    rows: datasets.Dataset
+    items: list[Item]
+    n_tokens: int
+    fingerprint: str  # the collection's config hash and the shards' checksums
+    excluded_repetitive: int
+
+
+def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_size: int | None = None,
+                      tokenizer_fingerprint: str | None = None) -> TrajectoryData:
+    """The store's verified shards as one dataset; any shard that is not verifiably complete is an error.
+
+    `vocab_size` / `tokenizer_fingerprint` (of the model to train) catch trajectories from another tokenizer.
+    """
+    store = ShardStore(store_url)
+    collection = store.collection()
+    if collection is None:
+        raise FileNotFoundError(f"no trajectories in {store_url} (no collection.json); run `cllm collect` first")
+    shards = store.shards()
+    if not shards:
+        raise ValueError(f"the shard store {store_url} holds no shards; run `cllm collect` first")
+    for shard in shards:
+        version = store.manifest(shard).get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"shard {shard} in {store_url} has trajectory schema version {version}, this code reads "
+                             f"{SCHEMA_VERSION}; collect into a new store with this version")
+    unverified = [s for s in shards if not store.is_done(s, collection["config_hash"])]
+    if unverified:
+        raise ValueError(f"shards {unverified} in {store_url} are incomplete or damaged; run `cllm collect` "
+                         "again to redo them")
+    held = collection.get("tokenizer")
+    if tokenizer_fingerprint and held and held != tokenizer_fingerprint:
+        raise ValueError(f"the trajectories in {store_url} were collected with another tokenizer ({held}, this "
+                         f"model's is {tokenizer_fingerprint}); collect them with this model")
+    table = store.read(shards)
+    check_schema(table.schema, store_url)
+    sizes = pc.unique(table.column("n_tokens")).to_pylist()
+    if len(sizes) != 1:
+        raise ValueError(f"{store_url} mixes block sizes {sizes}; train on one collection at a time")
+    if vocab_size is not None:
+        top = max(pc.max(pc.list_flatten(table.column(c))).as_py() or 0 for c in ("prompt_ids", "response_ids"))
+        if top >= vocab_size:
+            raise ValueError(f"the trajectories in {store_url} hold token id {top}, beyond this model's vocabulary "
+                             f"of {vocab_size}: they come from another tokenizer")
+    repetitive = pc.sum(table.column("repetitive")).as_py() or 0
+    if not include_repetitive:
+        table = table.filter(pc.invert(table.column("repetitive")))
+    items = [(row, block) for row, states in enumerate(table.column("block_states").to_pylist())
+             for block, block_states in enumerate(states) if len(block_states) >= 2]
+    if not items:
+        raise ValueError(f"the trajectories in {store_url} have no intermediate states to train on")
+    digest = hashlib.sha256(collection["config_hash"].encode())
+    for shard in shards:
+        digest.update(store.manifest(shard)["sha256"].encode())
+    return TrajectoryData(datasets.Dataset(table), items, sizes[0], digest.hexdigest()[:16],
+                          repetitive if not include_repetitive else 0)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's tensors (B items; T* padded sequence lengths, n the block size).
+
+    ar_ids (B, Ta): prompt + AR labels; ar_targets (B, Ta): ar_ids shifted left; ar_mask (B, Ta) bool.
+    state_ids (B, Ts): prompt + committed response + the sampled state; target_ids (B, Tt): the same context
+    + the consistency target block (the fixed point for GC, the next state for LC).
+    block_start (B,): where the block begins in state_ids/target_ids; block_len (B,): its real length.
+    states, fixed_points (B, n): the block state fed and its fixed point (padding beyond block_len).
+    """
+
+    ar_ids: torch.Tensor
+    ar_targets: torch.Tensor
+    ar_mask: torch.Tensor
+    state_ids: torch.Tensor
+    target_ids: torch.Tensor
+    block_start: torch.Tensor
+    block_len: torch.Tensor
+    states: torch.Tensor
+    fixed_points: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ar_mask.numel() + self.state_ids.numel())
+
+
+def draw_items(count: int, step: int, slot_offset: int, total: int, seed: int) -> list[int]:
+    """Item indices for one step: each slot's draw is seeded by (seed, step, slot), uniform over items."""
+    return [_rng(seed, step, slot_offset + slot).randrange(total) for slot in range(count)]
+
+
+def make_batch(data: TrajectoryData, indices: list[int], step: int, slot_offset: int, *, seed: int,
+               local: bool, augment: float, labels: dict[int, list[int]] | None, ar_on_prompt: bool,
+               pad: int) -> Batch:
+    """Tensors for the items `indices`: one state drawn per block (not the fixed point), augmented with
+    probability `augment`. `labels` replaces the teacher's response as the AR target (row -> token ids)."""
+    ar, ar_masks, states_seq, targets_seq, starts, lens, states, fixed = [], [], [], [], [], [], [], []
+    n = data.n_tokens
+    for slot, index in enumerate(indices):
+        row_index, block = data.items[index]
+        row = data.rows[row_index]
+        rng = _rng(seed, step, slot_offset + slot, "state")
+        prompt, response = row["prompt_ids"], row["response_ids"]
+        trajectory = row["block_states"][block]
+        j = rng.randrange(len(trajectory) - 1)  # any state but the fixed point (the random guess included)
+        fixed_point = response[block * n : (block + 1) * n]
+        state = list(trajectory[j])
+        if rng.random() < augment:
+            state = augment_state(state, fixed_point, rng)
+        context = prompt + response[: block * n]
+        target = trajectory[j + 1] if local else fixed_point
+        answer = labels[row_index] if labels is not None else response
+        ar.append(prompt + answer)
+        ar_masks.append([ar_on_prompt] * (len(prompt) - 1) + [True] * len(answer))
+        states_seq.append(context + state)
+        targets_seq.append(context + list(target))
+        starts.append(len(context))
+        lens.append(len(fixed_point))
+        states.append(state)
+        fixed.append(fixed_point)
+    ar_ids = _pad(ar, pad)
+    return Batch(ar_ids=ar_ids, ar_targets=torch.cat([ar_ids[:, 1:], torch.full_like(ar_ids[:, :1], pad)], 1),
+                 ar_mask=_pad(ar_masks, False, torch.bool, ar_ids.shape[1]), state_ids=_pad(states_seq, pad),
+                 target_ids=_pad(targets_seq, pad), block_start=torch.tensor(starts), block_len=torch.tensor(lens),
+                 states=_pad(states, pad, width=n), fixed_points=_pad(fixed, pad, width=n))
+
+
+def augment_state(state: list[int], fixed_point: list[int], rng: random.Random) -> list[int]:
+    """The paper's augmentation: correct len(wrong) // 2 wrong tokens, drawn with replacement from all
+    but the first error (which stays, so the state is still intermediate)."""
+    wrong = [i for i, (s, f) in enumerate(zip(state, fixed_point)) if s != f]
+    state = list(state)
+    for i in rng.choices(wrong[1:], k=len(wrong) // 2) if len(wrong) > 1 else []:
+        state[i] = fixed_point[i]
+    return state
+
+
+def label_ids(data: TrajectoryData, answers: dict[str, str], tokenize, eos: int) -> dict[int, list[int]]:
+    """Ground-truth AR labels per row: the dataset's answer for the row's prompt id, tokenized, then EOS."""
+    ids = data.rows["prompt_id"]
+    missing = [pid for pid in ids if not answers.get(pid)]
+    if missing:
+        raise ValueError(f"{len(missing)} trajectory prompts have no ground-truth answer (e.g. {missing[0][:12]}); "
+                         "use ar_labels: teacher")
+    return {row: tokenize(answers[pid]) + [eos] for row, pid in enumerate(ids)}
+
+
+def _rng(*key) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big"))
+
+
+def _pad(sequences: list[list], value, dtype=torch.long, width: int | None = None) -> torch.Tensor:
+    width = width or max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=dtype)
+    for b, sequence in enumerate(sequences):
+        out[b, : len(sequence)] = torch.tensor(sequence, dtype=dtype)
+    return out

@@ -1,0 +1,177 @@
+"""Stage 3 in the library on a tiny Llama: training lowers the loss, the result is an HF directory the engine
+decodes exactly, a killed run resumes at the same step with the same losses, and bad input stops before any
+step with one clear line."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
+from cllm_core.config import FinetuneConfig
+from cllm_core.finetune import finetune
+from cllm_core.prompts import encode
+from cllm_core.samples import draw_items, load_trajectories, make_batch
+
+FAST = FinetuneConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2, checkpoint_every=4,
+                      sample_every=6, sample_prompts=2, ar_weight=1.0)
+
+
+def quiet(line):
+    pass
+
+
+@pytest.fixture
+def teacher(tiny_model_dir):
+    return ModelConfig(name_or_path=str(tiny_model_dir))
+
+
+@pytest.fixture
+def store(tmp_path, tiny_trajectories):
+    """A private copy of the tiny collection (tests may damage it)."""
+    shutil.copytree(tiny_trajectories / "store", tmp_path / "store")
+    return str(tmp_path / "store")
+
+
+def history(record):
+    return [(h["step"], h["loss"]) for h in record["history"]]
+
+
+def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(tmp_path, teacher, store,
+                                                                               tiny_trajectories):
+    probe = pq.read_table(tiny_trajectories / "prompts/eval.parquet").column("prompt").to_pylist()
+    samples = []
+    record = finetune(FAST.model_copy(update={"steps": 30, "log_every": 5}), teacher, store, tmp_path / "cllm",
+                      probe=(probe, False), log=quiet, on_samples=lambda step, s: samples.append((step, s)))
+    losses = [loss for _, loss in history(record)]
+    assert losses[-1] < 0.8 * losses[0]
+    assert [step for step, _ in samples] == [6, 12, 18, 24, 30] and all(len(s["texts"]) == 2 for _, s in samples)
+    assert not (tmp_path / "cllm.checkpoints").exists()  # the finished model replaces its checkpoints
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").eval()
+    assert model.config.cllm_n_tokens == 4 == record["n_tokens"]
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "cllm")))
+    ids, mask = encode(tokenizer, probe, chat=False)
+    greedy = ar_generate(model, ids, mask, max_new_tokens=12).sequences
+    assert torch.equal(jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=12).sequences, greedy)
+
+
+def test_a_killed_run_resumes_at_its_last_checkpoint_with_the_uninterrupted_losses(tmp_path, teacher, store):
+    whole = finetune(FAST, teacher, store, tmp_path / "whole", log=quiet)
+
+    def die_at_step_10(step, metrics):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FAST, teacher, store, tmp_path / "killed", log=quiet, on_metrics=die_at_step_10)
+    assert not (tmp_path / "killed").exists()  # no model directory until training finished
+    assert sorted(p.name for p in (tmp_path / "killed.checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    said = []
+    resumed = finetune(FAST, teacher, store, tmp_path / "killed", log=said.append)
+    assert "resuming from" in said[0] and said[0].endswith("at step 8")
+    assert [step for step, _ in history(resumed)] == [step for step, _ in history(whole)] == [2, 4, 6, 8, 10, 12]
+    assert [loss for _, loss in history(resumed)] == pytest.approx([loss for _, loss in history(whole)], rel=1e-6)
+
+
+def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_retrains(tmp_path, teacher, store):
+    first = finetune(FAST.model_copy(update={"steps": 4}), teacher, store, tmp_path / "cllm", log=quiet)
+    again = finetune(FAST.model_copy(update={"steps": 4, "log_every": 1}), teacher, store, tmp_path / "cllm",
+                     log=quiet)
+    assert not first["reused"] and again["reused"]
+    other = finetune(FAST.model_copy(update={"steps": 4, "ar_weight": 2.0}), teacher, store, tmp_path / "cllm",
+                     log=quiet)
+    assert not other["reused"] and json.loads((tmp_path / "cllm/cllm.json").read_text())["config"]["ar_weight"] == 2
+
+
+def test_batches_depend_only_on_the_step_and_mask_from_lengths_when_pad_is_eos(store):
+    data = load_trajectories(store)
+    eos = 2  # SmolLM2's tokenizer pads with its EOS in some setups: masks must not look at token values
+    draw = draw_items(4, 7, 0, len(data.items), seed=0)
+    assert draw == draw_items(4, 7, 0, len(data.items), seed=0) != draw_items(4, 8, 0, len(data.items), seed=0)
+    batch = make_batch(data, draw, 7, 0, seed=0, local=False, augment=0.5, labels=None, ar_on_prompt=False, pad=eos)
+    again = make_batch(data, draw, 7, 0, seed=0, local=False, augment=0.5, labels=None, ar_on_prompt=False, pad=eos)
+    assert all(torch.equal(getattr(batch, f), getattr(again, f)) for f in batch.__dataclass_fields__)
+    for b, index in enumerate(draw):
+        row, block = data.items[index]
+        prompt, response = data.rows[row]["prompt_ids"], data.rows[row]["response_ids"]
+        assert batch.ar_mask[b].sum() == len(response)  # every response token counts, an EOS among them too
+        assert batch.ar_targets[b, len(prompt) - 1: len(prompt) - 1 + len(response)].tolist() == response
+        assert batch.block_start[b] == len(prompt) + 4 * block
+        assert batch.fixed_points[b, : batch.block_len[b]].tolist() == response[4 * block: 4 * block + 4]
+
+
+def test_ground_truth_labels_replace_the_teachers_response_and_a_missing_answer_is_refused(tmp_path, teacher, store,
+                                                                                          tiny_trajectories):
+    table = pq.read_table(tiny_trajectories / "prompts/train.parquet")
+    answers = dict(zip(table.column("prompt_id").to_pylist(), table.column("answer").to_pylist()))
+    config = FAST.model_copy(update={"steps": 2, "ar_labels": "ground_truth"})
+    record = finetune(config, teacher, store, tmp_path / "gt", answers=answers, log=quiet)
+    assert record["config"]["ar_labels"] == "ground_truth"
+    with pytest.raises(ValueError, match="have no ground-truth answer"):
+        finetune(config, teacher, store, tmp_path / "none", answers={}, log=quiet)
+
+
+def damage(case, tmp_path, store):
+    from cllm_core.shards import ShardStore
+
+    shards = ShardStore(store)
+    if case == "schema-version":
+        manifest = tmp_path / "store/shard-00000.json"
+        manifest.write_text(manifest.read_text().replace('"schema_version": 1', '"schema_version": 2'))
+    elif case == "other-tokenizer":
+        record = shards.collection() | {"tokenizer": "0123456789abcdef"}
+        (tmp_path / "store/collection.json").write_text(json.dumps(record))
+    elif case == "empty":
+        for path in (tmp_path / "store").glob("shard-*"):
+            path.unlink()
+    elif case == "no-store":
+        shutil.rmtree(tmp_path / "store")
+    elif case == "flipped":
+        path = tmp_path / "store/shard-00001.parquet"
+        data = bytearray(path.read_bytes())
+        data[100] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("schema-version", "has trajectory schema version 2, this code reads 1"),
+    ("other-tokenizer", "were collected with another tokenizer"),
+    ("empty", "holds no shards; run `cllm collect` first"),
+    ("no-store", "no trajectories in"),
+    ("flipped", "shards [1] in"),
+    ("unwritable", "is not writable"),
+])
+def test_bad_input_is_one_clear_line_before_any_step(tmp_path, teacher, store, case, expected):
+    damage(case, tmp_path, store)
+    out = tmp_path / "cllm"
+    if case == "unwritable":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "cllm"
+    steps = []
+    with pytest.raises((OSError, ValueError)) as error:
+        finetune(FAST, teacher, store, out, log=quiet, on_metrics=lambda step, m: steps.append(step))
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert steps == [] and not out.exists()
+
+
+def test_vocabulary_beyond_the_model_is_refused(store):
+    with pytest.raises(ValueError, match="beyond this model's vocabulary of 50: they come from another tokenizer"):
+        load_trajectories(store, vocab_size=50)
+
+
+def test_a_checkpoint_from_another_config_is_refused_before_any_step(tmp_path, teacher, store):
+    def stop(step, metrics):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(FAST, teacher, store, tmp_path / "cllm", log=quiet, on_metrics=stop)
+    steps = []
+    with pytest.raises(ValueError, match="was made with another config, teacher or data") as error:
+        finetune(FAST.model_copy(update={"lr": 1e-3}), teacher, store, tmp_path / "cllm", log=quiet,
+                 on_metrics=lambda step, m: steps.append(step))
+    assert "delete" in str(error.value) and steps == []

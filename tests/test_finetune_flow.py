@@ -1,0 +1,52 @@
+"""`cllm train` through Prefect (temporary server) into a SQLite MLflow store: the run holds the loss curve per
+step, the Jacobi samples, the trajectories as its dataset input, and the registered CLLM."""
+
+import shutil
+
+import mlflow
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def work(tmp_path, tiny_trajectories, monkeypatch):
+    """A work dir as the earlier stages leave it: prompts and trajectories (of the tiny teacher)."""
+    shutil.copytree(tiny_trajectories / "prompts", tmp_path / "work/prompts")
+    shutil.copytree(tiny_trajectories / "store", tmp_path / "work/trajectories")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path / "work"
+
+
+def test_cllm_train_streams_the_curve_and_registers_the_model(prefect_server, work, tiny_model_dir):
+    args = ["train", "--model", str(tiny_model_dir), "--work-dir", str(work), "--steps", "6", "--batch-size", "4",
+            "--ar-weight", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "CLLM" in result.output and "(trained)" in result.output and "registered as cllm v1" in result.output
+    client = mlflow.MlflowClient()
+    (run,) = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'finetune'",
+                                output_format="list")
+    assert run.data.params["finetune.ar_weight"] == "1.0" and run.data.params["n_tokens"] == "4"
+    assert run.data.tags["prefect.flow_run_id"] and run.data.tags["cllm.reused"] == "False"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [6]
+    assert {"lr", "grad_norm", "tokens_per_s", "consistency", "ar", "agreement", "sample_tokens_per_forward",
+            "train_seconds"} <= set(run.data.metrics)
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step-000006.txt"]
+    assert run.inputs.dataset_inputs[0].dataset.name == "jacobi-trajectories"
+    (version,) = client.search_model_versions("name = 'cllm'")
+    assert version.run_id == run.info.run_id
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "(reused)" in again.output, again.output
+
