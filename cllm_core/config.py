@@ -151,12 +151,15 @@ class FinetuneConfig(BaseModel):
     ar_labels: Literal["teacher", "ground_truth"] = Field(
         "teacher", description="AR target: the teacher's greedy response, or the dataset's answer.")
     ar_on_prompt: bool = Field(False, description="Also put the AR loss on prompt tokens (the reference does).")
+    states_per_block: int = Field(1, ge=1, description="States drawn per sampled block each step; they share the "
+                                  "block's AR sequence, so more of a step goes to the consistency loss.")
     augment: float = Field(0.5, ge=0, le=1, description="Share of sampled states given the paper's augmentation "
                            "(half the wrong tokens after the first error corrected).")
     include_repetitive: bool = Field(False, description="Train on trajectories flagged as degenerate repetition.")
     steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length).")
     max_minutes: float | None = Field(None, gt=0, description="Stop early after this much wall time (recorded).")
-    batch_size: int = Field(32, ge=1, description="Samples per step per process: one block state each.")
+    batch_size: int = Field(32, ge=1, description="Blocks sampled per step per process (each with its AR "
+                            "sequence and states_per_block states).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr * this.")
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")

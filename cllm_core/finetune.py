@@ -92,7 +92,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
                                             len(data.items), config.seed),
                            step, accelerator.process_index * config.batch_size, seed=config.seed,
                            local=config.consistency == "local", augment=config.augment, labels=labels,
-                           ar_on_prompt=config.ar_on_prompt, pad=pad)
+                           ar_on_prompt=config.ar_on_prompt, pad=pad, states_per_block=config.states_per_block)
         with accelerator.autocast():
             loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=labels is None)
         accelerator.backward(loss)
@@ -185,17 +185,18 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool) -> tuple
     """
     ar_ids, state_ids = batch.ar_ids, batch.state_ids
     width = max(ar_ids.shape[1], state_ids.shape[1])
-    both = torch.cat([_widen(ar_ids, width), _widen(state_ids, width)])  # (2B, T)
-    logits = lm(input_ids=both).logits  # (2B, T, V)
+    both = torch.cat([_widen(ar_ids, width), _widen(state_ids, width)])  # (B + S, T)
+    logits = lm(input_ids=both).logits  # (B + S, T, V)
     ar_logits, state_logits = logits[: len(ar_ids), : ar_ids.shape[1]], logits[len(ar_ids):]
-    index = _block_positions(batch)  # (B, n)
-    student = _gather(state_logits, index)  # (B, n, V)
-    if reuse_ar and config.consistency == "global":
-        target = _gather(ar_logits, index).detach()
+    index = _block_positions(batch)  # (S, n)
+    student = _gather(state_logits, index)  # (S, n, V)
+    if reuse_ar and config.consistency == "global":  # one AR row per block serves its k states
+        k = batch.states_per_block
+        target = _gather(ar_logits, index[::k]).detach().repeat_interleave(k, 0)  # (S, n, V)
     else:
         with torch.no_grad():
             target = _gather(lm(input_ids=batch.target_ids).logits, index)
-    mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (B, n)
+    mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (S, n)
     consistency = consistency_kl(student, target, mask)
     ar = ar_loss(ar_logits, batch.ar_targets, batch.ar_mask, config.label_smoothing)
     loss = config.consistency_weight * consistency + config.ar_weight * ar

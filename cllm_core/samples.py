@@ -89,13 +89,13 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's tensors (B items; T* padded sequence lengths, n the block size).
+    """One step's tensors: B items, S = B * k states (k per item, item-major), T* padded lengths, n the block.
 
     ar_ids (B, Ta): prompt + AR labels; ar_targets (B, Ta): ar_ids shifted left; ar_mask (B, Ta) bool.
-    state_ids (B, Ts): prompt + committed response + the sampled state; target_ids (B, Tt): the same context
+    state_ids (S, Ts): prompt + committed response + a sampled state; target_ids (S, Tt): the same context
     + the consistency target block (the fixed point for GC, the next state for LC).
-    block_start (B,): where the block begins in state_ids/target_ids; block_len (B,): its real length.
-    states, fixed_points (B, n): the block state fed and its fixed point (padding beyond block_len).
+    block_start (S,): where the block begins in state_ids/target_ids; block_len (S,): its real length.
+    states, fixed_points (S, n): the block state fed and its fixed point (padding beyond block_len).
     """
 
     ar_ids: torch.Tensor
@@ -109,6 +109,10 @@ class Batch:
     fixed_points: torch.Tensor
 
     @property
+    def states_per_block(self) -> int:
+        return len(self.state_ids) // len(self.ar_ids)
+
+    @property
     def tokens(self) -> int:
         return int(self.ar_mask.numel() + self.state_ids.numel())
 
@@ -120,9 +124,10 @@ def draw_items(count: int, step: int, slot_offset: int, total: int, seed: int) -
 
 def make_batch(data: TrajectoryData, indices: list[int], step: int, slot_offset: int, *, seed: int,
                local: bool, augment: float, labels: dict[int, list[int]] | None, ar_on_prompt: bool,
-               pad: int) -> Batch:
-    """Tensors for the items `indices`: one state drawn per block (not the fixed point), augmented with
-    probability `augment`. `labels` replaces the teacher's response as the AR target (row -> token ids)."""
+               pad: int, states_per_block: int = 1) -> Batch:
+    """Tensors for the items `indices`: `states_per_block` states drawn per block (never the fixed point),
+    each augmented with probability `augment`, stored item-major after the items' one AR sequence each.
+    `labels` replaces the teacher's response as the AR target (row -> token ids)."""
     ar, ar_masks, states_seq, targets_seq, starts, lens, states, fixed = [], [], [], [], [], [], [], []
     n = data.n_tokens
     for slot, index in enumerate(indices):
@@ -131,22 +136,24 @@ def make_batch(data: TrajectoryData, indices: list[int], step: int, slot_offset:
         rng = _rng(seed, step, slot_offset + slot, "state")
         prompt, response = row["prompt_ids"], row["response_ids"]
         trajectory = row["block_states"][block]
-        j = rng.randrange(len(trajectory) - 1)  # any state but the fixed point (the random guess included)
         fixed_point = response[block * n : (block + 1) * n]
-        state = list(trajectory[j])
-        if rng.random() < augment:
-            state = augment_state(state, fixed_point, rng)
         context = prompt + response[: block * n]
-        target = trajectory[j + 1] if local else fixed_point
         answer = labels[row_index] if labels is not None else response
         ar.append(prompt + answer)
         ar_masks.append([ar_on_prompt] * (len(prompt) - 1) + [True] * len(answer))
-        states_seq.append(context + state)
-        targets_seq.append(context + list(target))
-        starts.append(len(context))
-        lens.append(len(fixed_point))
-        states.append(state)
-        fixed.append(fixed_point)
+        intermediate = range(len(trajectory) - 1)  # any state but the fixed point (the random guess included)
+        picks = (rng.sample(intermediate, states_per_block) if states_per_block <= len(intermediate)
+                 else rng.choices(intermediate, k=states_per_block))
+        for j in picks:
+            state = list(trajectory[j])
+            if rng.random() < augment:
+                state = augment_state(state, fixed_point, rng)
+            states_seq.append(context + state)
+            targets_seq.append(context + list(trajectory[j + 1] if local else fixed_point))
+            starts.append(len(context))
+            lens.append(len(fixed_point))
+            states.append(state)
+            fixed.append(fixed_point)
     ar_ids = _pad(ar, pad)
     return Batch(ar_ids=ar_ids, ar_targets=torch.cat([ar_ids[:, 1:], torch.full_like(ar_ids[:, :1], pad)], 1),
                  ar_mask=_pad(ar_masks, False, torch.bool, ar_ids.shape[1]), state_ids=_pad(states_seq, pad),

@@ -175,3 +175,22 @@ def test_a_checkpoint_from_another_config_is_refused_before_any_step(tmp_path, t
         finetune(FAST.model_copy(update={"lr": 1e-3}), teacher, store, tmp_path / "cllm", log=quiet,
                  on_metrics=lambda step, m: steps.append(step))
     assert "delete" in str(error.value) and steps == []
+
+
+def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_equals_a_target_forward(
+        store, tiny_model_dir):
+    from cllm_core import load_model
+    from cllm_core.finetune import step_loss
+
+    data = load_trajectories(store)
+    draw = draw_items(3, 1, 0, len(data.items), seed=0)
+    batch = make_batch(data, draw, 1, 0, seed=0, local=False, augment=0.0, labels=None, ar_on_prompt=False, pad=0,
+                       states_per_block=2)
+    assert len(batch.ar_ids) == 3 and len(batch.state_ids) == 6 and batch.states_per_block == 2
+    assert torch.equal(batch.block_start[0::2], batch.block_start[1::2])
+    assert torch.equal(batch.fixed_points[0::2], batch.fixed_points[1::2])
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    config = FAST.model_copy(update={"states_per_block": 2})
+    read_off, _ = step_loss(model, batch, config, reuse_ar=True)
+    forwarded, _ = step_loss(model, batch, config, reuse_ar=False)  # a separate forward on context + fixed point
+    assert read_off.item() == pytest.approx(forwarded.item(), rel=1e-4)
