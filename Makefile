@@ -18,14 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The demo on a fresh machine: train the demo teacher (about 5 minutes, or reuse runs/demo/teacher), ingest
-# synthetic-math prompts with it, collect its Jacobi trajectories, then decode its eval prompts with AR,
-# Jacobi and prompt lookup.
+# synthetic-math prompts with it, collect its Jacobi trajectories, consistency-fine-tune it into a CLLM
+# (about 7 minutes), then decode the held-out prompts with the teacher's AR, its Jacobi and the CLLM's Jacobi.
 demo: $(STAMP)
 	$(BIN)/cllm teacher --config configs/demo.yaml
 	$(BIN)/cllm ingest --config configs/demo.yaml
 	$(BIN)/cllm collect --config configs/demo.yaml
-	$(BIN)/python -m benchmarks.decoding --model runs/demo/teacher --prompts runs/demo/prompts/eval.parquet \
-		--field prompt --no-chat --limit 50 --n-tokens 16 --max-new-tokens 96 --json runs/demo/decoding.json
+	$(BIN)/cllm train --config configs/demo.yaml
+	$(BIN)/python -m benchmarks.finetune --config configs/demo.yaml --json runs/demo/finetune.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

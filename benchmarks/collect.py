@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--n-tokens", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights dtype of both loops (the research code ran bfloat16)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.eos = [] if args.tiny else None  # a random model's EOS is noise: let it run to max_new_tokens
@@ -60,7 +62,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         path = save_tiny_model(Path(scratch) / "tiny") if args.tiny else args.model
-        config = ModelConfig(name_or_path=str(path))
+        config = ModelConfig(name_or_path=str(path), dtype=args.dtype)
         model, tokenizer = load_model(config), load_tokenizer(config)
     if args.prompts:
         table, chat = read_prompt_table(args.prompts, args.limit)
@@ -101,7 +103,8 @@ def main() -> None:
 
     n = len(texts)
     result = {
-        "model": "tiny random Llama" if args.tiny else args.model, "prompts": n, "n_tokens": args.n_tokens,
+        "model": "tiny random Llama" if args.tiny else args.model, "dtype": args.dtype, "prompts": n,
+        "n_tokens": args.n_tokens,
         "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "tokens": tokens,
         "collector": {"seconds": seconds["collector"], "prompts_per_s": n / seconds["collector"],
                       "tokens_per_s": tokens / seconds["collector"], "forwards": forwards["collector"]},
@@ -114,7 +117,8 @@ def main() -> None:
                         "threads": torch.get_num_threads(), "device": str(model.device)},
     }
     ours, theirs = result["collector"], result["reference"]
-    print(f"\n{n} prompts, n_tokens {args.n_tokens}, {tokens} tokens: collector {ours['prompts_per_s']:.2f} prompts/s "
+    print(f"\n{n} prompts, {args.dtype}, n_tokens {args.n_tokens}, {tokens} tokens: "
+          f"collector {ours['prompts_per_s']:.2f} prompts/s "
           f"({ours['tokens_per_s']:.0f} tok/s), reference {theirs['prompts_per_s']:.2f} prompts/s "
           f"({theirs['tokens_per_s']:.0f} tok/s): {result['speedup']:.1f}x (median per chunk "
           f"{result['median_chunk_speedup']:.1f}x); fixed points identical {result['fixed_points_identical']:.0%}, "

@@ -4,8 +4,9 @@ prompts with each, interleaved prompt by prompt at batch 1 beside the teacher's 
     python -m benchmarks.finetune --config configs/demo.yaml --variants gc+ar lc+ar gc --json runs/demo/ft.json
 
 Variants (on top of the profile's `finetune` section): `gc+ar` (global consistency + AR, the paper's), `lc+ar`
-(local consistency + AR), `gc` (global consistency only), `profile` (the section as it is). Each trains into
-<work_dir>/finetune-bench/<variant> (reused when unchanged). Reported per model: tokens per forward, tokens/s,
+(local consistency + AR), `gc` (global consistency only), `profile` (the section as it is, in <work_dir>/cllm
+where `cllm train` puts it). The others train into <work_dir>/finetune-bench/<variant>; all are reused when
+unchanged. Reported per model: tokens per forward, tokens/s,
 wall-clock speedup vs the teacher's AR, exact-answer accuracy, outputs identical to the teacher's, and
 repetitive outputs. Figures, not assertions.
 """
@@ -38,8 +39,8 @@ def train_variants(args, profile) -> dict[str, dict]:
     records = {}
     for name in args.variants:
         config = profile.finetune.model_copy(update=VARIANTS[name] | ({"steps": args.steps} if args.steps else {}))
-        records[name] = finetune(config, profile.model, str(profile.work_dir / "trajectories"),
-                                 profile.work_dir / "finetune-bench" / name.replace("+", "_"), log=print)
+        out = profile.work_dir / ("cllm" if name == "profile" else f"finetune-bench/{name.replace('+', '_')}")
+        records[name] = finetune(config, profile.model, str(profile.work_dir / "trajectories"), out, log=print)
     return records
 
 

@@ -25,3 +25,12 @@ def is_correct(output: str, reference: str) -> bool:
     """Whether the model's final answer equals the reference's (both by `extract_answer`)."""
     got = extract_answer(output)
     return got is not None and got == extract_answer(reference)
+
+
+def exact_match(output: str, reference: str) -> bool:
+    """Whether the output is the reference text, up to surrounding whitespace (SQL, code, short answers)."""
+    return output.strip() == reference.strip()
+
+
+CHECKS = {"math": is_correct, "exact": exact_match}
+"""How an output is judged against the dataset's answer, by name (`EvalConfig.check`)."""

@@ -184,6 +184,31 @@ class FinetuneConfig(BaseModel):
         return hashlib.sha256(repr(sorted(decisive.items())).encode()).hexdigest()[:16]
 
 
+class EvalConfig(BaseModel):
+    """Speed and quality evaluation: which methods, how they decode, how answers are judged."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    methods: list[Literal["ar", "jacobi", "lookup"]] = Field(
+        ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy `generate` (ar), "
+        "Jacobi, prompt-lookup decoding.")
+    n_tokens: int = Field(16, ge=1, description="Jacobi block size.")
+    max_new_tokens: int = Field(256, ge=1, description="Stop a response after this many tokens (or at EOS).")
+    init: Literal["repeat", "random"] = Field("repeat", description="Jacobi's initial guess of a block.")
+    lookup_tokens: int = Field(10, ge=1, description="Prompt lookup: tokens proposed per step.")
+    batch_size: int = Field(1, ge=1, description="Prompts decoded together (1: the paper's latency setting).")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval prompts.")
+    warmup: int = Field(2, ge=0, description="Untimed warm-up decodes per model and method.")
+    check: Literal["math", "exact"] = Field("math", description="How an answer is judged: the number after "
+                                            "`####` (math), or the whole text (exact).")
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> EvalConfig:
+        if "jacobi" in self.methods and self.n_tokens > self.max_new_tokens:
+            raise ValueError(f"n_tokens ({self.n_tokens}) is larger than max_new_tokens ({self.max_new_tokens})")
+        return self
+
+
 class TrackingConfig(BaseModel):
     """Where runs are recorded in MLflow."""
 
@@ -207,6 +232,7 @@ class Profile(BaseModel):
     ingest: IngestConfig | None = Field(None, description="The prompt source.")
     collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
     finetune: FinetuneConfig = Field(FinetuneConfig(), description="Consistency fine-tuning.")
+    evaluate: EvalConfig = Field(EvalConfig(), description="Speed and quality evaluation.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
 
     @model_validator(mode="before")

@@ -141,7 +141,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
         metrics |= {"sample_tokens_per_forward": samples["tokens_per_forward"],
                     "sample_repetitive": samples["repetitive"]}
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
         record = {"config": config.model_dump(), "fingerprint": fingerprint, "teacher": model.model_dump(),
                   "trajectories": {"store": store, "fingerprint": data.fingerprint}, "n_tokens": data.n_tokens,
                   "metrics": metrics, "history": history}
@@ -149,6 +149,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
             save_cllm(accelerator.unwrap_model(lm), tokenizer, staging, record)
         shutil.rmtree(checkpoints.root, ignore_errors=True)
         log(f"saved the CLLM to {out_dir} after {step} steps in {seconds:.0f} s")
+    accelerator.wait_for_everyone()
     return json.loads(record_path.read_text()) | {"path": str(out_dir), "reused": False}
 
 

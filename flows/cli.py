@@ -20,6 +20,7 @@ from rich.text import Text
 from cllm_core.config import (
     CollectConfig,
     DecodeConfig,
+    EvalConfig,
     FinetuneConfig,
     IngestConfig,
     ModelConfig,
@@ -34,7 +35,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 MODEL, DECODE = ModelConfig.model_fields, DecodeConfig.model_fields
 INGEST, TEACHER, PROFILE = IngestConfig.model_fields, TeacherConfig.model_fields, Profile.model_fields
-COLLECT, FINETUNE = CollectConfig.model_fields, FinetuneConfig.model_fields
+COLLECT, FINETUNE, EVAL = CollectConfig.model_fields, FinetuneConfig.model_fields, EvalConfig.model_fields
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML profile from configs/; options override it.")]
 WorkDirOption = Annotated[Path | None, typer.Option(help=PROFILE["work_dir"].description)]
 
@@ -250,6 +251,61 @@ def train(
                      if registered["registered_model"] else ""), soft_wrap=True, highlight=False)
 
 
+@app.command(name="eval")
+def evaluate(
+    config: ConfigOption = None,
+    model: Annotated[list[str] | None, typer.Option(help="NAME=DIR_OR_ID, repeatable; the first is the baseline. "
+                                                    "Default: teacher=<the profile's model> and, when it exists, "
+                                                    "cllm=<work_dir>/cllm.", show_default=False)] = None,
+    method: Annotated[list[str] | None, typer.Option(help=EVAL["methods"].description, show_default=False)] = None,
+    n_tokens: Annotated[int | None, typer.Option(help=EVAL["n_tokens"].description)] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=EVAL["max_new_tokens"].description)] = None,
+    batch_size: Annotated[int | None, typer.Option(help=EVAL["batch_size"].description)] = None,
+    limit: Annotated[int | None, typer.Option(help=EVAL["limit"].description)] = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """Speed and quality of every model x method on <work_dir>/prompts/eval.parquet, into <work_dir>/eval/."""
+    with one_line_errors():
+        profile = resolve_profile(config, work_dir, evaluate={"methods": method, "n_tokens": n_tokens,
+                                                             "max_new_tokens": max_new_tokens,
+                                                             "batch_size": batch_size, "limit": limit})
+        models = dict(_name_model(item) for item in model or [])
+        if not models:
+            if profile.model is None:
+                raise ValueError("no models: pass --model teacher=DIR --model cllm=DIR or --config")
+            models = {"teacher": profile.model}
+            if (profile.work_dir / "cllm").is_dir():
+                models["cllm"] = ModelConfig(name_or_path=str(profile.work_dir / "cllm"))
+        start_prefect(profile.work_dir)
+        from cllm_core.report import markdown_table
+        from flows.evaluate import evaluate_speedup
+
+        result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking)
+    console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
+    console.print(f"[bold]{result['prompts']} prompts[/]; samples, summary and pictures in "
+                  f"{profile.work_dir / 'eval'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compare(
+    runs: Annotated[list[str] | None, typer.Argument(help="MLflow run ids (default: the two latest evaluations).",
+                                                     show_default=False)] = None,
+    work_dir: WorkDirOption = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "cllm",
+) -> None:
+    """MLflow runs side by side: the parameters that differ, then the headline metrics."""
+    from rich.table import Table
+
+    with one_line_errors():
+        from tasks.tracking import compare_runs
+
+        columns, rows = compare_runs(runs or [], work_dir or Path("runs/demo"), experiment)
+    table = Table("", *columns, title="runs side by side: differing parameters, then headline metrics")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 @contextmanager
 def shard_bar(enabled: bool) -> Iterator[None]:
     """A bar that advances per collected shard and shows its throughput. It draws on the console of Prefect's
@@ -287,6 +343,13 @@ def shard_bar(enabled: bool) -> Iterator[None]:
     finally:
         shard_listener.reset(token)
         screen.pop_theme()
+
+
+def _name_model(item: str) -> tuple[str, ModelConfig]:
+    name, sep, source = item.partition("=")
+    if not sep or not name or not source:
+        raise ValueError(f"--model expects NAME=DIR_OR_ID (e.g. cllm=runs/demo/cllm), got {item!r}")
+    return name, ModelConfig(name_or_path=source)
 
 
 def _role_column(item: str) -> tuple[str, str]:

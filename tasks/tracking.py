@@ -42,3 +42,37 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
+
+
+HEADLINE_SUFFIXES = (".tokens_per_forward", ".speedup", ".accuracy", ".exact_match", "eval_accuracy",
+                     "final_agreement", "sample_tokens_per_forward", "train_seconds", "prompts_per_s")
+
+
+def compare_runs(run_ids: list[str], work_dir: Path, experiment: str = "cllm") -> tuple[list[str], list[list[str]]]:
+    """Column names (one per run) and rows: the params that differ between the runs, then headline metrics.
+
+    No ids: the two latest evaluation runs of the experiment.
+    """
+    mlflow.set_tracking_uri(tracking_uri(TrackingConfig(experiment=experiment), work_dir))
+    if run_ids:
+        found = [_run(run_id) for run_id in run_ids]
+    else:
+        found = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`cllm.stage` = 'evaluate'",
+                                   order_by=["start_time DESC"], max_results=2, output_format="list")
+        if len(found) < 2:
+            raise ValueError(f"fewer than two evaluation runs in experiment {experiment!r}; give run ids")
+    columns = [f"{run.info.run_name} {run.info.run_id[:8]}" for run in found]
+    params = sorted({key for run in found for key in run.data.params})
+    rows = [[key, *(run.data.params.get(key, "-") for run in found)] for key in params
+            if len({run.data.params.get(key) for run in found}) > 1]
+    metrics = sorted({key for run in found for key in run.data.metrics if key.endswith(HEADLINE_SUFFIXES)})
+    rows += [[key, *(f"{run.data.metrics[key]:.4g}" if key in run.data.metrics else "-" for run in found)]
+             for key in metrics]
+    return columns, rows
+
+
+def _run(run_id: str):
+    try:
+        return mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None

@@ -1,0 +1,183 @@
+"""Stage 4: speed and quality of every model x method on the same prompts, in one run.
+
+Each prompt is decoded by every (model, method) pair in a rotating order, after a warm-up, so machine drift
+hits every pair alike. A record per (prompt, model, method) holds the counts of the decoders' shared
+conventions (`outputs.py`), the wall time, whether the output equals the same model's greedy AR output, the
+extracted answer and its correctness, and a repetition flag; `summarize` turns records into one row per
+pair, with speedups against a baseline pair (the teacher's AR).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cllm_core import report
+from cllm_core.answers import CHECKS, extract_answer
+from cllm_core.baselines import ar_generate, lookup_generate
+from cllm_core.config import EvalConfig, ModelConfig
+from cllm_core.jacobi import jacobi_generate, jacobi_steps
+from cllm_core.prompts import encode
+from cllm_core.trajectories import repetitive
+
+Pair = tuple[str, str]  # (model name, method)
+
+
+def decoders(config: EvalConfig) -> dict[str, Callable]:
+    common = {"max_new_tokens": config.max_new_tokens}
+    table = {"ar": partial(ar_generate, **common),
+             "jacobi": partial(jacobi_generate, n_tokens=config.n_tokens, init=config.init, **common),
+             "lookup": partial(lookup_generate, prompt_lookup_num_tokens=config.lookup_tokens, **common)}
+    return {method: table[method] for method in config.methods}
+
+
+def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict], chat: bool, config: EvalConfig,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Decode `prompts` (dicts with prompt_id, prompt, answer) with every model x method; one record each.
+
+    Batches of `config.batch_size` prompts are decoded together; a record's seconds are then its batch's
+    time shared equally among the rows.
+    """
+    methods, check = decoders(config), CHECKS[config.check]
+    pairs: list[Pair] = [(model, method) for model in models for method in methods]
+    warm = prompts[: config.batch_size]
+    for model, method in pairs:  # kernels, allocator and caches settle before anything is timed
+        ids, mask = encode(tokenizer, [p["prompt"] for p in warm], _device(models[model]), chat)
+        for _ in range(config.warmup):
+            methods[method](models[model], ids, mask)
+    records = []
+    for start in range(0, len(prompts), config.batch_size):
+        batch = prompts[start:start + config.batch_size]
+        chunk = start // config.batch_size
+        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], _device(models[pairs[0][0]]), chat)
+        outputs = {}
+        for model, method in pairs[chunk % len(pairs):] + pairs[: chunk % len(pairs)]:  # rotating order
+            outputs[model, method] = _timed(methods[method], models[model], ids, mask)
+        for row, prompt in enumerate(batch):
+            for (model, method), (seconds, out) in outputs.items():
+                records.append(_record(prompt, model, method, row, ids.shape[1], seconds / len(batch), out,
+                                       outputs.get((model, "ar")), tokenizer, check))
+        log(f"{min(start + len(batch), len(prompts))}/{len(prompts)} prompts")
+    return records
+
+
+def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_path: str | Path, out_dir: Path,
+                   log: Callable[[str], None] = print) -> dict:
+    """Evaluate the named models (the first is the baseline: the teacher) on the eval prompts; writes
+    `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the summary and the file paths."""
+    from cllm_core.collect import read_prompt_table
+    from cllm_core.models import load_model, load_tokenizer, tokenizer_fingerprint
+
+    table, chat = read_prompt_table(prompts_path, config.limit)
+    answers = pq.read_table(prompts_path, columns=["answer"]).column("answer").slice(0, len(table)).to_pylist()
+    prompts = [row | {"answer": answer} for row, answer in zip(table.to_pylist(), answers)]
+    baseline = next(iter(models))
+    tokenizer = load_tokenizer(models[baseline])
+    loaded = {}
+    for name, source in models.items():
+        other = load_tokenizer(source)
+        if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
+            raise ValueError(f"{name} ({source.name_or_path}) uses another tokenizer than {baseline}; compare "
+                             "models trained from the same teacher")
+        try:
+            loaded[name] = load_model(source)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{name}: {source.name_or_path} is not a causal language model "
+                             f"({str(error).splitlines()[0]})") from None
+    log(f"evaluating {', '.join(models)} x {', '.join(config.methods)} on {len(prompts)} prompts, "
+        f"batch {config.batch_size}")
+    records = evaluate(loaded, tokenizer, prompts, chat, config, log)
+    summary = summarize(records, (baseline, "ar"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records), out_dir / "samples.parquet")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    pictures = [report.speedup_bars(summary, out_dir / "speedup.png"),
+                report.tokens_per_forward_histogram(records, out_dir / "tokens_per_forward.png"),
+                report.accuracy_vs_speed(summary, out_dir / "accuracy_vs_speed.png")]
+    if "jacobi" in config.methods:
+        ids, mask = encode(tokenizer, [prompts[0]["prompt"]], _device(loaded[baseline]), chat)
+        for name, model in loaded.items():
+            steps = jacobi_steps(model, ids, mask, n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens,
+                                 init=config.init)
+            pictures.append(report.trajectory_figure(
+                [row for step in steps for row in step.rows], lambda t: tokenizer.decode([t]),
+                out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
+    return {"summary": summary, "samples": str(out_dir / "samples.parquet"), "pictures": [str(p) for p in pictures],
+            "prompts": len(prompts), "baseline": [baseline, "ar"]}
+
+
+def summarize(records: list[dict], baseline: Pair = ("teacher", "ar")) -> list[dict]:
+    """One row per (model, method): tokens per forward, tokens/s, speedups vs the baseline pair (total tokens
+    over total time, and the mean of per-prompt ratios), accuracy, exact match vs the model's AR, repetition."""
+    by_pair: dict[Pair, list[dict]] = {}
+    for record in records:
+        by_pair.setdefault((record["model"], record["method"]), []).append(record)
+    base = {r["prompt_id"]: r for r in by_pair.get(baseline, [])}
+    base_speed = _speed(by_pair[baseline]) if baseline in by_pair else None
+    rows = []
+    for (model, method), group in by_pair.items():
+        tokens, forwards = sum(r["new_tokens"] for r in group), sum(r["forwards"] for r in group)
+        row = {"model": model, "method": method, "prompts": len(group), "new_tokens": tokens, "forwards": forwards,
+               "tokens_per_forward": tokens / max(forwards, 1), "tokens_per_s": _speed(group),
+               "seconds": sum(r["seconds"] for r in group), "accuracy": _mean(r["correct"] for r in group),
+               "exact_match": _mean(r["matches_ar"] for r in group),
+               "repetition_rate": _mean(r["repetitive"] for r in group),
+               "fast_forward": sum(r["fast_forward"] for r in group),
+               "stationary": sum(r["stationary"] for r in group)}
+        if base_speed:
+            ratios = [r["tokens_per_s"] / base[r["prompt_id"]]["tokens_per_s"] for r in group
+                      if r["prompt_id"] in base and base[r["prompt_id"]]["tokens_per_s"] > 0]
+            row |= {"speedup": row["tokens_per_s"] / base_speed,
+                    "mean_speedup": statistics.fmean(ratios) if ratios else float("nan")}
+        rows.append(row)
+    return rows
+
+
+def _timed(decode, model, ids, mask):
+    device = _device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = decode(model, ids, mask)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def _record(prompt, model, method, row, prompt_len, seconds, out, ar, tokenizer, check) -> dict:
+    response = _response(out, row, prompt_len)
+    text = tokenizer.decode(response, skip_special_tokens=True)
+    new_tokens, forwards = out.stats.row_new_tokens[row], out.stats.row_forwards[row]
+    return {"prompt_id": prompt["prompt_id"], "model": model, "method": method, "new_tokens": new_tokens,
+            "forwards": forwards, "tokens_per_forward": new_tokens / max(forwards, 1), "seconds": seconds,
+            "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
+            "fast_forward": out.stats.row_fast_forward[row], "stationary": out.stats.row_stationary[row],
+            "matches_ar": ar is not None and response == _response(ar[1], row, prompt_len),
+            "answer": extract_answer(text), "correct": bool(prompt.get("answer")) and check(text, prompt["answer"]),
+            "repetitive": repetitive(response), "response": text}
+
+
+def _response(out, row: int, prompt_len: int) -> list[int]:
+    return out.sequences[row, prompt_len: prompt_len + out.stats.row_new_tokens[row]].tolist()
+
+
+def _speed(group: list[dict]) -> float:
+    seconds = sum(r["seconds"] for r in group)
+    return sum(r["new_tokens"] for r in group) / seconds if seconds > 0 else 0.0
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,16 @@
+"""Prefect task of stage 4: evaluate the models on the eval prompts into a report directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from cllm_core.config import EvalConfig, ModelConfig
+from cllm_core.evaluate import run_evaluation
+
+
+@task(name="evaluate-models")
+def evaluate_models(config: EvalConfig, models: dict[str, ModelConfig], prompts: Path, out_dir: Path) -> dict:
+    """Summary rows, the per-sample Parquet and the PNGs (paths) of one evaluation."""
+    return run_evaluation(config, models, prompts, out_dir, log=get_run_logger().info)

@@ -1,0 +1,110 @@
+"""Stage 4 in the library: the summary's arithmetic on hand-made records, and a real evaluation of a tiny
+model in which Jacobi matches AR exactly and a broken decoder is caught by the exact-match figure."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from cllm_core import ModelConfig
+from cllm_core.config import EvalConfig
+from cllm_core.evaluate import run_evaluation, summarize
+
+
+def record(prompt, model, method, tokens, forwards, seconds, correct=True, same=True):
+    return {"prompt_id": prompt, "model": model, "method": method, "new_tokens": tokens, "forwards": forwards,
+            "tokens_per_forward": tokens / forwards, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "fast_forward": tokens - forwards, "stationary": 0, "matches_ar": same, "correct": correct,
+            "repetitive": False}
+
+
+def test_summary_rows_are_totals_over_prompts_and_speedups_against_the_baseline():
+    records = [record("a", "teacher", "ar", 10, 10, 1.0), record("b", "teacher", "ar", 30, 30, 1.0),
+               record("a", "cllm", "jacobi", 10, 2, 0.25, correct=False), record("b", "cllm", "jacobi", 30, 10, 1.0,
+                                                                                  same=False)]
+    rows = {(r["model"], r["method"]): r for r in summarize(records)}
+    teacher, cllm = rows["teacher", "ar"], rows["cllm", "jacobi"]
+    assert teacher["tokens_per_forward"] == 1.0 and teacher["speedup"] == 1.0 and teacher["mean_speedup"] == 1.0
+    assert cllm["tokens_per_forward"] == 40 / 12  # total tokens over total forwards, not a mean of ratios
+    assert cllm["tokens_per_s"] == 40 / 1.25 and cllm["speedup"] == pytest.approx((40 / 1.25) / (40 / 2.0))
+    assert cllm["mean_speedup"] == pytest.approx((4.0 + 1.0) / 2)  # per prompt: 40 vs 10 tok/s, 30 vs 30
+    assert cllm["accuracy"] == 0.5 and cllm["exact_match"] == 0.5 and cllm["fast_forward"] == 28
+
+
+@pytest.fixture
+def work(tmp_path, tiny_trajectories):
+    shutil.copytree(tiny_trajectories / "prompts", tmp_path / "prompts")
+    return tmp_path
+
+
+def test_jacobi_matches_ar_on_every_prompt_and_every_figure_is_written(work, tiny_model_dir):
+    teacher = ModelConfig(name_or_path=str(tiny_model_dir))
+    config = EvalConfig(n_tokens=4, max_new_tokens=12, check="exact", warmup=1)
+    result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
+                            log=lambda line: None)
+    rows = {r["method"]: r for r in result["summary"]}
+    assert set(rows) == {"ar", "jacobi", "lookup"}
+    assert rows["jacobi"]["exact_match"] == 1.0 == rows["lookup"]["exact_match"] == rows["ar"]["exact_match"]
+    assert rows["ar"]["tokens_per_forward"] == 1.0 and rows["ar"]["speedup"] == 1.0
+    samples = pq.read_table(work / "eval/samples.parquet")
+    assert samples.num_rows == 3 * result["prompts"] and set(samples.column("method").to_pylist()) == set(rows)
+    assert json.loads((work / "eval/summary.json").read_text())[0]["model"] == "teacher"
+    assert sorted(p.rsplit("/", 1)[-1] for p in result["pictures"]) == [
+        "accuracy_vs_speed.png", "speedup.png", "tokens_per_forward.png", "trajectory-teacher.png"]
+    assert all((work / "eval" / name).read_bytes()[:4] == b"\x89PNG" for name in ("speedup.png",))
+
+
+def test_a_broken_decoder_is_caught_by_the_exact_match_figure(work, tiny_model_dir, monkeypatch):
+    import cllm_core.evaluate as evaluation
+
+    real = evaluation.jacobi_generate
+
+    def drops_a_token(model, ids, mask, **kwargs):  # a "fast" decoder that silently skips the 3rd token
+        out = real(model, ids, mask, **kwargs)
+        out.sequences[:, ids.shape[1] + 2] = 5
+        return out
+
+    monkeypatch.setattr(evaluation, "jacobi_generate", drops_a_token)
+    teacher = ModelConfig(name_or_path=str(tiny_model_dir))
+    config = EvalConfig(methods=["ar", "jacobi"], n_tokens=4, max_new_tokens=12, warmup=0)
+    result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
+                            log=lambda line: None)
+    jacobi = next(r for r in result["summary"] if r["method"] == "jacobi")
+    assert jacobi["exact_match"] < 1.0
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("no-model", "does not exist"),
+    ("not-causal", "is not a causal language model"),
+    ("no-prompts", "does not exist; run `cllm ingest` first"),
+    ("other-tokenizer", "uses another tokenizer than teacher"),
+])
+def test_bad_input_is_one_clear_line(work, tiny_model_dir, case, expected):
+    teacher = ModelConfig(name_or_path=str(tiny_model_dir))
+    models, prompts = {"teacher": teacher, "cllm": teacher}, work / "prompts/eval.parquet"
+    if case == "no-model":
+        models["cllm"] = ModelConfig(name_or_path=str(work / "nowhere"))
+    elif case == "not-causal":
+        broken = work / "broken"
+        shutil.copytree(tiny_model_dir, broken)
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps(config | {"model_type": "vit", "architectures": ["ViTModel"]}))
+        models["cllm"] = ModelConfig(name_or_path=str(broken))
+    elif case == "no-prompts":
+        prompts = work / "none.parquet"
+    elif case == "other-tokenizer":
+        other = work / "other"
+        shutil.copytree(tiny_model_dir, other)
+        vocab = json.loads((other / "tokenizer.json").read_text())
+        vocab["model"]["vocab"]["zzzz-new-token"] = len(vocab["model"]["vocab"]) + 10_000
+        (other / "tokenizer.json").write_text(json.dumps(vocab))
+        models["cllm"] = ModelConfig(name_or_path=str(other))
+    with pytest.raises((OSError, ValueError)) as error:
+        run_evaluation(EvalConfig(n_tokens=4, max_new_tokens=12), models, prompts, work / "eval", log=lambda x: None)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_block_larger_than_the_budget_is_refused():
+    with pytest.raises(ValueError, match=r"n_tokens \(32\) is larger than max_new_tokens \(16\)"):
+        EvalConfig(n_tokens=32, max_new_tokens=16)
