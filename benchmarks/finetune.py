@@ -98,7 +98,7 @@ def print_table(result: dict) -> None:
                       f"{row['tokens_per_forward']:.2f}", f"{row['tokens_per_s']:.0f}",
                       f"{row['speedup_vs_teacher_ar']:.2f}x", f"{row['accuracy']:.1%}",
                       f"{row['same_as_teacher']}/{row['prompts']}", str(row["repetitive"]))
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def main() -> None:

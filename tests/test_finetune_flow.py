@@ -50,3 +50,23 @@ def test_cllm_train_streams_the_curve_and_registers_the_model(prefect_server, wo
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "(reused)" in again.output, again.output
 
+
+
+def test_cllm_eval_records_stable_metric_names_the_table_and_pictures(prefect_server, work, tiny_model_dir):
+    result = runner.invoke(app, ["eval", "--model", f"teacher={tiny_model_dir}", "--model", f"copy={tiny_model_dir}",
+                                 "--work-dir", str(work), "--limit", "3", "--n-tokens", "4", "--max-new-tokens", "12",
+                                 "--method", "ar", "--method", "jacobi"])
+    assert result.exit_code == 0, result.output
+    assert "| copy | jacobi |" in result.output and "3 prompts" in result.output
+    client = mlflow.MlflowClient()
+    (run,) = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'evaluate'",
+                                output_format="list")
+    metrics = run.data.metrics
+    assert metrics["teacher.ar.speedup"] == 1.0 and metrics["copy.jacobi.exact_match"] == 1.0
+    assert metrics["copy.ar.accuracy"] == metrics["teacher.ar.accuracy"]  # the same weights answer alike
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "samples.parquet",
+                                                                       "pictures"}
+    assert len(client.list_artifacts(run.info.run_id, "pictures")) == 5  # 3 summaries + 2 trajectories
+
+    compared = runner.invoke(app, ["compare", run.info.run_id, run.info.run_id, "--work-dir", str(work)])
+    assert compared.exit_code == 0 and "copy.jacobi.tokens_per_forward" in compared.output, compared.output
