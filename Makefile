@@ -19,13 +19,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The demo on a fresh machine: train the demo teacher (about 5 minutes, or reuse runs/demo/teacher), ingest
 # synthetic-math prompts with it, collect its Jacobi trajectories, consistency-fine-tune it into a CLLM
-# (about 7 minutes), then decode the held-out prompts with the teacher's AR, its Jacobi and the CLLM's Jacobi.
+# (about 7 minutes), then decode the held-out prompts with teacher and CLLM x AR, Jacobi and prompt lookup.
 demo: $(STAMP)
 	$(BIN)/cllm teacher --config configs/demo.yaml
 	$(BIN)/cllm ingest --config configs/demo.yaml
 	$(BIN)/cllm collect --config configs/demo.yaml
 	$(BIN)/cllm train --config configs/demo.yaml
-	$(BIN)/python -m benchmarks.finetune --config configs/demo.yaml --json runs/demo/finetune.json
+	$(BIN)/cllm eval --config configs/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check .

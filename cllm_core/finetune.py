@@ -108,6 +108,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
             metrics = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
             metrics |= {"lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
+            metrics = _across_processes(accelerator, metrics)
             history.append({"step": step, **metrics})
             if on_metrics and accelerator.is_main_process:
                 on_metrics(step, metrics)
@@ -279,11 +280,20 @@ class Checkpoints:
         return state
 
 
+def _across_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Under DDP every process logs the mean over processes (tokens/s: the sum), so all keep one history."""
+    if accelerator.num_processes == 1:
+        return metrics
+    values = accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean").tolist()
+    reduced = dict(zip(metrics, values))
+    return reduced | {"tokens_per_s": reduced["tokens_per_s"] * accelerator.num_processes}
+
+
 def _check_writable(out_dir: Path) -> None:
     """Fail before any step when the model directory cannot be written (probing it as the writer will)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        probe = out_dir.parent / f".{out_dir.name}.write-test"
+        probe = out_dir.parent / f".{out_dir.name}.write-test-{os.getpid()}"  # one per process under DDP
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:

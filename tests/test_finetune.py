@@ -194,3 +194,28 @@ def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_eq
     read_off, _ = step_loss(model, batch, config, reuse_ar=True)
     forwarded, _ = step_loss(model, batch, config, reuse_ar=False)  # a separate forward on context + fixed point
     assert read_off.item() == pytest.approx(forwarded.item(), rel=1e-4)
+
+
+def test_gradient_checkpointing_trades_memory_for_time_without_changing_the_losses(tmp_path, teacher, store):
+    config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 100})
+    plain = finetune(config, teacher, store, tmp_path / "plain", log=quiet)
+    recomputed = finetune(config.model_copy(update={"gradient_checkpointing": True}), teacher, store,
+                          tmp_path / "recomputed", log=quiet)
+    assert [loss for _, loss in history(recomputed)] == pytest.approx([loss for _, loss in history(plain)], rel=1e-5)
+
+
+def test_two_processes_under_ddp_train_one_model_and_keep_one_history(tmp_path, tiny_model_dir, store):
+    """The loop is plain `accelerate`: torchrun with 2 CPU processes (gloo) is DDP from the same code."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("ddp_worker.py")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker),
+                             str(tiny_model_dir), store, str(tmp_path / "cllm")], capture_output=True, text=True,
+                            timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line[len("RECORD "):]) for line in result.stdout.splitlines() if line.startswith("RECORD")]
+    assert len(records) == 2 and records[0] == records[1] and records[0]["steps"] == 4
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").config.cllm_n_tokens == 4
