@@ -22,10 +22,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_model as load_weights
-from safetensors.torch import save_model as save_weights
 from transformers import GenerationConfig
 
+from cllm_core.checkpoints import Checkpoints
 from cllm_core.collect import read_prompt_table, teacher_fingerprint
 from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.files import publish_dir
@@ -33,7 +32,7 @@ from cllm_core.jacobi import jacobi_generate
 from cllm_core.losses import ar_loss, consistency_kl, consistency_mask
 from cllm_core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
 from cllm_core.prompts import encode
-from cllm_core.samples import Batch, draw_items, label_ids, load_trajectories, make_batch
+from cllm_core.samples import Batch, Sampler, label_ids, load_trajectories
 from cllm_core.trajectories import repetitive
 
 Callback = Callable[[int, dict], None]
@@ -81,18 +80,14 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
         f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, batch {config.batch_size}")
 
-    pad = tokenizer.pad_token_id
+    sampler = Sampler(data, config, labels, tokenizer.pad_token_id, accelerator.process_index)
     probe_ids = encode(tokenizer, probe[0][: config.sample_prompts], chat=probe[1]) if probe[0] else None
     longest = max(len(r) for r in data.rows["response_ids"])
     window, window_tokens, window_start = [], 0, time.perf_counter()
     step, began, stopped_early, samples = start_step, time.perf_counter() - spent, False, None
     while step < config.steps:
         step += 1
-        batch = make_batch(data, draw_items(config.batch_size, step, accelerator.process_index * config.batch_size,
-                                            len(data.items), config.seed),
-                           step, accelerator.process_index * config.batch_size, seed=config.seed,
-                           local=config.consistency == "local", augment=config.augment, labels=labels,
-                           ar_on_prompt=config.ar_on_prompt, pad=pad, states_per_block=config.states_per_block)
+        batch = sampler.batch(step)
         with accelerator.autocast():
             loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=labels is None)
         accelerator.backward(loss)
@@ -238,46 +233,6 @@ def save_cllm(lm, tokenizer, directory: Path, record: dict) -> None:
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "cllm.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-
-
-class Checkpoints:
-    """`step-NNNNNN/` directories: `model.safetensors` and `state.pt` (optimizer, scheduler, RNG, history)."""
-
-    def __init__(self, root: Path, fingerprint: str, keep: int = 2):
-        self.root, self.fingerprint, self.keep = root, fingerprint, keep
-
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint, refused when it was made for another config, teacher or data."""
-        done = sorted(self.root.glob("step-*/state.pt")) if self.root.is_dir() else []
-        if not done:
-            return None
-        state = torch.load(done[-1], weights_only=True)
-        if state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"the checkpoint {done[-1].parent} was made with another config, teacher or data "
-                             f"({state['fingerprint']}, now {self.fingerprint}); delete {self.root} to start over, "
-                             "or restore the config it was made with")
-        return done[-1].parent
-
-    def save(self, step: int, lm, optimizer, scheduler, history: list, seconds: float) -> None:
-        final = self.root / f"step-{step:06d}"
-        staging = self.root / f".step-{step:06d}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_weights(lm, str(staging / "model.safetensors"))
-        torch.save({"step": step, "fingerprint": self.fingerprint, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "seconds": seconds}, staging / "state.pt")
-        os.replace(staging, final)
-        for old in sorted(self.root.glob("step-*"))[: -self.keep]:
-            shutil.rmtree(old)
-
-    def load(self, path: Path, lm, optimizer, scheduler) -> dict:
-        state = torch.load(path / "state.pt", weights_only=True)
-        load_weights(lm, str(path / "model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        return state
 
 
 def _across_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:

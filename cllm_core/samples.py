@@ -20,6 +20,7 @@ import datasets
 import pyarrow.compute as pc
 import torch
 
+from cllm_core.config import FinetuneConfig
 from cllm_core.shards import ShardStore
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
 
@@ -115,6 +116,25 @@ class Batch:
     @property
     def tokens(self) -> int:
         return int(self.ar_mask.numel() + self.state_ids.numel())
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The batches of one process: its slots of each step's draw (process k takes slots k*B ... (k+1)*B - 1)."""
+
+    data: TrajectoryData
+    config: FinetuneConfig
+    labels: dict[int, list[int]] | None = None  # ground-truth AR labels per row; None: the teacher's response
+    pad: int = 0
+    process: int = 0
+
+    def batch(self, step: int) -> Batch:
+        size, offset = self.config.batch_size, self.process * self.config.batch_size
+        indices = draw_items(size, step, offset, len(self.data.items), self.config.seed)
+        return make_batch(self.data, indices, step, offset, seed=self.config.seed,
+                          local=self.config.consistency == "local", augment=self.config.augment, labels=self.labels,
+                          ar_on_prompt=self.config.ar_on_prompt, pad=self.pad,
+                          states_per_block=self.config.states_per_block)
 
 
 def draw_items(count: int, step: int, slot_offset: int, total: int, seed: int) -> list[int]:

@@ -108,3 +108,21 @@ def test_bad_input_is_one_clear_line(work, tiny_model_dir, case, expected):
 def test_a_block_larger_than_the_budget_is_refused():
     with pytest.raises(ValueError, match=r"n_tokens \(32\) is larger than max_new_tokens \(16\)"):
         EvalConfig(n_tokens=32, max_new_tokens=16)
+
+
+def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, tiny_model_dir):
+    """A model that always predicts one token confirms a whole block per pass; a successor model fixes one
+    token per pass: 12 tokens at n_tokens 4 take 1 + ceil(11 / 4) = 4 and 12 forwards."""
+    from cllm_core import load_tokenizer
+    from cllm_core.evaluate import evaluate
+    from tests.fakes import constant, successor
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    prompts = [{"prompt_id": str(i), "prompt": f"count {i}", "answer": None} for i in range(3)]
+    config = EvalConfig(methods=["jacobi"], n_tokens=4, max_new_tokens=12, warmup=0)
+    records = evaluate({"constant": constant(7), "successor": successor()}, tokenizer, prompts, False, config,
+                       log=lambda line: None)
+    rows = {r["model"]: r for r in summarize(records, baseline=("constant", "ar"))}
+    assert rows["constant"]["tokens_per_forward"] == 3.0 and rows["constant"]["forwards"] == 3 * 4
+    assert rows["successor"]["tokens_per_forward"] == 1.0 and rows["successor"]["new_tokens"] == 3 * 12
+    assert "speedup" not in rows["constant"]  # no AR baseline was run, so no speedup is made up

@@ -212,8 +212,9 @@ def test_two_processes_under_ddp_train_one_model_and_keep_one_history(tmp_path, 
     from pathlib import Path
 
     worker = Path(__file__).with_name("ddp_worker.py")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-                             str(tiny_model_dir), store, str(tmp_path / "cllm")], capture_output=True, text=True,
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*launch, str(worker), str(tiny_model_dir), store, str(tmp_path / "cllm")],
+                            capture_output=True, text=True,
                             timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line[len("RECORD "):]) for line in result.stdout.splitlines() if line.startswith("RECORD")]
