@@ -199,8 +199,9 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(1, ge=1, description="Prompts decoded together (1: the paper's latency setting).")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval prompts.")
     warmup: int = Field(2, ge=0, description="Untimed warm-up decodes per model and method.")
-    check: Literal["math", "exact"] = Field("math", description="How an answer is judged: the number after "
-                                            "`####` (math), or the whole text (exact).")
+    check: Literal["auto", "math", "exact"] = Field(
+        "auto", description="How an answer is judged: the number after `####` (math), the whole text (exact), "
+        "or auto: the ingest preset's own (math for gsm8k and synthetic-math, exact otherwise).")
 
     @model_validator(mode="after")
     def _block_fits(self) -> EvalConfig:

@@ -46,7 +46,7 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
     Batches of `config.batch_size` prompts are decoded together; a record's seconds are then its batch's
     time shared equally among the rows.
     """
-    methods, check = decoders(config), CHECKS[config.check]
+    methods, check = decoders(config), CHECKS["exact" if config.check == "auto" else config.check]
     pairs: list[Pair] = [(model, method) for model in models for method in methods]
     warm = prompts[: config.batch_size]
     for model, method in pairs:  # kernels, allocator and caches settle before anything is timed
@@ -76,6 +76,7 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     from cllm_core.collect import read_prompt_table
     from cllm_core.models import load_model, load_tokenizer, tokenizer_fingerprint
 
+    config = config.model_copy(update={"check": resolve_check(config, prompts_path)})
     table, chat = read_prompt_table(prompts_path, config.limit)
     answers = pq.read_table(prompts_path, columns=["answer"]).column("answer").slice(0, len(table)).to_pylist()
     prompts = [row | {"answer": answer} for row, answer in zip(table.to_pylist(), answers)]
@@ -111,7 +112,19 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
                 [row for step in steps for row in step.rows], lambda t: tokenizer.decode([t]),
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
     return {"summary": summary, "samples": str(out_dir / "samples.parquet"), "pictures": [str(p) for p in pictures],
-            "prompts": len(prompts), "baseline": [baseline, "ar"]}
+            "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check}
+
+
+def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
+    """The answer check: the config's, or with `auto` the preset's that `cllm ingest` recorded beside the prompts."""
+    if config.check != "auto":
+        return config.check
+    from cllm_core.sources import PRESETS
+
+    manifest = Path(prompts_path).parent / "manifest.json"
+    ingest = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
+    preset = PRESETS.get(ingest.get("preset") or ingest.get("source") or "")
+    return preset.check if preset else "exact"
 
 
 def summarize(records: list[dict], baseline: Pair = ("teacher", "ar")) -> list[dict]:

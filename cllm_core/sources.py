@@ -34,17 +34,19 @@ class Preset:
     template: str = "plain"
     eval_split: str | None = None
     fallback: Path | None = None  # a local copy of the dataset for when the hub is unreachable
+    check: str = "exact"  # how evaluation judges an answer (answers.CHECKS): the text, or math's `#### N`
 
 
 PRESETS: dict[str, Preset] = {
     "gsm8k": Preset("openai/gsm8k", "main", {"question": "question", "answer": "answer"}, "gsm8k", "test",
-                    fallback=Path(os.environ.get("CLLM_GSM8K_DIR", SHARED_GSM8K))),
+                    fallback=Path(os.environ.get("CLLM_GSM8K_DIR", SHARED_GSM8K)), check="math"),
     "spider": Preset("xlangai/spider", None, {"question": "question", "answer": "query", "context": "db_id"},
                      "spider", "validation"),
     "code-python": Preset("code-search-net/code_search_net", "python",
                           {"question": "func_documentation_string", "answer": "func_code_string"}, "code", "test"),
     "sharegpt": Preset("anon8231489123/ShareGPT_Vicuna_unfiltered", None, {"conversations": "conversations"}, "chat"),
-    "synthetic-math": Preset(None, None, {"question": "question", "answer": "answer"}, "gsm8k", "eval"),
+    "synthetic-math": Preset(None, None, {"question": "question", "answer": "answer"}, "gsm8k", "eval",
+                             check="math"),
 }
 
 

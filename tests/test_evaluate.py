@@ -126,3 +126,17 @@ def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, 
     assert rows["constant"]["tokens_per_forward"] == 3.0 and rows["constant"]["forwards"] == 3 * 4
     assert rows["successor"]["tokens_per_forward"] == 1.0 and rows["successor"]["new_tokens"] == 3 * 12
     assert "speedup" not in rows["constant"]  # no AR baseline was run, so no speedup is made up
+
+
+def test_auto_check_follows_the_ingest_preset(tmp_path):
+    from cllm_core.evaluate import resolve_check
+
+    prompts = tmp_path / "prompts/eval.parquet"
+    prompts.parent.mkdir()
+    assert resolve_check(EvalConfig(), prompts) == "exact"  # nothing recorded: compare whole texts
+    for source, check in [("synthetic-math", "math"), ("gsm8k", "math"), ("spider", "exact"), ("my.jsonl", "exact")]:
+        (prompts.parent / "manifest.json").write_text(json.dumps({"config": {"source": source, "preset": None}}))
+        assert resolve_check(EvalConfig(), prompts) == check
+    (prompts.parent / "manifest.json").write_text(json.dumps({"config": {"source": "x.jsonl", "preset": "gsm8k"}}))
+    assert resolve_check(EvalConfig(), prompts) == "math"
+    assert resolve_check(EvalConfig(check="exact"), prompts) == "exact"
