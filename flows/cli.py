@@ -251,6 +251,51 @@ def train(
                      if registered["registered_model"] else ""), soft_wrap=True, highlight=False)
 
 
+@app.command(name="run")
+def run_pipeline(
+    config: ConfigOption = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="SECTION.FIELD=VALUE, repeatable: override one "
+                                                   "profile value (YAML syntax), e.g. collect.n_tokens=32.",
+                                                   show_default=False)] = None,
+    work_dir: WorkDirOption = None,
+) -> None:
+    """The whole pipeline from one profile: (teacher) -> ingest -> collect -> fine-tune -> evaluate."""
+    with one_line_errors():
+        data = read_profile(config) if config else {}
+        for item in set_ or []:
+            _set(data, item)
+        if work_dir is not None:
+            data["work_dir"] = work_dir
+        profile = Profile.model_validate(data)
+        start_prefect(profile.work_dir)
+        from cllm_core.report import markdown_table
+        from flows.pipeline import cllm_pipeline
+        from tasks.tracking import tracking_uri
+
+        result = cllm_pipeline(profile)
+    console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
+    uri = tracking_uri(profile.tracking, profile.work_dir)
+    console.print(f"[bold]CLLM[/] in {result['cllm']}; evaluation in {profile.work_dir / 'eval'}; MLflow run "
+                  f"{result['mlflow_run_id']} in {uri}. Open the UI: mlflow ui --backend-store-uri {uri} "
+                  "--host 127.0.0.1", highlight=False, soft_wrap=True)
+
+
+def _set(data: dict, item: str) -> None:
+    """Apply one `--set a.b=value` to the raw profile (the value read as YAML: 32, true, [a, b], text)."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects SECTION.FIELD=VALUE (e.g. collect.n_tokens=32), got {item!r}")
+    *path, last = key.split(".")
+    node = data
+    for part in path:
+        node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else None
+        if node is None:
+            raise ValueError(f"--set {key}: {part} is not a section")
+    node[last] = yaml.safe_load(value)
+
+
 @app.command(name="eval")
 def evaluate(
     config: ConfigOption = None,

@@ -19,8 +19,12 @@ def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:
 
 
 @contextmanager
-def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dict) -> Iterator[mlflow.ActiveRun]:
-    """Start (or nest under the active) MLflow run for one stage; params are flattened `a.b` keys."""
+def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dict,
+               resume: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Start (or nest under the active) MLflow run for one stage; params are flattened `a.b` keys.
+
+    `resume`: a retried Prefect flow run continues the MLflow run it started the first time (found by tag).
+    """
     mlflow.set_tracking_uri(tracking_uri(tracking, work_dir))
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
         artifacts = (work_dir / "mlartifacts").resolve()
@@ -28,8 +32,16 @@ def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dic
     mlflow.set_experiment(tracking.experiment)
     tags = {"cllm.stage": stage, "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or "")}
-    with mlflow.start_run(run_name=stage, nested=mlflow.active_run() is not None, tags=tags) as run:
-        mlflow.log_params(flatten(params))
+    earlier = None
+    if resume and flow_run.id:
+        found = mlflow.search_runs(experiment_names=[tracking.experiment], output_format="list", max_results=1,
+                                   filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}' and "
+                                                 f"tags.`cllm.stage` = '{stage}'")
+        earlier = found[0].info.run_id if found else None
+    with mlflow.start_run(run_id=earlier, run_name=None if earlier else stage,
+                          nested=mlflow.active_run() is not None, tags=None if earlier else tags) as run:
+        if earlier is None:
+            mlflow.log_params(flatten(params))
         yield run
 
 

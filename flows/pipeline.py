@@ -1,0 +1,49 @@
+"""The pipeline: (demo teacher) -> ingest -> collect -> fine-tune -> evaluate, one profile, one MLflow record.
+
+Each stage is its own flow, run here as a subflow with its MLflow run nested under the pipeline's parent
+run. Every stage skips what is already done for the same inputs (the cached teacher, verified shards, the
+fine-tuned model's fingerprint), so running the pipeline again after a failure continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow
+from prefect.artifacts import create_link_artifact
+
+from cllm_core.config import ModelConfig, Profile
+from flows.collect import collect_trajectories
+from flows.evaluate import HEADLINE, evaluate_speedup
+from flows.finetune import consistency_finetune
+from flows.ingest import ingest_prompts
+from flows.teacher import train_teacher
+from tasks.tracking import mlflow_run
+
+
+@flow(name="cllm-pipeline")
+def cllm_pipeline(profile: Profile) -> dict:
+    """Turn the profile's teacher into a CLLM and measure it; returns the evaluation summary and where it is."""
+    if profile.ingest is None or profile.model is None:
+        raise ValueError("the pipeline needs a profile with `ingest` and a `model` (or a demo `teacher`)")
+    params = profile.model_dump(mode="json", exclude={"tracking"})  # a tracking URI may hold credentials
+    with mlflow_run(profile.tracking, profile.work_dir, "pipeline", params, resume=True) as run:
+        if profile.teacher is not None:
+            train_teacher(profile.teacher, profile.work_dir, profile.tracking)
+        ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
+        collect_trajectories(profile.collect, profile.model, profile.work_dir, tracking=profile.tracking)
+        cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking)
+        models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm["path"])}
+        result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking)
+        mlflow.log_metrics({f"{row['model']}.{row['method']}.{key}": float(row[key])
+                            for row in result["summary"] for key in HEADLINE if key in row})
+        uri = f"{mlflow.get_tracking_uri()} experiment {run.info.experiment_id} run {run.info.run_id}"
+    create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
+    return {"summary": result["summary"], "cllm": cllm["path"], "mlflow_run_id": run.info.run_id,
+            "registered": cllm["logged"]}
+
+
+def _run_link(run) -> str:
+    """The run's page in the MLflow UI when the store is a server, else its URI in the local store."""
+    uri = mlflow.get_tracking_uri()
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"

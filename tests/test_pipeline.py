@@ -1,0 +1,70 @@
+"""The whole pipeline on a tiny profile under Prefect's test harness, read back from MLflow: one parent run,
+a child run per stage, the headline metrics, the registered CLLM; a rerun continues instead of redoing."""
+
+import json
+
+import mlflow
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def tiny_profile(tmp_path, tiny_model_dir, monkeypatch):
+    source = tmp_path / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}", "answer": str(2 * i + 3)}) + "\n"
+                              for i in range(12)))
+    profile = {"work_dir": str(tmp_path / "work"), "model": {"name_or_path": str(tiny_model_dir)},
+               "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25},
+               "collect": {"n_tokens": 4, "max_new_tokens": 12, "batch_size": 8, "shard_size": 8},
+               "finetune": {"steps": 3, "batch_size": 4, "ar_weight": 1.0},
+               "evaluate": {"methods": ["ar", "jacobi"], "n_tokens": 4, "max_new_tokens": 12, "warmup": 0}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return path
+
+
+def test_the_pipeline_records_a_parent_run_with_a_child_per_stage_and_registers_the_cllm(prefect_server,
+                                                                                       tiny_profile):
+    result = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", "finetune.lr=1e-3"])
+    assert result.exit_code == 0, result.output
+    assert "| cllm | jacobi |" in result.output and "mlflow ui --backend-store-uri" in result.output
+    runs = mlflow.search_runs(experiment_names=["cllm"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
+    children = {r.data.tags["cllm.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"ingest", "collect", "finetune", "evaluate"}
+    assert parent.data.params["finetune.lr"] == "0.001" and "tracking.uri" not in parent.data.params
+    assert parent.data.metrics["teacher.ar.speedup"] == 1.0 and "cllm.jacobi.tokens_per_forward" in parent.data.metrics
+    (version,) = mlflow.MlflowClient().search_model_versions("name = 'cllm'")
+    assert version.run_id == children["finetune"].info.run_id
+
+    again = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", "finetune.lr=1e-3"])
+    assert again.exit_code == 0, again.output
+    finetune_runs = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'finetune'",
+                                       output_format="list")
+    assert sorted(r.data.tags["cllm.reused"] for r in finetune_runs) == ["False", "True"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--set", "collect.n_tokenz=4"], "collect.n_tokenz: Extra inputs are not permitted"),
+    (["--set", "finetune.steps=many"], "finetune.steps: Input should be a valid integer"),
+    (["--set", "evaluate.n_tokens=64"], "n_tokens (64) is larger than max_new_tokens (12)"),
+    (["--set", "oops"], "--set expects SECTION.FIELD=VALUE"),
+])
+def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
+    result = runner.invoke(app, ["run", "--config", str(tiny_profile), *args])
+    assert result.exit_code == 1 and expected in result.output
+    assert not (tiny_profile.parent / "work").exists()
