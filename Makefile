@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint ui clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The MLflow UI on the demo's runs, on 127.0.0.1:5000 only.
+ui: $(STAMP)
+	$(BIN)/cllm ui --config configs/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -267,10 +267,12 @@ def run_pipeline(
         if work_dir is not None:
             data["work_dir"] = work_dir
         profile = Profile.model_validate(data)
+        from tasks.tracking import check_tracking, tracking_uri
+
+        check_tracking(tracking_uri(profile.tracking, profile.work_dir))
         start_prefect(profile.work_dir)
         from cllm_core.report import markdown_table
         from flows.pipeline import cllm_pipeline
-        from tasks.tracking import tracking_uri
 
         result = cllm_pipeline(profile)
     console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
@@ -294,6 +296,30 @@ def _set(data: dict, item: str) -> None:
         if node is None:
             raise ValueError(f"--set {key}: {part} is not a section")
     node[last] = yaml.safe_load(value)
+
+
+@app.command()
+def ui(
+    config: ConfigOption = None,
+    work_dir: WorkDirOption = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the UI on this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the UI.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the work dir's tracking store (http://127.0.0.1:5000 by default)."""
+    import subprocess
+    import sys
+
+    with one_line_errors():
+        profile = resolve_profile(config, work_dir)
+        from tasks.tracking import tracking_uri
+
+        uri = tracking_uri(profile.tracking, profile.work_dir)
+    if uri.startswith(("http://", "https://")):
+        console.print(f"the runs are on the tracking server {uri}: open it in a browser", highlight=False)
+        return
+    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                      "--host", host, "--port", str(port)]))
 
 
 @app.command(name="eval")

@@ -18,6 +18,21 @@ def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:
     return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir.resolve() / 'mlflow.db'}"
 
 
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """Fail in one line, before any work, when the tracking URI is a server that does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(f"the MLflow tracking server {uri} does not answer ({reason}); start it or set "
+                              "MLFLOW_TRACKING_URI / tracking.uri to a reachable one") from None
+
+
 @contextmanager
 def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dict,
                resume: bool = False) -> Iterator[mlflow.ActiveRun]:
@@ -25,7 +40,9 @@ def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dic
 
     `resume`: a retried Prefect flow run continues the MLflow run it started the first time (found by tag).
     """
-    mlflow.set_tracking_uri(tracking_uri(tracking, work_dir))
+    uri = tracking_uri(tracking, work_dir)
+    check_tracking(uri)
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
         artifacts = (work_dir / "mlartifacts").resolve()
         mlflow.create_experiment(tracking.experiment, artifact_location=artifacts.as_uri())

@@ -63,6 +63,7 @@ def test_the_pipeline_records_a_parent_run_with_a_child_per_stage_and_registers_
     (["--set", "finetune.steps=many"], "finetune.steps: Input should be a valid integer"),
     (["--set", "evaluate.n_tokens=64"], "n_tokens (64) is larger than max_new_tokens (12)"),
     (["--set", "oops"], "--set expects SECTION.FIELD=VALUE"),
+    (["--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
 ])
 def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
     result = runner.invoke(app, ["run", "--config", str(tiny_profile), *args])
