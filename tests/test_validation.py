@@ -64,3 +64,24 @@ def test_model_without_language_model_head_is_refused():
 def test_unknown_init_strategy_is_refused():
     with pytest.raises(ValueError, match="init must be 'repeat' or 'random'"):
         jacobi_generate(constant(), PROMPT, init="zeros")
+
+
+def test_every_shipped_profile_and_deployment_parameter_set_validates():
+    """configs/*.yaml and prefect.yaml's pipeline parameters are the same pydantic Profile; a typo in either
+    would only show when a user (or a worker) runs it."""
+    from pathlib import Path
+
+    import yaml
+
+    from cllm_core.config import Profile, load_profile
+
+    root = Path(__file__).parents[1]
+    profiles = sorted((root / "configs").glob("*.yaml"))
+    assert {p.name for p in profiles} >= {"demo.yaml", "smollm2-gsm8k.yaml", "gsm8k-qwen-gpu.yaml"}
+    for path in profiles:
+        load_profile(path)
+    deployments = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
+    pipeline = [d for d in deployments if d["entrypoint"] == "flows/pipeline.py:cllm_pipeline"]
+    assert {d["name"] for d in pipeline} == {"local", "gpu"}
+    local = next(d for d in pipeline if d["name"] == "local")
+    assert Profile.model_validate(local["parameters"]["profile"]) == load_profile(root / "configs/demo.yaml")
