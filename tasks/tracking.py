@@ -44,8 +44,9 @@ def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dic
     check_tracking(uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
-        artifacts = (work_dir / "mlartifacts").resolve()
-        mlflow.create_experiment(tracking.experiment, artifact_location=artifacts.as_uri())
+        local = not uri.startswith(("http://", "https://"))  # a server keeps artifacts where it is configured to
+        artifacts = (work_dir / "mlartifacts").resolve().as_uri() if local else None
+        mlflow.create_experiment(tracking.experiment, artifact_location=artifacts)
     mlflow.set_experiment(tracking.experiment)
     tags = {"cllm.stage": stage, "prefect.flow_run_id": str(flow_run.id or ""),
             "prefect.flow_run_name": str(flow_run.name or "")}

@@ -69,3 +69,41 @@ def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
     result = runner.invoke(app, ["run", "--config", str(tiny_profile), *args])
     assert result.exit_code == 1 and expected in result.output
     assert not (tiny_profile.parent / "work").exists()
+
+
+def test_the_pipeline_records_into_a_real_mlflow_server_read_back_over_http(prefect_server, tiny_profile, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(90):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                time.sleep(1)
+        result = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", f"tracking.uri={uri}"])
+        assert result.exit_code == 0, result.output
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("cllm")
+        runs = client.search_runs([experiment.experiment_id])
+        (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
+        assert {r.data.tags["cllm.stage"] for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id} == {"ingest", "collect", "finetune",
+                                                                                     "evaluate"}
+        assert "cllm.jacobi.tokens_per_forward" in parent.data.metrics
+        assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's store, not a local path
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,90 @@
+"""The deployment path, for real: a Prefect server on 127.0.0.1, a process work pool, `prefect deploy` from
+prefect.yaml, a worker, and the tiny pipeline run as the `cllm-pipeline/local` deployment to completion; then
+everything started here is stopped."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
+@pytest.fixture
+def tiny_profile(tmp_path, tiny_model_dir):
+    source = tmp_path / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}", "answer": str(2 * i + 3)}) + "\n"
+                              for i in range(12)))
+    return {"work_dir": str(tmp_path / "work"), "model": {"name_or_path": str(tiny_model_dir)},
+            "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25},
+            "collect": {"n_tokens": 4, "max_new_tokens": 12, "batch_size": 8, "shard_size": 8},
+            "finetune": {"steps": 3, "batch_size": 4, "ar_weight": 1.0},
+            "evaluate": {"methods": ["ar", "jacobi"], "n_tokens": 4, "max_new_tokens": 12, "warmup": 0}}
+
+
+def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_path, tiny_profile):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_CLI_PROMPT": "false",
+                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PWD": str(ROOT)}
+    started = []
+
+    def run(*args, timeout=180):
+        done = subprocess.run([*PREFECT, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        return done.stdout
+
+    try:
+        server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        started.append(subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                        cwd=tmp_path, env=server_env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        wait_healthy(f"{api}/health")
+        run("work-pool", "create", "local-pool", "--type", "process")
+        assert "cllm-pipeline/local" in run("--no-prompt", "deploy", "--name", "local")
+        started.append(subprocess.Popen([*PREFECT, "worker", "start", "--pool", "local-pool", "--limit", "1"],
+                                        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        output = run("deployment", "run", "cllm-pipeline/local", "--params", json.dumps({"profile": tiny_profile}),
+                     "--watch", "--watch-timeout", "400", timeout=450)
+        assert "Completed" in output, output[-2000:]
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    assert all(process.poll() is not None for process in started)
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["cllm"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
+    stages = {r.data.tags["cllm.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert stages == {"ingest", "collect", "finetune", "evaluate"}
+    assert Path(tiny_profile["work_dir"], "cllm", "cllm.json").is_file()
