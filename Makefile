@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/cllm run --config configs/demo.yaml
 
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
 # The MLflow UI on the demo's runs, on 127.0.0.1:5000 only.
 ui: $(STAMP)
 	$(BIN)/cllm ui --config configs/demo.yaml
