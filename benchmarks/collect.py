@@ -14,7 +14,6 @@ that ends at EOS differs, since the collector stops at EOS and the research loop
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer, reference_jacobi_generate
 from cllm_core.collect import read_prompt_table
@@ -124,10 +124,7 @@ def main() -> None:
           f"{result['median_chunk_speedup']:.1f}x); fixed points identical {result['fixed_points_identical']:.0%}, "
           f"blocks with identical states {result['blocks_with_identical_states']:.0%} (all but each prompt's last: "
           f"{result['blocks_before_the_last_with_identical_states']:.0%})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

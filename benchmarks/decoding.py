@@ -11,7 +11,6 @@ fields as JSON, with the per-prompt records and the environment. Figures, not as
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import write_json
 from cllm_core import (
     ModelConfig,
     ar_generate,
@@ -174,13 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, KeyError, ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result | {"config": {k: str(v) if isinstance(v, Path) else v
-                                                       for k, v in result["config"].items()}}, indent=1))
-        tmp.replace(args.json)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

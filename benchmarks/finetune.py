@@ -1,22 +1,20 @@
 """Consistency fine-tuning, measured: train loss variants on the same trajectories, then decode the held-out
-prompts with each, interleaved prompt by prompt at batch 1 beside the teacher's greedy AR and Jacobi.
+prompts with each (AR and Jacobi) beside the teacher, through the product's evaluation (`cllm_core.evaluate`).
 
     python -m benchmarks.finetune --config configs/demo.yaml --variants gc+ar lc+ar gc --json runs/demo/ft.json
 
 Variants (on top of the profile's `finetune` section): `gc+ar` (global consistency + AR, the paper's), `lc+ar`
 (local consistency + AR), `gc` (global consistency only), `profile` (the section as it is, in <work_dir>/cllm
 where `cllm train` puts it). The others train into <work_dir>/finetune-bench/<variant>; all are reused when
-unchanged. Reported per model: tokens per forward, tokens/s,
-wall-clock speedup vs the teacher's AR, exact-answer accuracy, outputs identical to the teacher's, and
-repetitive outputs. Figures, not assertions.
+unchanged. Reported per model and method: tokens per forward, tokens/s, wall-clock speedup vs the teacher's
+AR, exact-answer accuracy, outputs identical to the teacher's AR output, and the repetition rate. Figures,
+not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,12 +22,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_model, load_tokenizer
-from cllm_core.answers import is_correct
-from cllm_core.config import load_profile
+from benchmarks import write_json
+from cllm_core import ModelConfig
+from cllm_core.config import EvalConfig, load_profile
+from cllm_core.evaluate import run_evaluation
 from cllm_core.finetune import finetune
-from cllm_core.prompts import encode
-from cllm_core.trajectories import repetitive
 
 VARIANTS = {"gc+ar": {"consistency": "global"}, "lc+ar": {"consistency": "local"},
             "gc": {"consistency": "global", "ar_weight": 0.0}, "profile": {}}
@@ -45,44 +42,21 @@ def train_variants(args, profile) -> dict[str, dict]:
 
 
 def evaluate(args, profile, records: dict[str, dict]) -> dict:
-    prompts = pq.read_table(profile.work_dir / "prompts/eval.parquet").to_pylist()[: args.limit]
-    tokenizer = load_tokenizer(profile.model)
-    models = {"teacher": load_model(profile.model)}
-    models |= {name: load_model(ModelConfig(name_or_path=r["path"])) for name, r in records.items()}
-    n, budget = args.n_tokens, args.max_new_tokens
-    methods = [("teacher", "ar")] + [(name, "jacobi") for name in models]
-    totals = {m: {"tokens": 0, "forwards": 0, "seconds": 0.0, "correct": 0, "same": 0, "repetitive": 0}
-              for m in methods}
-    for i, prompt in enumerate(prompts):
-        ids, mask = encode(tokenizer, [prompt["prompt"]], chat=False)
-        outputs = {}
-        for m in methods[i % len(methods):] + methods[: i % len(methods)]:  # rotate the order: drift hits all
-            model, method = models[m[0]], m[1]
-            start = time.perf_counter()
-            out = (ar_generate(model, ids, mask, max_new_tokens=budget) if method == "ar"
-                   else jacobi_generate(model, ids, mask, n_tokens=n, max_new_tokens=budget))
-            seconds = time.perf_counter() - start
-            response = out.sequences[0, ids.shape[1]: ids.shape[1] + out.stats.row_new_tokens[0]].tolist()
-            outputs[m] = response
-            t = totals[m]
-            t["tokens"] += len(response)
-            t["forwards"] += out.stats.forwards
-            t["seconds"] += seconds if i >= args.warmup else 0.0
-            t["correct"] += is_correct(tokenizer.decode(response, skip_special_tokens=True), prompt["answer"])
-            t["repetitive"] += repetitive(response)
-        for m in methods:
-            totals[m]["same"] += outputs[m] == outputs[("teacher", "ar")]
-    timed = len(prompts) - args.warmup
-    base = totals[("teacher", "ar")]
-    rows = []
-    for (model, method), t in totals.items():
-        rows.append({"model": model, "method": method, "tokens_per_forward": t["tokens"] / t["forwards"],
-                     "tokens_per_s": t["tokens"] * timed / len(prompts) / t["seconds"],
-                     "speedup_vs_teacher_ar": base["seconds"] / t["seconds"], "accuracy": t["correct"] / len(prompts),
-                     "same_as_teacher": t["same"], "repetitive": t["repetitive"], "prompts": len(prompts)})
-    return {"rows": rows, "training": {name: {"config": r["config"], "metrics": r["metrics"], "reused": r["reused"]}
-                                       for name, r in records.items()},
-            "n_tokens": n, "max_new_tokens": budget,
+    """The product's evaluation (cllm_core.evaluate) of the teacher and every variant, AR and Jacobi, plus how
+    many of each pair's outputs equal the teacher's AR output."""
+    config = EvalConfig(methods=["ar", "jacobi"], n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens,
+                        limit=args.limit, warmup=args.warmup)
+    models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r["path"]) for name, r in records.items()}
+    result = run_evaluation(config, models, profile.work_dir / "prompts/eval.parquet",
+                            profile.work_dir / "finetune-bench/eval", log=lambda line: None)
+    samples = pq.read_table(result["samples"]).to_pylist()
+    teacher = {r["prompt_id"]: r["response"] for r in samples if (r["model"], r["method"]) == ("teacher", "ar")}
+    for row in result["summary"]:
+        row["same_as_teacher"] = sum(r["response"] == teacher[r["prompt_id"]] for r in samples
+                                     if (r["model"], r["method"]) == (row["model"], row["method"]))
+    return {"rows": result["summary"], "n_tokens": args.n_tokens, "max_new_tokens": args.max_new_tokens,
+            "training": {name: {"config": r["config"], "metrics": r["metrics"], "reused": r["reused"]}
+                         for name, r in records.items()},
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "threads": torch.get_num_threads()}}
 
@@ -90,14 +64,14 @@ def evaluate(args, profile, records: dict[str, dict]) -> dict:
 def print_table(result: dict) -> None:
     table = Table(title=f"held-out prompts, n_tokens {result['n_tokens']}, batch 1")
     for column in ("model", "method", "train s", "tokens/forward", "tokens/s", "speedup vs teacher AR", "accuracy",
-                   "same as teacher", "repetitive"):
+                   "same as teacher", "repetition"):
         table.add_column(column)
     for row in result["rows"]:
         train = result["training"].get(row["model"], {}).get("metrics", {}).get("train_seconds")
         table.add_row(row["model"], row["method"], f"{train:.0f}" if train else "-",
-                      f"{row['tokens_per_forward']:.2f}", f"{row['tokens_per_s']:.0f}",
-                      f"{row['speedup_vs_teacher_ar']:.2f}x", f"{row['accuracy']:.1%}",
-                      f"{row['same_as_teacher']}/{row['prompts']}", str(row["repetitive"]))
+                      f"{row['tokens_per_forward']:.2f}", f"{row['tokens_per_s']:.0f}", f"{row['speedup']:.2f}x",
+                      f"{row['accuracy']:.1%}", f"{row['same_as_teacher']}/{row['prompts']}",
+                      f"{row['repetition_rate']:.0%}")
     Console(width=160).print(table)
 
 
@@ -107,7 +81,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["profile"])
     parser.add_argument("--steps", type=int, help="override the profile's finetune.steps")
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=5, help="prompts decoded but not timed")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up decodes per model and method")
     parser.add_argument("--n-tokens", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--json", type=Path)
@@ -115,10 +89,7 @@ def main() -> None:
     profile = load_profile(args.config)
     result = evaluate(args, profile, train_variants(args, profile))
     print_table(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ runs are sequential (training takes both cores), so quote them with the load ave
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
+from benchmarks import write_json
 from cllm_core.config import TeacherConfig
 from cllm_core.teacher import build_teacher
 
@@ -41,10 +41,7 @@ def main() -> None:
         print(f"{optimizer:6s} accuracy {metrics['eval_accuracy']:6.1%} on {metrics['eval_problems']} held-out, "
               f"{metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s, final loss "
               f"{metrics['train_loss']:.4f}, load {results[-1]['load_average']:.2f}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, {"threads": torch.get_num_threads(), "results": results})
 
 
 if __name__ == "__main__":

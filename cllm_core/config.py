@@ -260,6 +260,20 @@ def read_profile(path: str | Path) -> dict:
     return data
 
 
+def set_value(data: dict, item: str) -> None:
+    """Apply one `SECTION.FIELD=VALUE` override to a raw profile (the value read as YAML: 32, true, [a, b])."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects SECTION.FIELD=VALUE (e.g. collect.n_tokens=32), got {item!r}")
+    *path, last = key.split(".")
+    node = data
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {key}: {part} is not a section")
+    node[last] = yaml.safe_load(value)
+
+
 def load_profile(path: str | Path) -> Profile:
     """Read a YAML profile; any problem is one ValueError naming the file and the field."""
     return Profile.model_validate(read_profile(path))

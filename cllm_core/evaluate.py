@@ -82,10 +82,9 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     prompts = [row | {"answer": answer} for row, answer in zip(table.to_pylist(), answers)]
     baseline = next(iter(models))
     tokenizer = load_tokenizer(models[baseline])
-    loaded = {}
+    vocabulary, loaded = tokenizer_fingerprint(tokenizer), {}
     for name, source in models.items():
-        other = load_tokenizer(source)
-        if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
+        if tokenizer_fingerprint(load_tokenizer(source)) != vocabulary:
             raise ValueError(f"{name} ({source.name_or_path}) uses another tokenizer than {baseline}; compare "
                              "models trained from the same teacher")
         try:
@@ -113,6 +112,16 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
     return {"summary": summary, "samples": str(out_dir / "samples.parquet"), "pictures": [str(p) for p in pictures],
             "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check}
+
+
+HEADLINE = ("tokens_per_forward", "tokens_per_s", "speedup", "mean_speedup", "accuracy", "exact_match",
+            "repetition_rate")
+
+
+def headline_metrics(summary: list[dict]) -> dict[str, float]:
+    """The summary as flat metrics with stable names: `{model}.{method}.{figure}`."""
+    return {f"{row['model']}.{row['method']}.{key}": float(row[key]) for row in summary for key in HEADLINE
+            if key in row}
 
 
 def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:

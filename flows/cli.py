@@ -28,6 +28,7 @@ from cllm_core.config import (
     TeacherConfig,
     describe,
     read_profile,
+    set_value,
 )
 from cllm_core.shards import ShardsFailed
 
@@ -263,7 +264,7 @@ def run_pipeline(
     with one_line_errors():
         data = read_profile(config) if config else {}
         for item in set_ or []:
-            _set(data, item)
+            set_value(data, item)
         if work_dir is not None:
             data["work_dir"] = work_dir
         profile = Profile.model_validate(data)
@@ -280,22 +281,6 @@ def run_pipeline(
     console.print(f"[bold]CLLM[/] in {result['cllm']}; evaluation in {profile.work_dir / 'eval'}; MLflow run "
                   f"{result['mlflow_run_id']} in {uri}. Open the UI: mlflow ui --backend-store-uri {uri} "
                   "--host 127.0.0.1", highlight=False, soft_wrap=True)
-
-
-def _set(data: dict, item: str) -> None:
-    """Apply one `--set a.b=value` to the raw profile (the value read as YAML: 32, true, [a, b], text)."""
-    import yaml
-
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--set expects SECTION.FIELD=VALUE (e.g. collect.n_tokens=32), got {item!r}")
-    *path, last = key.split(".")
-    node = data
-    for part in path:
-        node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else None
-        if node is None:
-            raise ValueError(f"--set {key}: {part} is not a section")
-    node[last] = yaml.safe_load(value)
 
 
 @app.command()

@@ -14,12 +14,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from cllm_core.config import EvalConfig, ModelConfig, TrackingConfig
+from cllm_core.evaluate import headline_metrics
 from cllm_core.report import markdown_table
 from tasks.evaluate import evaluate_models
 from tasks.tracking import mlflow_run
-
-HEADLINE = ("tokens_per_forward", "tokens_per_s", "speedup", "mean_speedup", "accuracy", "exact_match",
-            "repetition_rate")
 
 
 @flow(name="evaluate-speedup")
@@ -31,8 +29,7 @@ def evaluate_speedup(evaluate: EvalConfig, models: dict[str, ModelConfig], work_
                                                      "models": {k: v.model_dump() for k, v in models.items()}}):
         result = evaluate_models(evaluate, models, work_dir / "prompts" / "eval.parquet", out_dir)
         summary = result["summary"]
-        mlflow.log_metrics({f"{row['model']}.{row['method']}.{key}": float(row[key])
-                            for row in summary for key in HEADLINE if key in row})
+        mlflow.log_metrics(headline_metrics(summary))
         mlflow.log_table({key: [row.get(key) for row in summary] for key in summary[0]}, "summary.json")
         mlflow.log_artifact(result["samples"])
         for picture in result["pictures"]:

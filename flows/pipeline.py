@@ -12,8 +12,9 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from cllm_core.config import ModelConfig, Profile
+from cllm_core.evaluate import headline_metrics
 from flows.collect import collect_trajectories
-from flows.evaluate import HEADLINE, evaluate_speedup
+from flows.evaluate import evaluate_speedup
 from flows.finetune import consistency_finetune
 from flows.ingest import ingest_prompts
 from flows.teacher import train_teacher
@@ -34,8 +35,7 @@ def cllm_pipeline(profile: Profile) -> dict:
         cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking)
         models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm["path"])}
         result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking)
-        mlflow.log_metrics({f"{row['model']}.{row['method']}.{key}": float(row[key])
-                            for row in result["summary"] for key in HEADLINE if key in row})
+        mlflow.log_metrics(headline_metrics(result["summary"]))
         uri = f"{mlflow.get_tracking_uri()} experiment {run.info.experiment_id} run {run.info.run_id}"
     create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
     return {"summary": result["summary"], "cllm": cllm["path"], "mlflow_run_id": run.info.run_id,

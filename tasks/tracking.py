@@ -41,7 +41,8 @@ def mlflow_run(tracking: TrackingConfig, work_dir: Path, stage: str, params: dic
     `resume`: a retried Prefect flow run continues the MLflow run it started the first time (found by tag).
     """
     uri = tracking_uri(tracking, work_dir)
-    check_tracking(uri)
+    if mlflow.active_run() is None:  # a nested stage's server was checked by the run around it
+        check_tracking(uri)
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(tracking.experiment) is None:
         local = not uri.startswith(("http://", "https://"))  # a server keeps artifacts where it is configured to

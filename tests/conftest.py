@@ -41,3 +41,27 @@ def tiny_trajectories(tmp_path_factory, tiny_model_dir):
     collect(CollectConfig(n_tokens=4, max_new_tokens=12, batch_size=8, shard_size=8), teacher,
             directory / "prompts/train.parquet", str(directory / "store"), log=lambda line: None)
     return directory
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect server for the flows of one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def tiny_pipeline_profile(tmp_path, tiny_model_dir) -> dict:
+    """A whole-pipeline profile on the tiny model: 12 local prompts, n_tokens 4, 3 fine-tuning steps."""
+    import json
+
+    source = tmp_path / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}", "answer": str(2 * i + 3)}) + "\n"
+                              for i in range(12)))
+    return {"work_dir": str(tmp_path / "work"), "model": {"name_or_path": str(tiny_model_dir)},
+            "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25},
+            "collect": {"n_tokens": 4, "max_new_tokens": 12, "batch_size": 8, "shard_size": 8},
+            "finetune": {"steps": 3, "batch_size": 4, "ar_weight": 1.0},
+            "evaluate": {"methods": ["ar", "jacobi"], "n_tokens": 4, "max_new_tokens": 12, "warmup": 0}}

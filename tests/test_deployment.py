@@ -4,50 +4,19 @@ everything started here is stopped."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
-import pytest
+
+from tests.servers import free_port, wait_healthy
 
 ROOT = Path(__file__).parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_healthy(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {seconds} s")
-
-
-@pytest.fixture
-def tiny_profile(tmp_path, tiny_model_dir):
-    source = tmp_path / "q.jsonl"
-    source.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}", "answer": str(2 * i + 3)}) + "\n"
-                              for i in range(12)))
-    return {"work_dir": str(tmp_path / "work"), "model": {"name_or_path": str(tiny_model_dir)},
-            "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25},
-            "collect": {"n_tokens": 4, "max_new_tokens": 12, "batch_size": 8, "shard_size": 8},
-            "finetune": {"steps": 3, "batch_size": 4, "ar_weight": 1.0},
-            "evaluate": {"methods": ["ar", "jacobi"], "n_tokens": 4, "max_new_tokens": 12, "warmup": 0}}
-
-
-def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_path, tiny_profile):
+def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_path, tiny_pipeline_profile):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
@@ -70,8 +39,9 @@ def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_p
         assert "cllm-pipeline/local" in run("--no-prompt", "deploy", "--name", "local")
         started.append(subprocess.Popen([*PREFECT, "worker", "start", "--pool", "local-pool", "--limit", "1"],
                                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        output = run("deployment", "run", "cllm-pipeline/local", "--params", json.dumps({"profile": tiny_profile}),
-                     "--watch", "--watch-timeout", "400", timeout=450)
+        params = json.dumps({"profile": tiny_pipeline_profile})
+        output = run("deployment", "run", "cllm-pipeline/local", "--params", params, "--watch",
+                     "--watch-timeout", "400", timeout=450)
         assert "Completed" in output, output[-2000:]
     finally:
         for process in reversed(started):
@@ -87,4 +57,4 @@ def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_p
     (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
     stages = {r.data.tags["cllm.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert stages == {"ingest", "collect", "finetune", "evaluate"}
-    assert Path(tiny_profile["work_dir"], "cllm", "cllm.json").is_file()
+    assert Path(tiny_pipeline_profile["work_dir"], "cllm", "cllm.json").is_file()

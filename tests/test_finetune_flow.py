@@ -5,18 +5,11 @@ import shutil
 
 import mlflow
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flows.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import sys
 import mlflow
 import pytest
 from prefect.logging import disable_run_logger
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from cllm_core.config import IngestConfig, ModelConfig
@@ -19,12 +18,6 @@ from tasks.ingest import write_prompts
 from tests.test_teacher import TINY
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,9 @@
 """The whole pipeline on a tiny profile under Prefect's test harness, read back from MLflow: one parent run,
 a child run per stage, the headline metrics, the registered CLLM; a rerun continues instead of redoing."""
 
-import json
-
 import mlflow
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -14,24 +11,10 @@ from flows.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 @pytest.fixture
-def tiny_profile(tmp_path, tiny_model_dir, monkeypatch):
-    source = tmp_path / "q.jsonl"
-    source.write_text("".join(json.dumps({"question": f"Add {i} and {i + 3}", "answer": str(2 * i + 3)}) + "\n"
-                              for i in range(12)))
-    profile = {"work_dir": str(tmp_path / "work"), "model": {"name_or_path": str(tiny_model_dir)},
-               "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25},
-               "collect": {"n_tokens": 4, "max_new_tokens": 12, "batch_size": 8, "shard_size": 8},
-               "finetune": {"steps": 3, "batch_size": 4, "ar_weight": 1.0},
-               "evaluate": {"methods": ["ar", "jacobi"], "n_tokens": 4, "max_new_tokens": 12, "warmup": 0}}
+def tiny_profile(tmp_path, tiny_pipeline_profile, monkeypatch):
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(profile))
+    path.write_text(yaml.safe_dump(tiny_pipeline_profile))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return path
 
@@ -72,27 +55,19 @@ def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
 
 
 def test_the_pipeline_records_into_a_real_mlflow_server_read_back_over_http(prefect_server, tiny_profile, tmp_path):
-    import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from tests.servers import free_port, wait_healthy
+
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "server-artifacts")],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(90):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-                break
-            except OSError:
-                time.sleep(1)
+        wait_healthy(f"{uri}/health")
         result = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", f"tracking.uri={uri}"])
         assert result.exit_code == 0, result.output
         client = mlflow.MlflowClient(tracking_uri=uri)
