@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -218,6 +219,13 @@ class TrackingConfig(BaseModel):
     uri: str | None = Field(None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
                             "sqlite:///<work_dir>/mlflow.db.")
     experiment: str = Field("cllm", description="MLflow experiment the runs go to.")
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> TrackingConfig:
+        if self.uri and urlsplit(self.uri).password is not None:  # a profile is logged and stored as parameters
+            raise ValueError("uri carries a password; keep credentials out of profiles: set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        return self
 
 
 class Profile(BaseModel):

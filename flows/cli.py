@@ -278,9 +278,9 @@ def run_pipeline(
         result = cllm_pipeline(profile)
     console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
     uri = tracking_uri(profile.tracking, profile.work_dir)
+    ui = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
     console.print(f"[bold]CLLM[/] in {result['cllm']}; evaluation in {profile.work_dir / 'eval'}; MLflow run "
-                  f"{result['mlflow_run_id']} in {uri}. Open the UI: mlflow ui --backend-store-uri {uri} "
-                  "--host 127.0.0.1", highlight=False, soft_wrap=True)
+                  f"{result['mlflow_run_id']} in {uri}. The MLflow UI: {ui}", highlight=False, soft_wrap=True)
 
 
 @app.command()

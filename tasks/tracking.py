@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow
 from prefect.runtime import flow_run
@@ -14,8 +15,23 @@ from cllm_core.config import TrackingConfig
 
 
 def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the work dir."""
-    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir.resolve() / 'mlflow.db'}"
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the work dir.
+
+    Credentials written into $MLFLOW_TRACKING_URI (https://user:password@host) move to
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow reads them, so the URI that is printed,
+    recorded and linked (MLflow itself prints it after every run) carries none.
+    """
+    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir.resolve() / 'mlflow.db'}"
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:  # Prefect and MLflow subprocesses inherit the bare one
+        os.environ["MLFLOW_TRACKING_URI"] = bare
+    return bare
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

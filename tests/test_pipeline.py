@@ -1,6 +1,8 @@
 """The whole pipeline on a tiny profile under Prefect's test harness, read back from MLflow: one parent run,
 a child run per stage, the headline metrics, the registered CLLM; a rerun continues instead of redoing."""
 
+import os
+
 import mlflow
 import pytest
 import yaml
@@ -47,6 +49,7 @@ def test_the_pipeline_records_a_parent_run_with_a_child_per_stage_and_registers_
     (["--set", "evaluate.n_tokens=64"], "n_tokens (64) is larger than max_new_tokens (12)"),
     (["--set", "oops"], "--set expects SECTION.FIELD=VALUE"),
     (["--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
+    (["--set", "tracking.uri=http://me:pw@127.0.0.1:9"], "uri carries a password; keep credentials out of profiles"),
 ])
 def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
     result = runner.invoke(app, ["run", "--config", str(tiny_profile), *args])
@@ -54,23 +57,39 @@ def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
     assert not (tiny_profile.parent / "work").exists()
 
 
-def test_the_pipeline_records_into_a_real_mlflow_server_read_back_over_http(prefect_server, tiny_profile, tmp_path):
+def test_the_pipeline_records_into_a_real_mlflow_server_with_credentials_that_are_never_shown(
+        prefect_server, tiny_profile, tmp_path, monkeypatch):
+    """A server with basic auth, the credentials in $MLFLOW_TRACKING_URI: every run lands, read back over HTTP,
+    and the password appears in no output, MLflow param or tag, or Prefect artifact."""
     import subprocess
     import sys
 
+    from prefect.client.orchestration import get_client
+
     from tests.servers import free_port, wait_healthy
 
+    password, token = "s3cr3t-pw-0123", "hf_s3cr3tT0ken"
+    (tmp_path / "auth.ini").write_text("[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
+                                       f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+                                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", str(tmp_path / "server-artifacts")],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
+                               "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+                               str(tmp_path / "server-artifacts")], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                                                              "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+                                                              "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{password}@127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", token)
     try:
         wait_healthy(f"{uri}/health")
-        result = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", f"tracking.uri={uri}"])
+        result = runner.invoke(app, ["run", "--config", str(tiny_profile)])
         assert result.exit_code == 0, result.output
-        client = mlflow.MlflowClient(tracking_uri=uri)
+        assert f"in {uri}. The MLflow UI: open {uri}" in result.output
+
+        client = mlflow.MlflowClient(tracking_uri=uri)  # the credentials reach it from the environment
         experiment = client.get_experiment_by_name("cllm")
         runs = client.search_runs([experiment.experiment_id])
         (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
@@ -79,6 +98,14 @@ def test_the_pipeline_records_into_a_real_mlflow_server_read_back_over_http(pref
                                                                                      "evaluate"}
         assert "cllm.jacobi.tokens_per_forward" in parent.data.metrics
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's store, not a local path
+
+        with get_client(sync_client=True) as prefect:
+            artifacts = [f"{a.data} {a.description}" for a in prefect.read_artifacts()]
+        assert any(f"{uri}/#/experiments/" in text for text in artifacts)
+        recorded = [*artifacts, result.output, *(str(r.data.params) + str(r.data.tags) for r in runs)]
+        assert not [text for text in recorded if password in text or token in text]
     finally:
         server.terminate()
         server.wait(timeout=30)
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(name, None)  # moved there from the URI by the run
