@@ -1,5 +1,7 @@
 """Model loading in one place: directories, GGUF files inside packages, configs that fail clearly."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -56,3 +58,32 @@ def test_config_rejects_unknown_fields_and_dtypes():
     with pytest.raises(ValidationError, match="trust_remote"):
         ModelConfig(name_or_path="x", trust_remote=True)
     assert ModelConfig(name_or_path="x").trust_remote_code is False
+
+
+def test_modelling_code_shipped_with_a_model_runs_only_when_the_profile_asks(tiny_model_dir, tmp_path):
+    """A model directory whose config maps AutoModelForCausalLM to its own Python file (as hub repos with
+    custom architectures do): by default that file is never imported (the library's Llama loads); with
+    `trust_remote_code: true` it runs. No shipped profile turns it on."""
+    import json
+    import shutil
+
+    from cllm_core.config import Profile, read_profile
+
+    custom, ran = tmp_path / "custom", tmp_path / "shipped-code-ran"
+    shutil.copytree(tiny_model_dir, custom)
+    (custom / "modeling_marked.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).touch()\n\n"
+        "from transformers import LlamaForCausalLM\n\n\nclass MarkedLlama(LlamaForCausalLM):\n    pass\n")
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_marked.MarkedLlama"}
+    (custom / "config.json").write_text(json.dumps(config))
+
+    assert type(load_model(ModelConfig(name_or_path=str(custom)))).__name__ == "LlamaForCausalLM"
+    assert not ran.exists()
+    assert type(load_model(ModelConfig(name_or_path=str(custom), trust_remote_code=True))).__name__ == "MarkedLlama"
+    assert ran.exists()
+    profiles = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(profiles) >= 3
+    for path in profiles:
+        model = Profile.model_validate(read_profile(path)).model
+        assert model is None or model.trust_remote_code is False, path
