@@ -80,7 +80,9 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
     items = [(row, block) for row, states in enumerate(table.column("block_states").to_pylist())
              for block, block_states in enumerate(states) if len(block_states) >= 2]
     if not items:
-        raise ValueError(f"the trajectories in {store_url} have no intermediate states to train on")
+        left_out = f" ({repetitive} repetitive rows left out: finetune.include_repetitive to use them)" \
+            if repetitive and not include_repetitive else ""
+        raise ValueError(f"the trajectories in {store_url} have no intermediate states to train on{left_out}")
     digest = hashlib.sha256(collection["config_hash"].encode())
     for shard in shards:
         digest.update(store.manifest(shard)["sha256"].encode())
