@@ -7,7 +7,9 @@ It runs the command users run, in a new work dir (the teacher trained, nothing c
 the time its tasks ran (training, collection, decoding, the data steps, model loading). What is left is
 overhead: interpreter start and imports, the temporary Prefect server, flow and task orchestration, MLflow runs,
 params, metrics and artifacts, and logging and registering the CLLM (`log-cllm`, counted as overhead). The
-fine-tuning task streams metrics to MLflow while it trains; that small share stays inside its work.
+fine-tuning task streams metrics to MLflow while it trains; that small share stays inside its work. Work is a
+sum of task times, so with shards collected on several devices at once it can exceed the stage's wall time.
+The run records into the work dir's MLflow store, whatever MLFLOW_TRACKING_URI says.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ STAGES = {"train-teacher": "teacher", "ingest-prompts": "ingest", "collect-traje
 OVERHEAD_TASKS = ("log-cllm",)  # MLflow's own work inside a stage
 
 
-def run_pipeline(config: Path, work_dir: Path, extra: list[str]) -> tuple[float, int]:
+def time_cllm_run(config: Path, work_dir: Path, extra: list[str]) -> tuple[float, int]:
     """`cllm run` in a subprocess, its output passed through and kept in `<work_dir>/pipeline.log`."""
     work_dir.mkdir(parents=True)
-    env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
     command = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--work-dir", str(work_dir), *extra]
     start = time.perf_counter()
     with open(work_dir / "pipeline.log", "w") as log:
@@ -49,8 +52,7 @@ def stage_times(work_dir: Path) -> dict[str, dict]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs()
-        task_runs = client.read_task_runs()
+        flow_runs, task_runs = read_all(client.read_flow_runs), read_all(client.read_task_runs)
         names = {run.id: client.read_flow(run.flow_id).name for run in flow_runs}
     task_flow = {task.id: task.flow_run_id for task in task_runs}
     parent = {run.id: task_flow.get(run.parent_task_run_id) for run in flow_runs}
@@ -68,13 +70,26 @@ def stage_times(work_dir: Path) -> dict[str, dict]:
     stand_ins = {run.parent_task_run_id for run in flow_runs}  # the task run a parent flow keeps per subflow
     for task in task_runs:
         stage = stage_of(task.flow_run_id)
-        if stage is None or task.end_time is None or task.id in stand_ins:
+        if stage is None or task.id in stand_ins:
+            continue
+        if task.end_time is None:  # never finished: its time would count as overhead, so say so
+            stages[stage]["unfinished_tasks"] = stages[stage].get("unfinished_tasks", 0) + 1
             continue
         seconds = task.total_run_time.total_seconds()
         key = "mlflow_tasks_s" if task.name.startswith(OVERHEAD_TASKS) else "work_s"
         stages[stage][key] += seconds
         stages[stage]["tasks"] += 1
     return stages
+
+
+def read_all(read, page: int = 200) -> list:
+    """Every record of a Prefect read call, page by page: the server returns at most 200 at a time."""
+    found = []
+    while batch := read(limit=page, offset=len(found)):
+        found += batch
+        if len(batch) < page:
+            break
+    return found
 
 
 def headline(work_dir: Path) -> dict[str, float]:
@@ -96,9 +111,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.work_dir.exists():
         parser.error(f"{args.work_dir} exists; the benchmark times a run from nothing: give a new --work-dir")
+    if any(item.startswith("tracking.") for item in args.set_):
+        parser.error("the benchmark records into the work dir's MLflow store; leave tracking.* unset")
 
     load_before = os.getloadavg()[0]
-    wall, code = run_pipeline(args.config, args.work_dir, [f"--set={item}" for item in args.set_])
+    wall, code = time_cllm_run(args.config, args.work_dir, [f"--set={item}" for item in args.set_])
     if code != 0:
         sys.exit(f"error: cllm run exited {code}; its output is in {args.work_dir / 'pipeline.log'}")
     stages = stage_times(args.work_dir)
@@ -114,14 +131,21 @@ def main() -> None:
     print(f"| outside the stages (start, imports, Prefect server) | {outside:.1f} | 0.0 | {outside:.1f} |")
     print(f"| **total** | **{wall:.1f}** | **{work:.1f}** | **{wall - work:.1f}** ({(wall - work) / wall:.1%}) |")
 
-    teacher_accuracy = metrics.get("teacher.ar.accuracy", float("nan"))
+    unfinished = {name: stage["unfinished_tasks"] for name, stage in stages.items() if "unfinished_tasks" in stage}
+    if unfinished:
+        print(f"task runs the record shows unfinished (their time counts as overhead): {unfinished}")
+
+    def metric(key: str) -> float:
+        return metrics.get(key, float("nan"))
+
+    teacher_accuracy = metric("teacher.ar.accuracy")
     result = {
         "config": str(args.config), "set": args.set_, "wall_s": wall, "work_s": work, "overhead_s": wall - work,
         "overhead_share": (wall - work) / wall, "outside_stages_s": outside, "stages": stages,
         "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "cpus": os.cpu_count(),
-        "cllm_jacobi_tokens_per_forward": metrics.get("cllm.jacobi.tokens_per_forward"),
-        "cllm_jacobi_speedup": metrics.get("cllm.jacobi.speedup"),
-        "cllm_jacobi_accuracy": metrics.get("cllm.jacobi.accuracy"), "teacher_ar_accuracy": teacher_accuracy,
+        "cllm_jacobi_tokens_per_forward": metric("cllm.jacobi.tokens_per_forward"),
+        "cllm_jacobi_speedup": metric("cllm.jacobi.speedup"), "cllm_jacobi_accuracy": metric("cllm.jacobi.accuracy"),
+        "teacher_ar_accuracy": teacher_accuracy,
     }
     print(f"\n{wall / 60:.1f} minutes end to end (goal: at most 15), overhead {result['overhead_share']:.1%} "
           f"(goal: at most 5%); CLLM Jacobi {result['cllm_jacobi_tokens_per_forward']:.2f} tokens per forward "

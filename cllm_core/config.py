@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -222,9 +223,10 @@ class TrackingConfig(BaseModel):
 
     @model_validator(mode="after")
     def _no_credentials(self) -> TrackingConfig:
-        if self.uri and urlsplit(self.uri).password is not None:  # a profile is logged and stored as parameters
-            raise ValueError("uri carries a password; keep credentials out of profiles: set "
-                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        if self.uri and urlsplit(self.uri).username is not None:  # profiles are logged and stored as parameters
+            raise ValueError("uri carries credentials; keep them out of profiles: set MLFLOW_TRACKING_URI in the "
+                             "environment, or for a server MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                             "(or MLFLOW_TRACKING_TOKEN)")
         return self
 
 
@@ -290,5 +292,11 @@ def load_profile(path: str | Path) -> Profile:
 def describe(error: ValidationError) -> str:
     """A pydantic error as one line that names the field: 'decode.n_tokens: Input should be ...'."""
     first = error.errors()[0]
-    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']} (got {first.get('input')!r})"
+    got = masked(repr(first.get("input")))
+    return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']} (got {got})"
+
+
+def masked(text: str) -> str:
+    """The text with the credentials of any URI in it (scheme://user:password@) replaced by ***."""
+    return re.sub(r"(\b[a-z][\w+.-]*://)[^/@\s'\"]+@", r"\1***@", text, flags=re.IGNORECASE)
 

@@ -27,6 +27,7 @@ from cllm_core.config import (
     Profile,
     TeacherConfig,
     describe,
+    masked,
     read_profile,
     set_value,
 )
@@ -277,7 +278,7 @@ def run_pipeline(
 
         result = cllm_pipeline(profile)
     console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
-    uri = tracking_uri(profile.tracking, profile.work_dir)
+    uri = masked(tracking_uri(profile.tracking, profile.work_dir))
     ui = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
     console.print(f"[bold]CLLM[/] in {result['cllm']}; evaluation in {profile.work_dir / 'eval'}; MLflow run "
                   f"{result['mlflow_run_id']} in {uri}. The MLflow UI: {ui}", highlight=False, soft_wrap=True)
@@ -302,7 +303,7 @@ def ui(
     if uri.startswith(("http://", "https://")):
         console.print(f"the runs are on the tracking server {uri}: open it in a browser", highlight=False)
         return
-    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
+    console.print(f"MLflow UI for {masked(uri)} on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
     raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                       "--host", host, "--port", str(port)]))
 
@@ -440,7 +441,11 @@ def one_line_errors() -> Iterator[None]:
 
 def start_prefect(work_dir: Path) -> None:
     """Point Prefect at the work dir (unless the user points it elsewhere), then import it and keep bad-input
-    tracebacks off its terminal output: Prefect attaches its console handler when it is imported."""
+    tracebacks off its terminal output: Prefect attaches its console handler when it is imported. Credentials in
+    $MLFLOW_TRACKING_URI move to MLflow's variables first, so the processes Prefect starts get the bare URI."""
+    from tasks.tracking import move_credentials
+
+    move_credentials()
     use_work_dir(work_dir)
     import prefect.main  # noqa: F401  (importing it sets up Prefect's logging)
 

@@ -11,7 +11,7 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 
-from cllm_core.config import ModelConfig, Profile
+from cllm_core.config import ModelConfig, Profile, masked
 from cllm_core.evaluate import headline_metrics
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
@@ -36,7 +36,7 @@ def cllm_pipeline(profile: Profile) -> dict:
         models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm["path"])}
         result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking)
         mlflow.log_metrics(headline_metrics(result["summary"]))
-        uri = f"{mlflow.get_tracking_uri()} experiment {run.info.experiment_id} run {run.info.run_id}"
+        uri = f"{masked(mlflow.get_tracking_uri())} experiment {run.info.experiment_id} run {run.info.run_id}"
     create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
     return {"summary": result["summary"], "cllm": cllm["path"], "mlflow_run_id": run.info.run_id,
             "registered": cllm["logged"]}

@@ -15,23 +15,27 @@ from cllm_core.config import TrackingConfig
 
 
 def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:
-    """The config's URI, else $MLFLOW_TRACKING_URI, else a SQLite store in the work dir.
+    """The config's URI, else $MLFLOW_TRACKING_URI (its credentials moved out), else a SQLite store in the work dir."""
+    move_credentials()
+    return tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir.resolve() / 'mlflow.db'}"
 
-    Credentials written into $MLFLOW_TRACKING_URI (https://user:password@host) move to
-    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, where MLflow reads them, so the URI that is printed,
-    recorded and linked (MLflow itself prints it after every run) carries none.
+
+def move_credentials() -> None:
+    """Move credentials written into $MLFLOW_TRACKING_URI (https://user:password@host) to MLFLOW_TRACKING_USERNAME
+    and MLFLOW_TRACKING_PASSWORD, where MLflow reads them, and keep the bare URI: MLflow prints the tracking URI
+    after every run, and this project shows, links and passes it on to workers.
+
+    Both come from the URI when it has them; a user name alone (a token) is refused: MLflow would send nothing.
     """
-    uri = tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir.resolve() / 'mlflow.db'}"
-    parts = urlsplit(uri)
+    parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri
-    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
-    if parts.password is not None:
-        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
-    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    if os.environ.get("MLFLOW_TRACKING_URI") == uri:  # Prefect and MLflow subprocesses inherit the bare one
-        os.environ["MLFLOW_TRACKING_URI"] = bare
-    return bare
+        return
+    if parts.password is None:
+        raise ValueError("MLFLOW_TRACKING_URI carries a user name but no password; put a token in "
+                         "MLFLOW_TRACKING_TOKEN and leave it out of the URI")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    os.environ["MLFLOW_TRACKING_URI"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

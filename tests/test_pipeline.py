@@ -49,12 +49,20 @@ def test_the_pipeline_records_a_parent_run_with_a_child_per_stage_and_registers_
     (["--set", "evaluate.n_tokens=64"], "n_tokens (64) is larger than max_new_tokens (12)"),
     (["--set", "oops"], "--set expects SECTION.FIELD=VALUE"),
     (["--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
-    (["--set", "tracking.uri=http://me:pw@127.0.0.1:9"], "uri carries a password; keep credentials out of profiles"),
+    (["--set", "tracking.uri=http://me:pw@127.0.0.1:9"], "uri carries credentials; keep them out of profiles"),
+    (["--set", "tracking.uri=postgresql://me:pw@db/mlflow"], "(got {'uri': 'postgresql://***@db/mlflow'})"),
 ])
 def test_a_bad_config_is_one_line_before_any_work(tiny_profile, args, expected):
     result = runner.invoke(app, ["run", "--config", str(tiny_profile), *args])
-    assert result.exit_code == 1 and expected in result.output
+    assert result.exit_code == 1 and expected in result.output and "me:pw" not in result.output
     assert not (tiny_profile.parent / "work").exists()
+
+
+def test_a_token_written_into_the_tracking_uri_is_refused_without_showing_it(tiny_profile, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://tkn-0123456789@127.0.0.1:9")
+    result = runner.invoke(app, ["run", "--config", str(tiny_profile)])
+    assert result.exit_code == 1 and "carries a user name but no password; put a token in MLFLOW_TRACKING_TOKEN" \
+        in result.output and "tkn-0123456789" not in result.output
 
 
 def test_the_pipeline_records_into_a_real_mlflow_server_with_credentials_that_are_never_shown(
@@ -66,6 +74,7 @@ def test_the_pipeline_records_into_a_real_mlflow_server_with_credentials_that_ar
 
     from prefect.client.orchestration import get_client
 
+    from benchmarks.pipeline import read_all
     from tests.servers import free_port, wait_healthy
 
     password, token = "s3cr3t-pw-0123", "hf_s3cr3tT0ken"
@@ -83,6 +92,8 @@ def test_the_pipeline_records_into_a_real_mlflow_server_with_credentials_that_ar
                                                               "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{password}@127.0.0.1:{port}")
     monkeypatch.setenv("HF_TOKEN", token)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)  # the run sets them from the URI
     try:
         wait_healthy(f"{uri}/health")
         result = runner.invoke(app, ["run", "--config", str(tiny_profile)])
@@ -100,9 +111,12 @@ def test_the_pipeline_records_into_a_real_mlflow_server_with_credentials_that_ar
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's store, not a local path
 
         with get_client(sync_client=True) as prefect:
-            artifacts = [f"{a.data} {a.description}" for a in prefect.read_artifacts()]
-        assert any(f"{uri}/#/experiments/" in text for text in artifacts)
-        recorded = [*artifacts, result.output, *(str(r.data.params) + str(r.data.tags) for r in runs)]
+            artifacts = [f"{a.data} {a.description}" for a in read_all(prefect.read_artifacts)]
+            logs = [log.message for log in read_all(prefect.read_logs)]
+            parameters = [str(run.parameters) for run in read_all(prefect.read_flow_runs)]
+        assert any(f"{uri}/#/experiments/" in text for text in artifacts) and len(logs) > 20
+        recorded = [*artifacts, *logs, *parameters, result.output,
+                    *(str(r.data.params) + str(r.data.tags) for r in runs)]
         assert not [text for text in recorded if password in text or token in text]
     finally:
         server.terminate()
