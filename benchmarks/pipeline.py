@@ -23,10 +23,16 @@ from pathlib import Path
 
 from benchmarks import write_json
 from flows.cli import use_work_dir
+from flows.collect import collect_trajectories
+from flows.evaluate import evaluate_speedup
+from flows.finetune import consistency_finetune
+from flows.ingest import ingest_prompts
+from flows.teacher import train_teacher
+from tasks.finetune import log_cllm
 
-STAGES = {"train-teacher": "teacher", "ingest-prompts": "ingest", "collect-trajectories": "collect",
-          "consistency-finetune": "finetune", "evaluate-speedup": "evaluate"}
-OVERHEAD_TASKS = ("log-cllm",)  # MLflow's own work inside a stage
+STAGES = {train_teacher.name: "teacher", ingest_prompts.name: "ingest", collect_trajectories.name: "collect",
+          consistency_finetune.name: "finetune", evaluate_speedup.name: "evaluate"}
+OVERHEAD_TASKS = (log_cllm.name,)  # MLflow's own work inside a stage
 
 
 def time_cllm_run(config: Path, work_dir: Path, extra: list[str]) -> tuple[float, int]:

@@ -263,12 +263,7 @@ def run_pipeline(
 ) -> None:
     """The whole pipeline from one profile: (teacher) -> ingest -> collect -> fine-tune -> evaluate."""
     with one_line_errors():
-        data = read_profile(config) if config else {}
-        for item in set_ or []:
-            set_value(data, item)
-        if work_dir is not None:
-            data["work_dir"] = work_dir
-        profile = Profile.model_validate(data)
+        profile = resolve_profile(config, work_dir, overrides=set_ or [])
         from tasks.tracking import check_tracking, tracking_uri
 
         check_tracking(tracking_uri(profile.tracking, profile.work_dir))
@@ -416,9 +411,13 @@ def _role_column(item: str) -> tuple[str, str]:
     return role, column
 
 
-def resolve_profile(path: Path | None, work_dir: Path | None = None, **sections: dict) -> Profile:
-    """The profile at `path` (or the defaults), each section overridden by the options the user gave."""
+def resolve_profile(path: Path | None, work_dir: Path | None = None, overrides: list[str] = (),
+                    **sections: dict) -> Profile:
+    """The profile at `path` (or the defaults), with `--set SECTION.FIELD=VALUE` overrides, then each section
+    overridden by the options the user gave."""
     data = read_profile(path) if path else {}
+    for item in overrides:
+        set_value(data, item)
     for name, options in sections.items():
         given = {key: value for key, value in options.items() if value is not None}
         if given:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import mlflow
 
+from tasks.tracking import latest_evaluations
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--virtual-time-budget=15000"]
@@ -42,11 +44,10 @@ def main() -> None:
     experiment = mlflow.get_experiment_by_name("cllm")
     if experiment is None:
         sys.exit(f"error: no `cllm` experiment in {store}; run the demo first")
-    runs = args.run or [r.info.run_id for r in mlflow.search_runs(
-        [experiment.experiment_id], "tags.`cllm.stage` = 'evaluate'", order_by=["start_time DESC"], max_results=2,
-        output_format="list")]
-    if len(runs) < 2:
-        sys.exit("error: fewer than two evaluation runs to compare; give --run ID --run ID")
+    try:
+        runs = args.run or [run.info.run_id for run in latest_evaluations()]
+    except ValueError as error:
+        sys.exit(f"error: {error} (--run ID --run ID)")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

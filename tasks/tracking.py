@@ -105,13 +105,7 @@ def compare_runs(run_ids: list[str], work_dir: Path, experiment: str = "cllm") -
     No ids: the two latest evaluation runs of the experiment.
     """
     mlflow.set_tracking_uri(tracking_uri(TrackingConfig(experiment=experiment), work_dir))
-    if run_ids:
-        found = [_run(run_id) for run_id in run_ids]
-    else:
-        found = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`cllm.stage` = 'evaluate'",
-                                   order_by=["start_time DESC"], max_results=2, output_format="list")
-        if len(found) < 2:
-            raise ValueError(f"fewer than two evaluation runs in experiment {experiment!r}; give run ids")
+    found = [_run(run_id) for run_id in run_ids] or latest_evaluations(experiment)
     columns = [f"{run.info.run_name} {run.info.run_id[:8]}" for run in found]
     params = sorted({key for run in found for key in run.data.params})
     rows = [[key, *(run.data.params.get(key, "-") for run in found)] for key in params
@@ -120,6 +114,15 @@ def compare_runs(run_ids: list[str], work_dir: Path, experiment: str = "cllm") -
     rows += [[key, *(f"{run.data.metrics[key]:.4g}" if key in run.data.metrics else "-" for run in found)]
              for key in metrics]
     return columns, rows
+
+
+def latest_evaluations(experiment: str = "cllm", count: int = 2) -> list:
+    """The experiment's `count` latest evaluation runs in the current tracking store, newest first."""
+    found = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`cllm.stage` = 'evaluate'",
+                               order_by=["start_time DESC"], max_results=count, output_format="list")
+    if len(found) < count:
+        raise ValueError(f"fewer than {count} evaluation runs in experiment {experiment!r}; give run ids")
+    return found
 
 
 def _run(run_id: str):
