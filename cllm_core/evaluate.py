@@ -70,11 +70,13 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
 
 
 def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_path: str | Path, out_dir: Path,
-                   log: Callable[[str], None] = print) -> dict:
-    """Evaluate the named models (the first is the baseline: the teacher) on the eval prompts; writes
-    `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the summary and the file paths."""
+                   log: Callable[[str], None] = print, precision: str = "fp32") -> dict:
+    """Evaluate the named models (the first is the baseline: the teacher) on the eval prompts, their weights in
+    the resolved `precision`; writes `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the
+    summary, the file paths and the precision."""
     from cllm_core.collect import read_prompt_table
     from cllm_core.models import load_model, load_tokenizer, tokenizer_fingerprint
+    from cllm_core.precision import resolve
 
     config = config.model_copy(update={"check": resolve_check(config, prompts_path)})
     table, chat = read_prompt_table(prompts_path, config.limit)
@@ -88,12 +90,13 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
             raise ValueError(f"{name} ({source.name_or_path}) uses another tokenizer than {baseline}; compare "
                              "models trained from the same teacher")
         try:
-            loaded[name] = load_model(source)
+            loaded[name] = load_model(source, resolve(precision, source.device).dtype)
         except (OSError, ValueError) as error:
             raise ValueError(f"{name}: {source.name_or_path} is not a causal language model "
                              f"({str(error).splitlines()[0]})") from None
+    used = resolve(precision, models[baseline].device).name
     log(f"evaluating {', '.join(models)} x {', '.join(config.methods)} on {len(prompts)} prompts, "
-        f"batch {config.batch_size}")
+        f"batch {config.batch_size}, {used}")
     records = evaluate(loaded, tokenizer, prompts, chat, config, log)
     summary = summarize(records, (baseline, "ar"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
                 [row for step in steps for row in step.rows], lambda t: tokenizer.decode([t]),
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
     return {"summary": summary, "samples": str(out_dir / "samples.parquet"), "pictures": [str(p) for p in pictures],
-            "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check}
+            "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check, "precision": used}
 
 
 HEADLINE = ("tokens_per_forward", "tokens_per_s", "speedup", "mean_speedup", "accuracy", "exact_match",

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cllm_core.config import ModelConfig
+from cllm_core.identity import digest
 
 
 def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
@@ -42,15 +41,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(config: ModelConfig) -> PreTrainedModel:
-    """The causal LM in eval mode on the configured device and dtype."""
+def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The causal LM in eval mode on the configured device, its weights in `dtype` (the run's resolved
+    precision: `cllm_core.precision.resolve`)."""
     source, gguf = resolve_source(config)
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         source,
         gguf_file=gguf,
         revision=config.revision,
-        dtype=getattr(torch, config.dtype),
+        dtype=dtype,
         trust_remote_code=config.trust_remote_code,
         **extra,
     )
@@ -71,5 +71,4 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of the vocabulary (token -> id): equal exactly when token ids mean the same text."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    return digest(sorted(tokenizer.get_vocab().items()))

@@ -13,7 +13,7 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cllm_core.config import EvalConfig, ModelConfig, TrackingConfig
+from cllm_core.config import EvalConfig, ModelConfig, Precision, TrackingConfig
 from cllm_core.evaluate import headline_metrics
 from cllm_core.report import markdown_table
 from tasks.evaluate import evaluate_models
@@ -22,12 +22,14 @@ from tasks.tracking import mlflow_run
 
 @flow(name="evaluate-speedup")
 def evaluate_speedup(evaluate: EvalConfig, models: dict[str, ModelConfig], work_dir: Path = Path("runs/demo"),
-                     tracking: TrackingConfig = TrackingConfig()) -> dict:
+                     tracking: TrackingConfig = TrackingConfig(), precision: Precision = "auto") -> dict:
     """Decode the eval prompts with every model and method, interleaved; the first model is the baseline."""
     out_dir = work_dir / "eval"
     with mlflow_run(tracking, work_dir, "evaluate", {"evaluate": evaluate.model_dump(),
-                                                     "models": {k: v.model_dump() for k, v in models.items()}}):
-        result = evaluate_models(evaluate, models, work_dir / "prompts" / "eval.parquet", out_dir)
+                                                     "models": {k: v.model_dump() for k, v in models.items()},
+                                                     "precision": precision}):
+        result = evaluate_models(evaluate, models, work_dir / "prompts" / "eval.parquet", out_dir, precision)
+        mlflow.set_tag("cllm.precision", result["precision"])
         summary = result["summary"]
         mlflow.log_metrics(headline_metrics(summary))
         mlflow.log_table({key: [row.get(key) for row in summary] for key in summary[0]}, "summary.json")

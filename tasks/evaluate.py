@@ -11,6 +11,7 @@ from cllm_core.evaluate import run_evaluation
 
 
 @task(name="evaluate-models")
-def evaluate_models(config: EvalConfig, models: dict[str, ModelConfig], prompts: Path, out_dir: Path) -> dict:
+def evaluate_models(config: EvalConfig, models: dict[str, ModelConfig], prompts: Path, out_dir: Path,
+                    precision: str = "auto") -> dict:
     """Summary rows, the per-sample Parquet and the PNGs (paths) of one evaluation."""
-    return run_evaluation(config, models, prompts, out_dir, log=get_run_logger().info)
+    return run_evaluation(config, models, prompts, out_dir, log=get_run_logger().info, precision=precision)
