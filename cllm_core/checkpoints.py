@@ -1,8 +1,12 @@
-"""Training checkpoints: `step-NNNNNN/` directories that let a killed fine-tuning run resume at the same step.
+"""Training checkpoints: `step-NNNNNN/` directories that let a killed fine-tuning run resume at the same step,
+on this machine or another (a GPU's checkpoint resumes on a CPU-only machine, and back).
 
-Weights are safetensors; the optimizer, scheduler and RNG states, the loss history and the elapsed time are
-a `torch.save` dict read back with `weights_only=True` (no unrestricted unpickling). Each checkpoint is
-written to a temporary directory and renamed, so a kill leaves the previous one intact.
+Weights are safetensors; the optimizer, scheduler, fp16 grad scaler and each process's RNG states, the loss
+history and the elapsed time are a `torch.save` dict of tensors and plain values, read back with
+`weights_only=True` (no unrestricted unpickling) onto the CPU, from where each state moves to its parameters'
+device. Python's `random` and NumPy's RNG are not saved: nothing in training draws from them (the batches come
+from generators seeded by (seed, step, slot)). Each checkpoint is written to a temporary directory and renamed,
+so a kill leaves the previous one intact.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from safetensors.torch import save_model as save_weights
 
 
 class Checkpoints:
-    """`step-NNNNNN/` directories: `model.safetensors` and `state.pt` (optimizer, scheduler, RNG, history)."""
+    """`step-NNNNNN/` directories: `model.safetensors` and `state.pt` (optimizer, scheduler, scaler, RNG, history)."""
 
     def __init__(self, root: Path, fingerprint: str, keep: int = 2):
         self.root, self.fingerprint, self.keep = root, fingerprint, keep
@@ -27,30 +31,54 @@ class Checkpoints:
         done = sorted(self.root.glob("step-*/state.pt")) if self.root.is_dir() else []
         if not done:
             return None
-        state = torch.load(done[-1], weights_only=True)
+        state = torch.load(done[-1], map_location="cpu", weights_only=True)
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(f"the checkpoint {done[-1].parent} was made with another config, teacher or data "
                              f"({state['fingerprint']}, now {self.fingerprint}); delete {self.root} to start over, "
                              "or restore the config it was made with")
         return done[-1].parent
 
-    def save(self, step: int, lm, optimizer, scheduler, history: list, seconds: float) -> None:
+    def save(self, step: int, lm, optimizer, scheduler, history: list, seconds: float,
+             rng: list[dict] | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+        """`rng`: every process's `rng_state()`, by process index (default: this process's alone)."""
         final = self.root / f"step-{step:06d}"
         staging = self.root / f".step-{step:06d}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_weights(lm, str(staging / "model.safetensors"))
         torch.save({"step": step, "fingerprint": self.fingerprint, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "seconds": seconds}, staging / "state.pt")
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                    "rng": rng or [rng_state()], "history": history, "seconds": seconds}, staging / "state.pt")
         os.replace(staging, final)
         for old in sorted(self.root.glob("step-*"))[: -self.keep]:
             shutil.rmtree(old)
 
-    def load(self, path: Path, lm, optimizer, scheduler) -> dict:
-        state = torch.load(path / "state.pt", weights_only=True)
-        load_weights(lm, str(path / "model.safetensors"))
+    def load(self, path: Path, lm, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None,
+             process: int = 0) -> dict:
+        """Restore the states into the objects (on their devices) and this `process`'s RNG; returns the dict.
+
+        A scaler state without a scaler now (fp16 then, another precision here) is left out, as are CUDA RNG
+        states without CUDA; a process beyond those saved takes process 0's RNG.
+        """
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        load_weights(lm, str(path / "model.safetensors"))  # read on the CPU, copied into the parameters
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        if scaler is not None and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][process if process < len(state["rng"]) else 0])
         return state
+
+
+def rng_state() -> dict:
+    """This process's torch RNG states: the CPU's and, when CUDA is present, every device's."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`; CUDA states are skipped where there is no CUDA, or past the devices here."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for device, cuda in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda, device)

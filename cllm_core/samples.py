@@ -12,7 +12,6 @@ and every loss mask is built from lengths (never from `!= pad_token_id`, which b
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 import torch
 
 from cllm_core.config import FinetuneConfig
+from cllm_core.identity import digest, seed_of
 from cllm_core.shards import ShardStore
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
 
@@ -83,10 +83,9 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
         left_out = f" ({repetitive} repetitive rows left out: finetune.include_repetitive to use them)" \
             if repetitive and not include_repetitive else ""
         raise ValueError(f"the trajectories in {store_url} have no intermediate states to train on{left_out}")
-    digest = hashlib.sha256(collection["config_hash"].encode())
-    for shard in shards:
-        digest.update(store.manifest(shard)["sha256"].encode())
-    return TrajectoryData(datasets.Dataset(table), items, sizes[0], digest.hexdigest()[:16],
+    fingerprint = digest({"collection": collection["config_hash"],
+                          "shards": [store.manifest(shard)["sha256"] for shard in shards]})
+    return TrajectoryData(datasets.Dataset(table), items, sizes[0], fingerprint,
                           repetitive if not include_repetitive else 0)
 
 
@@ -204,7 +203,7 @@ def label_ids(data: TrajectoryData, answers: dict[str, str], tokenize, eos: int)
 
 
 def _rng(*key) -> random.Random:
-    return random.Random(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big"))
+    return random.Random(seed_of(*key))
 
 
 def _pad(sequences: list[list], value, dtype=torch.long, width: int | None = None) -> torch.Tensor:

@@ -57,10 +57,9 @@ class ShardStore:
         if fs.exists(path):
             held = json.loads(fs.cat_file(path))
             if held["config_hash"] != collection["config_hash"]:
-                changed = sorted(k for k in collection["config"] if held["config"].get(k) != collection["config"][k])
                 raise ValueError(f"the shard store {self.url} holds a collection with another config (differs in: "
-                                 f"{', '.join(changed) or 'prompts or teacher'}); use a new store (e.g. another "
-                                 "work dir) or delete this one to start over")
+                                 f"{_differences(held, collection)}); use a new store (e.g. another work dir) or "
+                                 "delete this one to start over")
             return
         try:
             fs.makedirs(self.root, exist_ok=True)
@@ -143,6 +142,18 @@ def shard_name(shard: int) -> str:
 
 def manifest_name(shard: int) -> str:
     return f"shard-{shard:05d}.json"
+
+
+def _differences(held: dict, collection: dict) -> str:
+    """What differs between two collection records, in words: config fields, then the teacher, precision,
+    tokenizer and prompts (a teacher retrained or replaced in place has another content identity)."""
+    fields = sorted(set(held["config"]) | set(collection["config"]))
+    changed = [k for k in fields if held["config"].get(k) != collection["config"].get(k)]
+    if held.get("teacher") != collection.get("teacher"):
+        changed.append("teacher (its files changed since: retrained or replaced)")
+    changed += [what for key, what in (("precision", "precision"), ("tokenizer", "tokenizer"),
+                                       ("prompts_sha256", "prompts")) if held.get(key) != collection.get(key)]
+    return ", ".join(changed) or "how the collection is identified (collected by another version)"
 
 
 def _json(record: dict) -> bytes:
