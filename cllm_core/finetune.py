@@ -22,40 +22,54 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import GenerationConfig
 
-from cllm_core.checkpoints import Checkpoints
-from cllm_core.collect import read_prompt_table, teacher_fingerprint
+from cllm_core.checkpoints import Checkpoints, rng_state
+from cllm_core.collect import read_prompt_table
 from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.files import publish_dir
+from cllm_core.guards import budget_warning
+from cllm_core.identity import model_identity
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.losses import ar_loss, consistency_kl, consistency_mask
 from cllm_core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+from cllm_core.precision import resolve
 from cllm_core.prompts import encode
 from cllm_core.samples import Batch, Sampler, label_ids, load_trajectories
+from cllm_core.stopping import raise_if_stopped
 from cllm_core.trajectories import repetitive
 
 Callback = Callable[[int, dict], None]
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names
 
 
 def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: str | Path, *,
              answers: dict[str, str] | None = None, probe: tuple[list[str], bool] = ([], False),
              log: Callable[[str], None] = print, on_metrics: Callback | None = None,
-             on_samples: Callback | None = None) -> dict:
+             on_samples: Callback | None = None, precision: str = "fp32",
+             warn: Callable[[str], None] | None = None,
+             progress: Callable[[int, int, dict], None] | None = None) -> dict:
     """Train the CLLM into `out_dir` (or reuse it); returns its record (`cllm.json`) plus `path`, `reused`.
 
     `answers` (prompt id -> text) are the ground-truth AR labels when `config.ar_labels` asks for them.
     `probe` (prompt texts, chat) are decoded with Jacobi every `sample_every` steps; `on_samples` gets
-    tokens per forward, the repetition count and the texts. `on_metrics` gets the losses every `log_every`.
+    tokens per forward, the repetition count and the texts. `on_metrics` gets the losses every `log_every`,
+    `progress` (step, steps, figures) too. Training autocasts to the resolved `precision` over fp32 weights; a
+    run that its `max_minutes` guard stops is announced through `warn`, published, and retrained by a rerun.
     """
+    resolved, warn = resolve(precision, model.device), warn or log
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(model)
     data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
-    fingerprint = f"{config.fingerprint()}-{data.fingerprint}-{teacher_fingerprint(model)}"
+    fingerprint = f"{config.fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
     record_path = out_dir / "cllm.json"
-    if record_path.is_file() and json.loads(record_path.read_text()).get("fingerprint") == fingerprint:
-        log(f"reusing the CLLM in {out_dir} (same config, teacher and trajectories)")
-        return json.loads(record_path.read_text()) | {"path": str(out_dir), "reused": True}
+    held = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if held.get("fingerprint") == fingerprint and held["metrics"]["stopped_early"]:
+        log(f"the CLLM in {out_dir} was stopped by its guard at step {held['metrics']['train_steps']}; training again")
+    elif held.get("fingerprint") == fingerprint:
+        log(f"reusing the CLLM in {out_dir} (same config, precision, teacher and trajectories)")
+        return held | {"path": str(out_dir), "reused": True}
     _check_writable(out_dir)
     labels = None
     if config.ar_labels == "ground_truth":
@@ -64,9 +78,10 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     checkpoints = Checkpoints(out_dir.parent / f"{out_dir.name}.checkpoints", fingerprint)
     resume = checkpoints.latest()  # checked against this config before any step
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=resolve_device(model.device).type == "cpu")
+    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[resolved.name],
+                              cpu=resolve_device(model.device).type == "cpu")
     torch.manual_seed(config.seed)
-    lm = load_model(model.model_copy(update={"dtype": "float32", "device": "cpu"})).train()
+    lm = load_model(model.model_copy(update={"device": "cpu"})).train()  # fp32 weights; autocast computes
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
@@ -74,11 +89,13 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
     history, start_step, spent = [], 0, 0.0
     if resume is not None:
-        state = checkpoints.load(resume, accelerator.unwrap_model(lm), optimizer, scheduler)
+        state = checkpoints.load(resume, accelerator.unwrap_model(lm), optimizer, scheduler, accelerator.scaler,
+                                 accelerator.process_index)
         history, start_step, spent = state["history"], state["step"], state["seconds"]
         log(f"resuming from {resume} at step {start_step}")
     log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
-        f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, batch {config.batch_size}")
+        f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, batch {config.batch_size}, "
+        f"{resolved.name}")
 
     sampler = Sampler(data, config, labels, tokenizer.pad_token_id, accelerator.process_index)
     probe_ids = encode(tokenizer, probe[0][: config.sample_prompts], chat=probe[1]) if probe[0] else None
@@ -86,6 +103,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     window, window_tokens, window_start = [], 0, time.perf_counter()
     step, began, stopped_early, samples = start_step, time.perf_counter() - spent, False, None
     while step < config.steps:
+        raise_if_stopped()
         step += 1
         batch = sampler.batch(step)
         with accelerator.autocast():
@@ -97,7 +115,8 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
         optimizer.zero_grad(set_to_none=True)
         window.append(terms | {"grad_norm": float(grad_norm)})
         window_tokens += batch.tokens
-        out_of_time = config.max_minutes is not None and time.perf_counter() - began > 60 * config.max_minutes
+        out_of_time = config.max_minutes is not None and _anyone(  # every process stops at the same step
+            accelerator, time.perf_counter() - began > 60 * config.max_minutes)
         last = step == config.steps or out_of_time
         if step % config.log_every == 0 or last:
             metrics = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
@@ -107,9 +126,12 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
             history.append({"step": step, **metrics})
             if on_metrics and accelerator.is_main_process:
                 on_metrics(step, metrics)
-            log(f"step {step}: loss {metrics['loss']:.3f} (consistency {metrics['consistency']:.3f}, ar "
-                f"{metrics['ar']:.3f}), fixed-point agreement {metrics['agreement']:.3f}, "
-                f"{metrics['tokens_per_s']:.0f} tok/s")
+            if progress and accelerator.is_main_process:
+                progress(step, config.steps, metrics)
+            left = (time.perf_counter() - began) / step * (config.steps - step)
+            log(f"step {step}/{config.steps}: loss {metrics['loss']:.3f} (consistency {metrics['consistency']:.3f}, "
+                f"ar {metrics['ar']:.3f}), fixed-point agreement {metrics['agreement']:.3f}, "
+                f"{metrics['tokens_per_s']:.0f} tok/s, about {left:.0f} s left")
             window, window_tokens, window_start = [], 0, time.perf_counter()
         if probe_ids is not None and (step % config.sample_every == 0 or last):
             samples = sample(accelerator.unwrap_model(lm), tokenizer, probe_ids, data.n_tokens, longest + data.n_tokens)
@@ -119,13 +141,14 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
             log(f"step {step}: Jacobi samples at {samples['tokens_per_forward']:.2f} tokens per forward, "
                 f"{samples['repetitive']} of {len(samples['texts'])} repetitive{warning}")
         if step % config.checkpoint_every == 0 and not last:
-            accelerator.wait_for_everyone()
+            rng = gather_object([rng_state()])  # every process's own RNG (a collective: all wait here)
             if accelerator.is_main_process:
                 checkpoints.save(step, accelerator.unwrap_model(lm), optimizer, scheduler, history,
-                                 time.perf_counter() - began)
+                                 time.perf_counter() - began, rng, accelerator.scaler)
         if out_of_time:
             stopped_early = True
-            log(f"stopping at step {step}: the {config.max_minutes:g}-minute budget is spent")
+            warn(budget_warning("fine-tuning", step, config.steps, time.perf_counter() - began, resolved.name,
+                                "finetune.max_minutes"))
             break
 
     seconds = time.perf_counter() - began
@@ -138,7 +161,8 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
                     "sample_repetitive": samples["repetitive"]}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
-        record = {"config": config.model_dump(), "fingerprint": fingerprint, "teacher": model.model_dump(),
+        record = {"config": config.model_dump(), "fingerprint": fingerprint, "precision": resolved.name,
+                  "teacher": model.model_dump(),
                   "trajectories": {"store": store, "fingerprint": data.fingerprint}, "n_tokens": data.n_tokens,
                   "metrics": metrics, "history": history}
         with publish_dir(out_dir) as staging:
@@ -233,6 +257,14 @@ def save_cllm(lm, tokenizer, directory: Path, record: dict) -> None:
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "cllm.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _anyone(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` holds on any process, on every process: a stop that one process decided alone (its own
+    clock) would leave the others waiting in the next all-reduce forever. One tiny all-reduce per call."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
 def _across_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:

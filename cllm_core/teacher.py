@@ -4,8 +4,9 @@ No hub is reachable on a fresh machine, so the demo trains its own teacher and s
 Face model directory; every later stage loads it like any hub model. What makes it competent in minutes on two
 CPU cores (measured; notes in the README): arithmetic the model can learn (data/synthetic_math.py), every digit
 a token of its own, the loss on answers only, arithmetic drills mixed into the batches, and Muon on the hidden
-matrices, which brought held-out accuracy from 36% (AdamW) to 100% in the same 1,200 steps. The schedule anneals
-on whichever runs out first, the step count or the wall-clock budget.
+matrices, which brought held-out accuracy from 36% (AdamW) to 100% in the same 1,200 steps. The schedule is the
+step count's, so every machine trains the same teacher; the wall-clock budget is a guard, and loud when it acts.
+Training runs in the run's precision (`cllm_core.precision`), Muon's iteration included.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from cllm_core.answers import is_correct
 from cllm_core.baselines import ar_generate
 from cllm_core.config import TeacherConfig
 from cllm_core.files import publish_dir
+from cllm_core.guards import BelowQualityFloor, budget_warning
+from cllm_core.muon import Muon
+from cllm_core.precision import resolve
+from cllm_core.stopping import raise_if_stopped
 from cllm_core.templates import render_template
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -126,8 +131,10 @@ def learning_rate(config: TeacherConfig, step: int, progress: float) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimisers(config: TeacherConfig, model: LlamaForCausalLM) -> list[torch.optim.Optimizer]:
-    """AdamW everywhere, or Muon on the hidden matrices (AdamW keeps embeddings and norms), as configured."""
+def make_optimisers(config: TeacherConfig, model: LlamaForCausalLM,
+                    dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+    """AdamW everywhere, or Muon on the hidden matrices (AdamW keeps embeddings and norms), as configured;
+    Muon's Newton-Schulz iteration runs in `dtype`."""
     hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name]
     other = [p for name, p in model.named_parameters() if p.dim() != 2 or "embed" in name]
     adamw = lambda groups: torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))  # noqa: E731
@@ -136,39 +143,47 @@ def make_optimisers(config: TeacherConfig, model: LlamaForCausalLM) -> list[torc
         vectors = [p for p in other if p.dim() != 2]
         return [adamw([{"params": hidden + matrices, "weight_decay": config.weight_decay, "lr_scale": 1.0},
                        {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}])]
-    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, dtype=dtype)
     for group in muon.param_groups:
         group["lr_scale"] = config.muon_lr_scale
     return [muon, adamw([{"params": other, "weight_decay": 0.0, "lr_scale": 1.0}])]
 
 
 def train(config: TeacherConfig, model: LlamaForCausalLM, examples, pad: int,
-          log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None) -> dict[str, float]:
-    """Train in place (bf16 autocast) until `steps` or `max_minutes`; returns the run's summary figures."""
-    optimisers = make_optimisers(config, model)
+          log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+          autocast: torch.dtype | None = None, log_every: int = 25) -> dict[str, float]:
+    """Train in place (fp32 weights, `autocast` compute if given) for `steps`, unless the `max_minutes` guard
+    stops it first; `log` gets (step, figures) every `log_every` steps. Returns the run's summary figures."""
+    optimisers = make_optimisers(config, model, autocast or torch.float32)
     device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     model.train()
-    start, budget, ema, tokens, done = time.perf_counter(), config.max_minutes * 60, None, 0, 0
+    start, ema, tokens, done = time.perf_counter(), None, 0, 0
     stream = batches(examples, config.batch_size, pad, random.Random(config.seed))
     for step in range(config.steps):
-        progress = max(step / config.steps, (time.perf_counter() - start) / budget)
-        if progress >= 1.0:  # the wall-clock budget ran out first
-            break
+        raise_if_stopped()
         for optimiser in optimisers:
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate(config, step, progress) * group["lr_scale"]
+                group["lr"] = learning_rate(config, step, step / config.steps) * group["lr_scale"]
         ids, labels = (t.to(device) for t in next(stream))
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
-        loss.backward()
+        scaler.scale(loss).backward()
+        for optimiser in optimisers:
+            scaler.unscale_(optimiser)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for optimiser in optimisers:
-            optimiser.step()
+            scaler.step(optimiser)
             optimiser.zero_grad(set_to_none=True)
+        scaler.update()
         tokens, done = tokens + int((ids != pad).sum()), done + 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % 50 == 0:
-            log(step, {"train_loss": ema, "lr": learning_rate(config, step, progress)})
+        if step % log_every == 0 or done == config.steps:
+            seconds = time.perf_counter() - start
+            log(step, {"train_loss": ema, "lr": learning_rate(config, step, step / config.steps),
+                       "tokens_per_s": tokens / seconds, "seconds": seconds})
+        if time.perf_counter() - start > config.max_minutes * 60:  # a guard: the schedule is the step count's
+            break
     model.eval()
     seconds = time.perf_counter() - start
     return {"train_steps": done, "train_seconds": seconds, "train_loss": ema, "train_tokens_per_s": tokens / seconds,
@@ -190,44 +205,77 @@ def answer_accuracy(model, tokenizer, problems: list[Problem], template: str, ba
     return correct / len(problems)
 
 
-def build_teacher(config: TeacherConfig, directory: str | Path, log: Callable[[str], None] = print) -> dict:
+def build_teacher(config: TeacherConfig, directory: str | Path, log: Callable[[str], None] = print, *,
+                  precision: str = "fp32", warn: Callable[[str], None] | None = None,
+                  progress: Callable[[int, int, dict[str, float]], None] | None = None) -> dict:
     """Train the demo teacher into `directory`, or reuse the one there if it was built from the same config.
 
-    Returns its record (`teacher.json`: config, fingerprint, metrics, loss history) plus `reused`.
+    Returns its record (`teacher.json`: config, fingerprint, precision, metrics, loss history) plus `reused`.
+    A teacher stopped by its wall-clock guard is announced through `warn`; one below `config.min_accuracy`
+    raises `BelowQualityFloor` and is not published. `progress` gets (step, steps, figures) as it trains.
     """
     from data.synthetic_math import splits
 
+    warn = warn or log
     directory = Path(directory)
     record_path = directory / "teacher.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        if record.get("fingerprint") == config.fingerprint():
+        if record.get("fingerprint") == config.fingerprint() and record["metrics"]["stopped_by_budget"]:
+            log(f"the teacher in {directory} was stopped by its guard at step {record['metrics']['train_steps']} "
+                f"of {config.steps}; training it again")
+        elif record.get("fingerprint") == config.fingerprint():
             log(f"reusing the demo teacher in {directory} (config {config.fingerprint()})")
+            check_floor(config, record["metrics"], record.get("precision", "?"))
             return record | {"path": str(directory), "reused": True}
-        log(f"the teacher in {directory} was built from another config; training a new one")
+        else:
+            log(f"the teacher in {directory} was built from another config; training a new one")
+    resolved = resolve(precision, "cpu")
     train_set, eval_set = splits(config.train_problems, config.eval_problems)
     texts = [render_template(config.template, p) + p["answer"] for p in train_set]
     tokenizer = train_tokenizer(texts, config.vocab_size)
     model = build_model(config, tokenizer)
     history: list[dict[str, float]] = []
 
-    def progress(step: int, metrics: dict[str, float]) -> None:
-        history.append({"step": step, **metrics})
-        log(f"step {step}: loss {metrics['train_loss']:.3f}, lr {metrics['lr']:.2e}")
+    def on_step(step: int, figures: dict[str, float]) -> None:
+        history.append({"step": step, **figures})
+        if progress:
+            progress(step + 1, config.steps, figures)
+        if step % 100 == 0 or step + 1 == config.steps:  # the same figures where no terminal shows the bar
+            left = figures["seconds"] / (step + 1) * (config.steps - step - 1)
+            log(f"step {step + 1}/{config.steps}: loss {figures['train_loss']:.3f}, "
+                f"{figures['tokens_per_s']:.0f} tokens/s, about {left:.0f} s left")
 
     log(f"training a {sum(p.numel() for p in model.parameters()):,}-parameter teacher on {len(train_set):,} "
-        f"problems for at most {config.steps} steps or {config.max_minutes:g} minutes")
+        f"problems for {config.steps} steps in {resolved.name} (guard: {config.max_minutes:g} minutes)")
     examples = encode_examples(tokenizer, train_set, config.template)
     drills = round(len(examples) * config.drill_share / (1 - config.drill_share))
     examples += encode_drills(tokenizer, train_set, drills, config.drill_lines, config.seed)
-    metrics = train(config, model, examples, tokenizer.pad_token_id, progress)
+    metrics = train(config, model, examples, tokenizer.pad_token_id, on_step, resolved.autocast)
+    if metrics["stopped_by_budget"]:
+        warn(budget_warning("teacher", metrics["train_steps"], config.steps, metrics["train_seconds"],
+                            resolved.name, "teacher.max_minutes"))
     metrics |= {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
                 "eval_problems": len(eval_set),
                 "eval_accuracy": answer_accuracy(model, tokenizer, eval_set, config.template)}
     log(f"exact-answer accuracy on {len(eval_set)} held-out problems: {metrics['eval_accuracy']:.1%}")
+    check_floor(config, metrics, resolved.name)
     with publish_dir(directory) as staging:
-        save_teacher(model, tokenizer, staging, config, metrics, history)
+        save_teacher(model, tokenizer, staging, config, metrics, history, resolved.name)
     return json.loads(record_path.read_text()) | {"path": str(directory), "reused": False}
+
+
+def check_floor(config: TeacherConfig, metrics: dict, precision: str) -> None:
+    """Raise `BelowQualityFloor` when the teacher's held-out accuracy is under `config.min_accuracy`."""
+    if config.min_accuracy is None or metrics["eval_accuracy"] >= config.min_accuracy:
+        return
+    budget = metrics["stopped_by_budget"]
+    remedy = ("raise teacher.max_minutes (its guard stopped training) or use a faster machine" if budget
+              else "raise teacher.steps, or lower teacher.min_accuracy if this is enough for you")
+    raise BelowQualityFloor(
+        f"the demo teacher reached {metrics['eval_accuracy']:.1%} exact-answer accuracy on "
+        f"{metrics['eval_problems']} held-out problems after {metrics['train_steps']} of {config.steps} steps "
+        f"({precision}), below teacher.min_accuracy {config.min_accuracy:.0%}: {remedy}; nothing downstream ran")
 
 
 def describe_teacher(record: dict) -> str:
@@ -239,13 +287,20 @@ def describe_teacher(record: dict) -> str:
 
 
 def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig, metrics: dict[str, float],
-                 history: list[dict[str, float]]) -> None:
-    """An ordinary HF model directory plus `teacher.json` (config, measured figures, loss history)."""
+                 history: list[dict[str, float]], precision: str = "fp32") -> None:
+    """An ordinary HF model directory plus `teacher.json` (config, the files' content identity, measured figures,
+    loss history); the identity's file hashes stay in the directory's sidecar, so no later stage hashes again."""
+    from cllm_core.config import ModelConfig
+    from cllm_core.identity import model_identity
+
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, do_sample=False,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    record = {"config": config.model_dump(), "fingerprint": config.fingerprint(), "metrics": metrics,
+    identity = model_identity(ModelConfig(name_or_path=str(directory)))
+    record = {"config": config.model_dump(), "fingerprint": config.fingerprint(), "identity": identity,
+              "precision": precision,
+              "metrics": metrics,
               "history": history}
     (directory / "teacher.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

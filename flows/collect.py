@@ -25,14 +25,17 @@ from prefect import allow_failure, flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
 from prefect.states import Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cllm_core.collect import SHARD_COLUMNS, summarize
-from cllm_core.config import CollectConfig, ModelConfig, TrackingConfig
+from cllm_core.config import CollectConfig, ModelConfig, Precision, TrackingConfig
+from cllm_core.guards import check_repetition
 from cllm_core.shards import ShardsFailed, ShardStore
+from cllm_core.stopping import request_stop
 from tasks.collect import collect_one_shard, plan_collection
 from tasks.tracking import mlflow_run
 
@@ -52,13 +55,17 @@ def collect_shard_flow(collect: CollectConfig, model: ModelConfig, prompts: Path
 @flow(name="collect-trajectories")
 def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: Path = Path("runs/demo"),
                          store: str | None = None, deployment: str | None = None,
-                         tracking: TrackingConfig = TrackingConfig()) -> dict:
+                         tracking: TrackingConfig = TrackingConfig(), precision: Precision = "auto") -> dict:
     """Collect every shard of `<work_dir>/prompts/train.parquet` not already done in the store; with
-    `deployment` (e.g. collect-shard/collect-shard), as one flow run per shard on that deployment's pool."""
+    `deployment` (e.g. collect-shard/collect-shard), as one flow run per shard on that deployment's pool. The
+    teacher decodes in the resolved `precision`, recorded with the store. A store whose responses are mostly
+    degenerate repetition (above `collect.max_repetitive`) fails the flow, so nothing is fine-tuned on it."""
     prompts, store = work_dir / "prompts" / "train.parquet", store or str(work_dir / "trajectories")
     with mlflow_run(tracking, work_dir, "collect", {"collect": collect.model_dump(), "model": model.model_dump(),
-                                                    "store": store, "deployment": deployment}):
-        work = plan_collection(collect, model, prompts, store)
+                                                    "store": store, "deployment": deployment,
+                                                    "precision": precision}):
+        work = plan_collection(collect, model, prompts, store, precision)
+        mlflow.set_tag("cllm.precision", work["record"]["precision"])
         progress = _Progress(work)
         run = _on_pool if deployment else _locally
         manifests, failed = run(collect, model, prompts, store, work, progress, deployment)
@@ -73,6 +80,8 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
         if failed:
             raise ShardsFailed(f"shards {failed} failed; run `{_retry_command()}` or the same command again: "
                                "finished shards are skipped")
+        held = [ShardStore(store).manifest(shard) for shard in range(work["shards"])]
+        check_repetition(sum(m["repetitive"] for m in held), sum(m["rows"] for m in held), collect.max_repetitive)
     return summary | {"store": store, "config_hash": work["record"]["config_hash"]}
 
 
@@ -114,13 +123,17 @@ def _locally(collect, model, prompts, store, work, progress, deployment) -> tupl
             wait_for=[allow_failure(last[device])] if device in last else None)
         last[device] = futures[shard]
     manifests, failed = {}, []
-    for shard, future in futures.items():
-        future.wait()
-        if future.state.is_completed():
-            manifests[shard] = future.result()
-        else:
-            failed.append(shard)
-        progress.ended(shard, manifests.get(shard))
+    try:
+        for shard, future in futures.items():
+            future.wait()
+            if future.state.is_completed():
+                manifests[shard] = future.result()
+            else:
+                failed.append(shard)
+            progress.ended(shard, manifests.get(shard))
+    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, SIGTERM, a cancellation: Prefect's thread pool would
+        request_stop()  # wait for the running shards to finish; they stop at their next Jacobi pass instead
+        raise
     return manifests, failed
 
 

@@ -14,7 +14,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cllm_core.config import FinetuneConfig, ModelConfig, TrackingConfig
+from cllm_core.config import FinetuneConfig, ModelConfig, Precision, TrackingConfig
 from cllm_core.finetune import describe_cllm
 from tasks.finetune import log_cllm, train_cllm
 from tasks.tracking import mlflow_run
@@ -22,15 +22,17 @@ from tasks.tracking import mlflow_run
 
 @flow(name="consistency-finetune")
 def consistency_finetune(finetune: FinetuneConfig, model: ModelConfig, work_dir: Path = Path("runs/demo"),
-                         store: str | None = None, tracking: TrackingConfig = TrackingConfig()) -> dict:
+                         store: str | None = None, tracking: TrackingConfig = TrackingConfig(),
+                         precision: Precision = "auto") -> dict:
     """Fine-tune the teacher on `<work_dir>/trajectories` (or `store`) into `<work_dir>/cllm`, or reuse it."""
     store, out_dir = store or str(work_dir / "trajectories"), work_dir / "cllm"
     with mlflow_run(tracking, work_dir, "finetune", {"finetune": finetune.model_dump(), "model": model.model_dump(),
-                                                     "store": store}) as run:
-        record = train_cllm(finetune, model, store, out_dir, work_dir / "prompts", run.info.run_id)
+                                                     "store": store, "precision": precision}) as run:
+        record = train_cllm(finetune, model, store, out_dir, work_dir / "prompts", run.info.run_id, precision)
         data = record["trajectories"]["fingerprint"]
         mlflow.log_params({"data_fingerprint": data, "n_tokens": record["n_tokens"]})
-        mlflow.set_tags({"cllm.fingerprint": record["fingerprint"], "cllm.reused": str(record["reused"])})
+        mlflow.set_tags({"cllm.fingerprint": record["fingerprint"], "cllm.reused": str(record["reused"]),
+                         "cllm.precision": record["precision"]})
         if record["reused"]:  # the training run logged the curve; this run gets a copy so it reads complete
             for point in record["history"]:
                 mlflow.log_metrics({k: v for k, v in point.items() if k != "step"}, step=point["step"])

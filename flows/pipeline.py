@@ -1,5 +1,8 @@
 """The pipeline: (demo teacher) -> ingest -> collect -> fine-tune -> evaluate, one profile, one MLflow record.
 
+A stage whose result cannot be trusted stops it in one line before anything downstream starts: a teacher below
+its quality floor, a collection of mostly degenerate repetition (cllm_core/guards.py).
+
 Each stage is its own flow, run here as a subflow with its MLflow run nested under the pipeline's parent
 run. Every stage skips what is already done for the same inputs (the cached teacher, verified shards, the
 fine-tuned model's fingerprint), so running the pipeline again after a failure continues where it stopped.
@@ -28,13 +31,17 @@ def cllm_pipeline(profile: Profile) -> dict:
         raise ValueError("the pipeline needs a profile with `ingest` and a `model` (or a demo `teacher`)")
     params = profile.model_dump(mode="json", exclude={"tracking"})  # a tracking URI may hold credentials
     with mlflow_run(profile.tracking, profile.work_dir, "pipeline", params, resume=True) as run:
+        precision = profile.precision
         if profile.teacher is not None:
-            train_teacher(profile.teacher, profile.work_dir, profile.tracking)
+            train_teacher(profile.teacher, profile.work_dir, profile.tracking, precision)
         ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
-        collect_trajectories(profile.collect, profile.model, profile.work_dir, tracking=profile.tracking)
-        cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking)
+        collect_trajectories(profile.collect, profile.model, profile.work_dir, tracking=profile.tracking,
+                             precision=precision)
+        cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking,
+                                    precision=precision)
         models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm["path"])}
-        result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking)
+        result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, precision)
+        mlflow.set_tag("cllm.precision", result["precision"])
         mlflow.log_metrics(headline_metrics(result["summary"]))
         uri = f"{masked(mlflow.get_tracking_uri())} experiment {run.info.experiment_id} run {run.info.run_id}"
     create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")

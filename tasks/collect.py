@@ -17,9 +17,11 @@ from cllm_core.shards import ShardStore
 
 
 @task(name="plan-collection")
-def plan_collection(config: CollectConfig, model: ModelConfig, prompts: Path, store: str) -> dict:
-    """Pin the store to this collection; returns the record and the shards done and to do."""
-    work = plan(config, model, prompts, store)
+def plan_collection(config: CollectConfig, model: ModelConfig, prompts: Path, store: str,
+                    precision: str = "auto") -> dict:
+    """Pin the store to this collection (the precision resolved here); returns the record and the shards done and
+    to do."""
+    work = plan(config, model, prompts, store, precision)
     get_run_logger().info("%d prompts in %d shards: %d done, %d to collect", work["prompts"], work["shards"],
                           len(work["done"]), len(work["todo"]))
     return work

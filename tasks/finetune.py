@@ -2,35 +2,31 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
 from prefect import get_run_logger, task
 
 from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.finetune import finetune, read_answers, read_probe
+from tasks.progress import log_figures, reporter
 
 
 @task(name="train-cllm")
 def train_cllm(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, prompts_dir: Path,
-               run_id: str) -> dict:
+               run_id: str, precision: str = "auto") -> dict:
     """Train (or reuse) the CLLM in `out_dir`; every logging step and sample lands in MLflow run `run_id`."""
-    client = MlflowClient()
-
-    def metrics(step: int, values: dict, prefix: str = "") -> None:
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(prefix + key, float(value), now, step)
-                                          for key, value in values.items() if not isinstance(value, list)])
+    client, logger = MlflowClient(), get_run_logger()
 
     def samples(step: int, found: dict) -> None:
-        metrics(step, found, prefix="sample_")
+        log_figures(client, run_id, step, found, prefix="sample_")
         client.log_text(run_id, "\n\n---\n\n".join(found["texts"]), f"samples/step-{step:06d}.txt")
 
     answers = read_answers(prompts_dir / "train.parquet") if config.ar_labels == "ground_truth" else None
     return finetune(config, model, store, out_dir, answers=answers, probe=read_probe(prompts_dir / "eval.parquet"),
-                    log=get_run_logger().info, on_metrics=metrics, on_samples=samples)
+                    log=logger.info, warn=logger.warning, precision=precision,
+                    on_metrics=lambda step, figures: log_figures(client, run_id, step, figures), on_samples=samples,
+                    progress=reporter("fine-tuning", None))  # the terminal's; on_metrics streams to MLflow
 
 
 @task(name="log-cllm")

@@ -77,6 +77,36 @@ def test_a_killed_run_resumes_at_its_last_checkpoint_with_the_uninterrupted_loss
     assert [loss for _, loss in history(resumed)] == pytest.approx([loss for _, loss in history(whole)], rel=1e-6)
 
 
+def test_a_killed_fp16_run_resumes_with_its_grad_scaler(tmp_path, teacher, store, monkeypatch):
+    """accelerate refuses fp16 on a CPU, so the accelerator here is given the grad scaler fp16 has on a GPU
+    (doubling its scale every step); the resumed run must go on from the checkpoint's scale, not start over."""
+    from accelerate import Accelerator
+
+    import cllm_core.finetune
+
+    made = []
+
+    class ScaledAccelerator(Accelerator):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+            made.append(self)
+
+    monkeypatch.setattr(cllm_core.finetune, "Accelerator", ScaledAccelerator)
+    config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 2})
+
+    def die_at_step_4(step, metrics):  # the last step: the resume starts from step 2's checkpoint
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config, teacher, store, tmp_path / "cllm", log=quiet, on_metrics=die_at_step_4)
+    state = torch.load(tmp_path / "cllm.checkpoints/step-000002/state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 2.0 ** 12
+    finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
+    assert made[-1].scaler.get_scale() == 2.0 ** 14  # as if never killed (2 ** 12 had it started over)
+
+
 def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_retrains(tmp_path, teacher, store):
     first = finetune(FAST.model_copy(update={"steps": 4}), teacher, store, tmp_path / "cllm", log=quiet)
     again = finetune(FAST.model_copy(update={"steps": 4, "log_every": 1}), teacher, store, tmp_path / "cllm",
@@ -177,6 +207,24 @@ def test_a_checkpoint_from_another_config_is_refused_before_any_step(tmp_path, t
     assert "delete" in str(error.value) and steps == []
 
 
+
+def test_a_stop_request_ends_training_before_the_next_step_publishes_nothing_and_a_rerun_resumes(
+        tmp_path, teacher, store):
+    """SIGTERM or Ctrl-C of `cllm train` (#14): the loop checks cllm_core.stopping before each step."""
+    from cllm_core.stopping import Stopped, clear_stop, request_stop
+
+    steps, lines = [], []
+    try:
+        with pytest.raises(Stopped):
+            finetune(FAST, teacher, store, tmp_path / "cllm", log=quiet,
+                     on_metrics=lambda step, m: steps.append(step) or (step == 4 and request_stop()))
+    finally:
+        clear_stop()
+    assert steps == [2, 4] and not (tmp_path / "cllm").exists()
+    record = finetune(FAST, teacher, store, tmp_path / "cllm", log=lines.append)
+    assert any(line.endswith("at step 4") and line.startswith("resuming from") for line in lines)
+    assert record["metrics"]["train_steps"] == FAST.steps
+
 def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_equals_a_target_forward(
         store, tiny_model_dir):
     from cllm_core import load_model
@@ -204,19 +252,29 @@ def test_gradient_checkpointing_trades_memory_for_time_without_changing_the_loss
     assert [loss for _, loss in history(recomputed)] == pytest.approx([loss for _, loss in history(plain)], rel=1e-5)
 
 
-def test_two_processes_under_ddp_train_one_model_and_keep_one_history(tmp_path, tiny_model_dir, store):
-    """The loop is plain `accelerate`: torchrun with 2 CPU processes (gloo) is DDP from the same code."""
+def test_two_processes_under_ddp_train_one_model_keep_one_history_and_stop_together_when_their_clocks_differ(
+        tmp_path, tiny_model_dir, store):
+    """The loop is plain `accelerate`: torchrun with 2 CPU processes (gloo) is DDP from the same code. Regression:
+    each process judged `max_minutes` by its own clock, so one could stop alone and hang the other."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    worker = Path(__file__).with_name("ddp_worker.py")
+    worker = Path(__file__).with_name("ddp_worker.py")  # rank 1's clock runs out at step 3, rank 0's never
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run([*launch, str(worker), str(tiny_model_dir), store, str(tmp_path / "cllm")],
-                            capture_output=True, text=True,
-                            timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr[-2000:]
-    records = [json.loads(line[len("RECORD "):]) for line in result.stdout.splitlines() if line.startswith("RECORD")]
-    assert len(records) == 2 and records[0] == records[1] and records[0]["steps"] == 4
+    with subprocess.Popen([*launch, str(worker), str(tiny_model_dir), store, str(tmp_path / "cllm")],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1]) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            run.terminate()  # torchrun ends its workers (they run in sessions of their own)
+            run.communicate(timeout=60)
+            pytest.fail("the DDP run hung: its processes stopped at different steps")
+    assert run.returncode == 0, stderr[-2000:]
+    records = [json.loads(line[len("RECORD "):]) for line in stdout.splitlines() if line.startswith("RECORD")]
+    assert len(records) == 2 and records[0] == records[1]
+    assert records[0]["steps"] == 3 and records[0]["stopped_early"] is True
+    assert [h["step"] for h in records[0]["history"]] == [2, 3]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").config.cllm_n_tokens == 4

@@ -123,3 +123,34 @@ def test_the_pipeline_records_into_a_real_mlflow_server_with_credentials_that_ar
         server.wait(timeout=30)
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             os.environ.pop(name, None)  # moved there from the URI by the run
+
+
+def test_a_teacher_below_its_quality_floor_stops_the_pipeline_in_one_line(prefect_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    profile = tmp_path / "floor.yaml"
+    profile.write_text(yaml.safe_dump({
+        "work_dir": str(tmp_path / "work"), "precision": "fp32",
+        "teacher": {"train_problems": 400, "eval_problems": 20, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                    "intermediate_size": 64, "steps": 4, "batch_size": 8, "warmup_steps": 2, "min_accuracy": 0.95},
+        "ingest": {"source": "synthetic-math", "max_train": 20, "max_eval": 4}}))
+    result = runner.invoke(app, ["run", "--config", str(profile)])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]  # the one line, not a traceback
+    assert last.startswith("error: the demo teacher reached") and "below teacher.min_accuracy 95%" in last
+    assert not [p.name for p in (tmp_path / "work").glob("*") if not p.name.startswith(".")]  # no teacher, prompts
+    (failed,) = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'pipeline'",
+                                   output_format="list")
+    assert failed.info.status == "FAILED"
+
+
+def test_a_mostly_repetitive_collection_stops_the_pipeline_before_fine_tuning(prefect_server, tiny_profile,
+                                                                             monkeypatch):
+    import cllm_core.trajectories
+
+    monkeypatch.setattr(cllm_core.trajectories, "repetitive", lambda response: True)  # a teacher that only repeats
+    result = runner.invoke(app, ["run", "--config", str(tiny_profile)])
+    assert result.exit_code == 1, result.output
+    assert "\nerror: 9 of 9 collected responses (100%) are degenerate repetition, above collect.max_repetitive " \
+           "50%" in result.output
+    work = tiny_profile.parent / "work"
+    assert (work / "trajectories").is_dir() and not (work / "cllm").exists() and not (work / "eval").exists()

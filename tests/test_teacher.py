@@ -8,6 +8,7 @@ import torch
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
 from cllm_core.baselines import ar_generate
 from cllm_core.config import TeacherConfig
+from cllm_core.identity import model_identity
 from cllm_core.teacher import build_teacher, learning_rate, train_tokenizer
 
 # A few seconds of training: enough to exercise every part, not to learn arithmetic.
@@ -56,10 +57,11 @@ def test_same_config_reuses_the_cached_teacher_and_another_config_retrains(teach
     said = []
     record = build_teacher(TINY, teacher_dir, log=said.append)
     assert record["reused"] and "reusing" in said[0]
-    weights = (teacher_dir / "model.safetensors").read_bytes()
+    weights, identity = (teacher_dir / "model.safetensors").read_bytes(), record["identity"]
     other = TINY.model_copy(update={"seed": 1})
     record = build_teacher(other, teacher_dir, log=said.append)
     assert not record["reused"] and record["fingerprint"] == other.fingerprint()
+    assert identity != record["identity"] == model_identity(ModelConfig(name_or_path=str(teacher_dir)))
     assert (teacher_dir / "model.safetensors").read_bytes() != weights
     assert not [p for p in teacher_dir.parent.iterdir() if p.name.startswith(".")]
 
@@ -68,6 +70,9 @@ def test_same_config_trains_the_same_weights(tmp_path):
     for name in ("first", "again"):
         build_teacher(TINY, tmp_path / name, log=lambda line: None)
     assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "first/model.safetensors").read_bytes()
+    first, again = (json.loads((tmp_path / name / "teacher.json").read_text())["identity"]
+                    for name in ("first", "again"))
+    assert first == again  # identity is by content: two copies of the same weights are the same teacher
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -75,3 +80,39 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert learning_rate(config, 0, 0.0) == pytest.approx(1e-4)
     assert learning_rate(config, 50, 0.0) == pytest.approx(1e-3)
     assert learning_rate(config, 50, 1.0) == pytest.approx(1e-4)
+
+
+def test_a_teacher_stopped_by_its_guard_says_so_in_one_loud_line(tmp_path):
+    warned = []
+    record = build_teacher(TINY.model_copy(update={"max_minutes": 1e-6}), tmp_path / "t", log=lambda line: None,
+                           warn=warned.append, precision="fp32")
+    assert record["metrics"]["train_steps"] == 1 and record["metrics"]["stopped_by_budget"] == 1.0
+    (line,) = warned
+    assert "STOPPED EARLY" in line and "step 1 of 6" in line and "fp32" in line and "teacher.max_minutes" in line
+    said = []
+    again = build_teacher(TINY, tmp_path / "t", log=said.append, precision="fp32")  # same weights' config
+    assert not again["reused"] and "stopped by its guard" in said[0] and again["metrics"]["train_steps"] == 6
+
+
+def test_a_teacher_below_its_quality_floor_is_one_line_and_is_not_kept(tmp_path):
+    from cllm_core.guards import BelowQualityFloor
+
+    with pytest.raises(BelowQualityFloor) as error:
+        build_teacher(TINY.model_copy(update={"min_accuracy": 0.99}), tmp_path / "t", log=lambda line: None,
+                      precision="fp32")
+    message = str(error.value)
+    assert "\n" not in message and "after 6 of 6 steps (fp32), below teacher.min_accuracy 99%" in message
+    assert "raise teacher.steps" in message and not (tmp_path / "t").exists()
+
+
+def test_a_stop_request_ends_training_before_the_next_step_and_publishes_no_teacher(tmp_path):
+    """SIGTERM or Ctrl-C of `cllm teacher` (#14): the loop checks cllm_core.stopping before each step."""
+    from cllm_core.stopping import Stopped, clear_stop, request_stop
+
+    request_stop()
+    try:
+        with pytest.raises(Stopped):
+            build_teacher(TINY, tmp_path / "teacher", log=lambda line: None)
+    finally:
+        clear_stop()
+    assert [p.name for p in tmp_path.iterdir()] == []
