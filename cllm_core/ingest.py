@@ -8,7 +8,6 @@ tokens, and dropped when too long. The two files and a manifest appear together,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 
 from cllm_core.config import IngestConfig, ModelConfig
 from cllm_core.files import publish_dir
+from cllm_core.identity import digest, file_digest
 from cllm_core.sources import IngestError, is_local, load_records
 from cllm_core.templates import CHAT, TEMPLATES, render_template
 
@@ -34,7 +34,7 @@ PROMPT_SCHEMA = pa.schema([
 
 def prompt_id(prompt: str) -> str:
     """Stable id of a rendered prompt: the first 16 hex digits of its sha256."""
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:16]
+    return digest(prompt.encode("utf-8"))
 
 
 def ingest(config: IngestConfig, tokenizer_config: ModelConfig, out_dir: str | Path, log=print) -> dict:
@@ -64,8 +64,7 @@ def ingest(config: IngestConfig, tokenizer_config: ModelConfig, out_dir: str | P
                           "dropped); raise max_prompt_tokens")
     for name in ("train", "eval"):
         if not counts[f"{name}_rows"]:
-            raise IngestError(f"no {name} prompts are left from {config.source} (counts: {counts}); check the "
-                              "split names, limits and max_prompt_tokens")
+            raise IngestError(_empty_split(name, counts, config, seeded=eval_split is None))
     manifest = {"schema_version": SCHEMA_VERSION, "config": config.model_dump(mode="json"),
                 "tokenizer": tokenizer_config.model_dump(mode="json"), **counts}
     _write(Path(out_dir), tables, manifest, template)
@@ -80,7 +79,7 @@ def manifest_counts(manifest: dict) -> dict[str, int]:
 
 def _seeded_split(records: list[dict], eval_fraction: float, seed: int) -> dict[str, list[dict]]:
     order = random.Random(seed).sample(range(len(records)), len(records))
-    held_out = set(order[:max(1, round(eval_fraction * len(records)))])
+    held_out = set(order[:max(1, min(round(eval_fraction * len(records)), len(records) - 1))])  # both get one
     return {"train": [r for i, r in enumerate(records) if i not in held_out],
             "eval": [r for i, r in enumerate(records) if i in held_out]}
 
@@ -89,7 +88,8 @@ def _rows(records, template, tokenizer, config, seen, limit) -> tuple[list[dict]
     """Rendered rows in source order, skipping empties, duplicates (of `seen` too) and over-long prompts."""
     rows, dropped = [], {"empty": 0, "duplicates": 0, "too_long": 0}
     texts = [_render(template, record, tokenizer) if record["question"].strip() else None for record in records]
-    lengths = iter(tokenizer([t for t in texts if t is not None], add_special_tokens=template != CHAT)["input_ids"])
+    present = [t for t in texts if t is not None]
+    lengths = iter(tokenizer(present, add_special_tokens=template != CHAT)["input_ids"] if present else [])
     for record, text in zip(records, texts):
         if text is None:
             dropped["empty"] += 1
@@ -106,6 +106,22 @@ def _rows(records, template, tokenizer, config, seen, limit) -> tuple[list[dict]
     return rows, dropped
 
 
+def _empty_split(name: str, counts: dict, config: IngestConfig, seeded: bool) -> str:
+    """One line on a split that came out empty, and what to change."""
+    kept = counts["train_rows"] + counts["eval_rows"]
+    dropped = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind in ("empty", "duplicates", "too_long")
+                        if (n := counts[f"train_{kind}"] + counts[f"eval_{kind}"]))
+    after = f" after dropping {dropped}" if dropped else ""
+    if seeded and kept < 2:
+        return (f"{config.source} has {kept} usable prompt{'' if kept == 1 else 's'}{after}: need at least 2 distinct "
+                "prompts, one to train and one to evaluate; add prompts")
+    if seeded:
+        return (f"no {name} prompts are left from {config.source}{after}; add distinct prompts or change "
+                f"eval_fraction ({config.eval_fraction:g})")
+    return (f"no {name} prompts are left from {config.source}{after}; check the split names, field mapping and "
+            "max_prompt_tokens")
+
+
 def _render(template: str, record: dict, tokenizer) -> str:
     if template == CHAT:
         return tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}], tokenize=False,
@@ -119,5 +135,5 @@ def _write(out_dir: Path, tables: dict[str, pa.Table], manifest: dict, template:
     with publish_dir(out_dir) as staging:
         for name, table in tables.items():
             pq.write_table(table.replace_schema_metadata(metadata), staging / f"{name}.parquet", compression="zstd")
-            manifest[f"{name}_sha256"] = hashlib.sha256((staging / f"{name}.parquet").read_bytes()).hexdigest()
+            manifest[f"{name}_sha256"] = file_digest(staging / f"{name}.parquet")
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

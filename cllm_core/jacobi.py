@@ -27,6 +27,7 @@ from transformers import DynamicCache
 
 from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
 from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, pad_sequences
+from cllm_core.stopping import raise_if_stopped
 
 Init = Literal["repeat", "random"]
 
@@ -138,6 +139,7 @@ def _steps(forward, input_ids, kv_mask, rows, pad, rule) -> Iterator[JacobiStep]
         yield JacobiStep(0, tuple(_commit(row, [], [], rule) for row in rows))
     index = 0
     while True:
+        raise_if_stopped()  # a stop request ends a collection or decode within one pass
         keep = [b for b, row in enumerate(rows) if not row.finished]
         if not keep:
             return

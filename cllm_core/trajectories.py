@@ -8,9 +8,12 @@ so no prefix is copied per block. Degenerate responses are flagged, never droppe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
 
-from cllm_core.outputs import BlockTrajectory
+if TYPE_CHECKING:  # a type only: reading shards needs no torch
+    from cllm_core.outputs import BlockTrajectory
 
 SCHEMA_VERSION = 1
 TOKENS = pa.list_(pa.int32())

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,12 +29,13 @@ from cllm_core.config import (
     ModelConfig,
     Profile,
     TeacherConfig,
+    TrackingConfig,
     describe,
     masked,
     read_profile,
     set_value,
 )
-from cllm_core.shards import ShardsFailed
+from flows.server import REMEDY, TemporaryServer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
@@ -40,11 +44,15 @@ INGEST, TEACHER, PROFILE = IngestConfig.model_fields, TeacherConfig.model_fields
 COLLECT, FINETUNE, EVAL = CollectConfig.model_fields, FinetuneConfig.model_fields, EvalConfig.model_fields
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML profile from configs/; options override it.")]
 WorkDirOption = Annotated[Path | None, typer.Option(help=PROFILE["work_dir"].description)]
+PrecisionOption = Annotated[str | None, typer.Option(help=PROFILE["precision"].description)]
+ProgressOption = Annotated[bool, typer.Option(help="Live progress bars: shards collected, training steps with loss, "
+                                              "tokens/s and time left (on a terminal only).")]
 
 
 @app.callback()
-def main() -> None:
+def main(context: typer.Context) -> None:
     """Consistency LLMs: Jacobi decoding, trajectory collection, consistency fine-tuning, evaluation."""
+    context.call_on_close(stop_on_signals())
 
 
 def fail(message: str) -> typer.Exit:
@@ -58,7 +66,7 @@ def decode(
     config: ConfigOption = None,
     model: Annotated[str | None, typer.Option(help=MODEL["name_or_path"].description)] = None,
     gguf_file: Annotated[str | None, typer.Option(help=MODEL["gguf_file"].description)] = None,
-    dtype: Annotated[str | None, typer.Option(help=MODEL["dtype"].description)] = None,
+    precision: PrecisionOption = None,
     device: Annotated[str | None, typer.Option(help=MODEL["device"].description)] = None,
     n_tokens: Annotated[int | None, typer.Option(help=DECODE["n_tokens"].description)] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help=DECODE["max_new_tokens"].description)] = None,
@@ -72,13 +80,14 @@ def decode(
     from cllm_core.prompts import encode, render
 
     with one_line_errors():
-        profile = resolve_profile(config, model={"name_or_path": model, "gguf_file": gguf_file, "dtype": dtype,
-                                                 "device": device},
+        profile = resolve_profile(config, model={"name_or_path": model, "gguf_file": gguf_file, "device": device},
+                                  precision=precision,
                                   decode={"n_tokens": n_tokens, "max_new_tokens": max_new_tokens, "init": init,
                                           "seed": seed})
         if profile.model is None:
             raise ValueError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
-        lm, tokenizer = load_model(profile.model), load_tokenizer(profile.model)
+        lm = load_model(profile.model, announce_precision(profile.precision, profile.model.device).dtype)
+        tokenizer = load_tokenizer(profile.model)
         ids, mask = encode(tokenizer, [render(tokenizer, prompt, chat)], lm.device, chat)
         steps = jacobi_steps(lm, ids, mask, **profile.decode.model_dump())
 
@@ -134,7 +143,7 @@ def ingest(
         if profile.model is None:
             raise ValueError("no tokenizer: pass --model ID_OR_DIR (the teacher whose tokenizer renders and counts "
                              "the prompts) or --config configs/PROFILE.yaml")
-        start_prefect(profile.work_dir)
+        start_prefect(profile.work_dir, profile.tracking)
         import datasets
 
         from flows.ingest import ingest_prompts
@@ -156,17 +165,24 @@ def teacher(
     steps: Annotated[int | None, typer.Option(help=TEACHER["steps"].description)] = None,
     train_problems: Annotated[int | None, typer.Option(help=TEACHER["train_problems"].description)] = None,
     seed: Annotated[int | None, typer.Option(help=TEACHER["seed"].description)] = None,
+    min_accuracy: Annotated[float | None, typer.Option(help=TEACHER["min_accuracy"].description)] = None,
+    precision: PrecisionOption = None,
     work_dir: WorkDirOption = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Train the demo teacher from scratch into <work_dir>/teacher, or reuse it if its config is unchanged."""
     with one_line_errors():
-        profile = resolve_profile(config, work_dir, teacher={"max_minutes": max_minutes, "steps": steps,
-                                                             "train_problems": train_problems, "seed": seed})
-        start_prefect(profile.work_dir)
+        profile = resolve_profile(config, work_dir, precision=precision,
+                                  teacher={"max_minutes": max_minutes, "steps": steps, "train_problems": train_problems,
+                                           "seed": seed, "min_accuracy": min_accuracy})
+        announce_precision(profile.precision, "cpu")
+        start_prefect(profile.work_dir, profile.tracking)
         from cllm_core.teacher import describe_teacher
         from flows.teacher import train_teacher
 
-        record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking)
+        with live_progress(progress):
+            record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking,
+                                   profile.precision)
     console.print(f"[bold]demo teacher[/] {describe_teacher(record)}", soft_wrap=True, highlight=False)
 
 
@@ -191,23 +207,26 @@ def collect(
     task_runner: Annotated[Literal["threads", "dask"], typer.Option(
         help="What runs the local shard chains: Prefect's thread pool, or a local Dask cluster with a worker "
              "process per device (needs the dask extra).")] = "threads",
-    progress: Annotated[bool, typer.Option(help="A progress bar per collected shard (on a terminal only).")] = True,
+    precision: PrecisionOption = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Collect Jacobi trajectories of <work_dir>/prompts/train.parquet into shards; reruns skip finished ones."""
     with one_line_errors():
         profile = resolve_profile(
-            config, work_dir, model={"name_or_path": model, "gguf_file": gguf_file},
+            config, work_dir, model={"name_or_path": model, "gguf_file": gguf_file}, precision=precision,
             collect={"n_tokens": n_tokens, "max_new_tokens": max_new_tokens, "init": init, "seed": seed,
                      "batch_size": batch_size, "shard_size": shard_size, "limit": limit, "devices": device})
         if profile.model is None:
             raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
-        start_prefect(profile.work_dir)
+        announce_precision(profile.precision, profile.model.device)
+        start_prefect(profile.work_dir, profile.tracking)
         from flows.collect import collect_trajectories
         from flows.collect import task_runner as runner
 
         flow = collect_trajectories.with_options(task_runner=runner(task_runner, profile.collect, profile.model))
-        with shard_bar(progress):
-            summary = flow(profile.collect, profile.model, profile.work_dir, store, deployment, profile.tracking)
+        with live_progress(progress):
+            summary = flow(profile.collect, profile.model, profile.work_dir, store, deployment, profile.tracking,
+                           profile.precision)
     console.print(f"[bold]{summary['shards']} shards[/] in {summary['store']}: {summary['shards_collected']} "
                   f"collected, {summary['shards_skipped']} already done"
                   + (f"; {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.0f} tokens/s, "
@@ -226,27 +245,31 @@ def train(
     consistency_weight: Annotated[float | None, typer.Option(help=FINETUNE["consistency_weight"].description)] = None,
     ar_weight: Annotated[float | None, typer.Option(help=FINETUNE["ar_weight"].description)] = None,
     ar_labels: Annotated[str | None, typer.Option(help=FINETUNE["ar_labels"].description)] = None,
-    mixed_precision: Annotated[str | None, typer.Option(help=FINETUNE["mixed_precision"].description)] = None,
+    precision: PrecisionOption = None,
     seed: Annotated[int | None, typer.Option(help=FINETUNE["seed"].description)] = None,
     model: Annotated[str | None, typer.Option(help="The teacher: " + MODEL["name_or_path"].description)] = None,
     store: Annotated[str | None, typer.Option(help="Shard store of the trajectories. Default: "
                                               "<work_dir>/trajectories.")] = None,
     work_dir: WorkDirOption = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Consistency-fine-tune the teacher on its trajectories into <work_dir>/cllm; a killed run resumes."""
     with one_line_errors():
         profile = resolve_profile(
-            config, work_dir, model={"name_or_path": model},
+            config, work_dir, model={"name_or_path": model}, precision=precision,
             finetune={"steps": steps, "max_minutes": max_minutes, "batch_size": batch_size, "lr": lr,
                       "consistency": consistency, "consistency_weight": consistency_weight, "ar_weight": ar_weight,
-                      "ar_labels": ar_labels, "mixed_precision": mixed_precision, "seed": seed})
+                      "ar_labels": ar_labels, "seed": seed})
         if profile.model is None:
             raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
-        start_prefect(profile.work_dir)
+        announce_precision(profile.precision, profile.model.device)
+        start_prefect(profile.work_dir, profile.tracking)
         from cllm_core.finetune import describe_cllm
         from flows.finetune import consistency_finetune
 
-        record = consistency_finetune(profile.finetune, profile.model, profile.work_dir, store, profile.tracking)
+        with live_progress(progress):
+            record = consistency_finetune(profile.finetune, profile.model, profile.work_dir, store, profile.tracking,
+                                          profile.precision)
     registered = record["logged"]
     console.print(f"[bold]CLLM[/] {describe_cllm(record)}; logged as {registered['model_uri']}"
                   + (f", registered as {registered['registered_model']} v{registered['version']}"
@@ -260,18 +283,21 @@ def run_pipeline(
                                                    "profile value (YAML syntax), e.g. collect.n_tokens=32.",
                                                    show_default=False)] = None,
     work_dir: WorkDirOption = None,
+    progress: ProgressOption = True,
 ) -> None:
     """The whole pipeline from one profile: (teacher) -> ingest -> collect -> fine-tune -> evaluate."""
     with one_line_errors():
         profile = resolve_profile(config, work_dir, overrides=set_ or [])
+        start_prefect(profile.work_dir, profile.tracking)  # first: importing tasks.tracking imports Prefect
         from tasks.tracking import check_tracking, tracking_uri
 
         check_tracking(tracking_uri(profile.tracking, profile.work_dir))
-        start_prefect(profile.work_dir)
+        announce_precision(profile.precision, profile.model.device if profile.model else "cpu")
         from cllm_core.report import markdown_table
         from flows.pipeline import cllm_pipeline
 
-        result = cllm_pipeline(profile)
+        with live_progress(progress):
+            result = cllm_pipeline(profile)
     console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
     uri = masked(tracking_uri(profile.tracking, profile.work_dir))
     ui = f"open {uri}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
@@ -314,13 +340,14 @@ def evaluate(
     max_new_tokens: Annotated[int | None, typer.Option(help=EVAL["max_new_tokens"].description)] = None,
     batch_size: Annotated[int | None, typer.Option(help=EVAL["batch_size"].description)] = None,
     limit: Annotated[int | None, typer.Option(help=EVAL["limit"].description)] = None,
+    precision: PrecisionOption = None,
     work_dir: WorkDirOption = None,
 ) -> None:
     """Speed and quality of every model x method on <work_dir>/prompts/eval.parquet, into <work_dir>/eval/."""
     with one_line_errors():
-        profile = resolve_profile(config, work_dir, evaluate={"methods": method, "n_tokens": n_tokens,
-                                                             "max_new_tokens": max_new_tokens,
-                                                             "batch_size": batch_size, "limit": limit})
+        profile = resolve_profile(config, work_dir, precision=precision,
+                                  evaluate={"methods": method, "n_tokens": n_tokens, "max_new_tokens": max_new_tokens,
+                                            "batch_size": batch_size, "limit": limit})
         models = dict(_name_model(item) for item in model or [])
         if not models:
             if profile.model is None:
@@ -328,11 +355,12 @@ def evaluate(
             models = {"teacher": profile.model}
             if (profile.work_dir / "cllm").is_dir():
                 models["cllm"] = ModelConfig(name_or_path=str(profile.work_dir / "cllm"))
-        start_prefect(profile.work_dir)
+        announce_precision(profile.precision, next(iter(models.values())).device)
+        start_prefect(profile.work_dir, profile.tracking)
         from cllm_core.report import markdown_table
         from flows.evaluate import evaluate_speedup
 
-        result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking)
+        result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, profile.precision)
     console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
     console.print(f"[bold]{result['prompts']} prompts[/]; samples, summary and pictures in "
                   f"{profile.work_dir / 'eval'}", highlight=False, soft_wrap=True)
@@ -358,42 +386,71 @@ def compare(
     console.print(table)
 
 
+def announce_precision(setting: str, device: str):
+    """Resolve the precision once for this process and say it, before any work: the same choice every stage uses."""
+    from cllm_core.precision import resolve
+
+    resolved = resolve(setting, device)
+    console.print(resolved.describe(), highlight=False, soft_wrap=True)
+    return resolved
+
+
 @contextmanager
-def shard_bar(enabled: bool) -> Iterator[None]:
-    """A bar that advances per collected shard and shows its throughput. It draws on the console of Prefect's
-    log handler, so log lines scroll above it instead of through it; off unless both ends are terminals."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def live_progress(enabled: bool) -> Iterator[None]:
+    """Bars for the long stages: one per training stage (step of total, loss, tokens/s, time left) and one that
+    advances per collected shard with its throughput. They draw on the console of Prefect's log handler, so
+    log lines scroll above them instead of through them; off unless both ends are terminals."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.theme import Theme
 
     from flows.collect import shard_listener
+    from tasks.progress import step_listener
 
     screen = next((handler.console for handler in _prefect_console_handlers()), console)
     if not (enabled and console.is_terminal and screen.is_terminal):
         yield
         return
+    bars: dict[str, int] = {}
     failed: list[int] = []
 
-    def show(collected: int, total: int, shard: int | None, manifest: dict | None) -> None:
+    def bar(name: str, total: int | None) -> int:
+        if name not in bars:
+            bars[name] = board.add_task(name, total=total, news="", failed="")
+        return bars[name]
+
+    def show_shards(collected: int, total: int, shard: int | None, manifest: dict | None) -> None:
         news = {}
         if manifest is not None:
-            news["last"] = (f"shard {shard}: {manifest['prompts_per_s']:.2f} prompts/s, "
+            news["news"] = (f"shard {shard}: {manifest['prompts_per_s']:.2f} prompts/s, "
                             f"{manifest['tokens_per_s']:.0f} tokens/s, "
                             f"{manifest['mean_passes_per_block']:.2f} passes per block")
         elif shard is not None:
             failed.append(shard)
             news["failed"] = f"failed: {failed}"
-        bar.update(task, total=total, completed=collected, **news)
+        board.update(bar("shards", total), total=total, completed=collected, **news)
 
-    screen.push_theme(Theme())  # Prefect's theme has only its log styles; the bar needs rich's own
-    token = shard_listener.set(show)
+    def show_steps(stage: str, step: int, steps: int, figures: dict) -> None:
+        loss = figures.get("loss", figures.get("train_loss"))
+        news = f"loss {loss:.3f}, {figures.get('tokens_per_s', 0):.0f} tokens/s" if loss is not None else ""
+        board.update(bar(stage, steps), total=steps, completed=step, news=news)
+
+    screen.push_theme(Theme())  # Prefect's theme has only its log styles; the bars need rich's own
+    shards, steps = shard_listener.set(show_shards), step_listener.set(show_steps)
     try:
-        with Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[last]}"), TextColumn("{task.fields[failed]}", style="red"),
-                      console=screen) as bar:
-            task = bar.add_task("collect", total=None, last="", failed="")
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[news]}"),
+                      TextColumn("{task.fields[failed]}", style="red"), console=screen) as board:
             yield
     finally:
-        shard_listener.reset(token)
+        shard_listener.reset(shards)
+        step_listener.reset(steps)
         screen.pop_theme()
 
 
@@ -412,10 +469,12 @@ def _role_column(item: str) -> tuple[str, str]:
 
 
 def resolve_profile(path: Path | None, work_dir: Path | None = None, overrides: list[str] = (),
-                    **sections: dict) -> Profile:
+                    precision: str | None = None, **sections: dict) -> Profile:
     """The profile at `path` (or the defaults), with `--set SECTION.FIELD=VALUE` overrides, then each section
     overridden by the options the user gave."""
     data = read_profile(path) if path else {}
+    if precision is not None:
+        data["precision"] = precision
     for item in overrides:
         set_value(data, item)
     for name, options in sections.items():
@@ -434,21 +493,90 @@ def one_line_errors() -> Iterator[None]:
         yield
     except ValidationError as error:
         raise fail(describe(error)) from None
-    except (ValueError, OSError, TypeError, KeyError, ShardsFailed) as error:
+    except _input_errors() as error:
         raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_on_signals), wherever it landed
+        from cllm_core.stopping import request_stop
+
+        request_stop()  # in case it came another way: no thread may keep the process alive
+        console.print(f"[bold red]stopped:[/] {STOPPED}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
-def start_prefect(work_dir: Path) -> None:
-    """Point Prefect at the work dir (unless the user points it elsewhere), then import it and keep bad-input
-    tracebacks off its terminal output: Prefect attaches its console handler when it is imported. Credentials in
-    $MLFLOW_TRACKING_URI move to MLflow's variables first, so the processes Prefect starts get the bare URI."""
-    from tasks.tracking import move_credentials
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises. ShardsFailed counts once its module is loaded (it loads pyarrow: not for --help)."""
+    shards = sys.modules.get("cllm_core.shards")
+    return (ValueError, OSError, TypeError, KeyError) + ((shards.ShardsFailed,) if shards else ())
+
+
+STOPPED = "stopped at your request; run the same command again to resume"
+
+
+def stop_on_signals() -> Callable[[], None]:
+    """Make SIGTERM and Ctrl-C ask every long loop to stop (cllm_core.stopping) and interrupt the main thread, so
+    a command ends within about one Jacobi pass or training step, with one line; returns what undoes it. During a
+    flow Prefect's SIGTERM handler raises in the main thread instead, and the flows pass the request on."""
+    from cllm_core.stopping import clear_stop
+
+    clear_stop()
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
+
+
+def _stop(signum: int, frame) -> None:
+    from cllm_core.stopping import Stopped, request_stop
+
+    request_stop()
+    raise Stopped(STOPPED)
+
+
+def start_prefect(work_dir: Path, tracking: TrackingConfig) -> None:
+    """Make Prefect's API answer before any flow starts, or say in one line why not. Unless the user points
+    Prefect elsewhere, its state lives in the work dir and its temporary server (flows/server.py) boots while this
+    process does what every stage needs first: import Prefect and the model code, set up the MLflow store (a new
+    SQLite store takes seconds). Prefect reads its settings once, on import: they are all set before. Prefect
+    attaches its console handler when it is imported: bad-input tracebacks are kept off it. Credentials in
+    $MLFLOW_TRACKING_URI move to MLflow's variables, so the processes Prefect starts get the bare URI."""
+    server = use_work_dir(work_dir)
+    from tasks.tracking import move_credentials, tracking_uri
 
     move_credentials()
-    use_work_dir(work_dir)
     import prefect.main  # noqa: F401  (importing it sets up Prefect's logging)
 
     quiet_input_errors()
+    uri = tracking_uri(tracking, work_dir)
+    if uri.startswith("sqlite:"):
+        import mlflow
+
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    import cllm_core.models  # noqa: F401  (torch and transformers: every stage loads a tokenizer or a model)
+
+    if server is not None:
+        server.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    else:
+        start_prefect_server()
+
+
+def start_prefect_server() -> None:
+    """Start Prefect's own temporary server now if it would start one at the first flow: a slow start is one line."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    try:
+        SubprocessASGIServer().start()
+    except RuntimeError as error:
+        raise ConnectionError(f"Prefect's temporary server did not come up ({str(error).splitlines()[0]}); "
+                              f"{REMEDY}") from None
 
 
 def quiet_input_errors() -> None:
@@ -467,19 +595,28 @@ class _QuietInputErrors(logging.Filter):
     """Prefect logs a failed run's exception with its traceback; for bad input the one line is enough."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (ValueError, OSError, ShardsFailed)):
+        if record.exc_info and isinstance(record.exc_info[1], _input_errors()):
             record.exc_info = record.exc_text = None
         return True
 
 
-def use_work_dir(work_dir: Path) -> None:
-    """Keep Prefect's local state in the work dir unless the user points Prefect elsewhere."""
-    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        home = work_dir / ".prefect"
-        home.mkdir(parents=True, exist_ok=True)
-        os.environ["PREFECT_HOME"] = str(home.resolve())
+def use_work_dir(work_dir: Path) -> TemporaryServer | None:
+    """Keep Prefect's local state in the work dir and start its temporary server there, unless the user points
+    Prefect elsewhere. Returns the server; None if Prefect was imported already: it has read its settings then,
+    and starts its own server, which still finds the work dir in $PREFECT_HOME."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if "PREFECT_API_URL" in os.environ or "PREFECT_HOME" in os.environ:
+        return None
+    home = work_dir / ".prefect"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(home.resolve())
+    if "prefect" in sys.modules:
+        return None
+    server = TemporaryServer(home)
+    os.environ["PREFECT_API_URL"] = server.url
+    os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" links that lead nowhere
+    return server
 
 
 class TrajectoryView:

@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from benchmarks import decoding
 from flows.cli import app
+from flows.server import TemporaryServer
 
 runner = CliRunner()
 
@@ -66,6 +68,29 @@ def test_cllm_without_arguments_lists_the_stages():
     result = subprocess.run([sys.executable, "-m", "flows.cli"], capture_output=True, text=True)
     assert "decode" in result.stdout
 
+
+
+def test_cllm_help_imports_neither_torch_nor_prefect_nor_mlflow():
+    """`cllm --help` took 8 s importing torch through cllm_core's package imports (#14)."""
+    code = ("import sys, flows.cli; print(sorted({m.split('.')[0] for m in sys.modules} "
+            "& {'torch', 'transformers', 'prefect', 'mlflow', 'pyarrow'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_prefect_server_that_is_not_up_in_time_is_one_line_with_the_remedy(tmp_path):
+    """`cllm ingest` into a new work dir on a slow machine died with a traceback: Prefect had read its settings
+    before the CLI set its startup timeout (#14). The CLI now starts the server itself, and waits for it."""
+    server = TemporaryServer(tmp_path)
+    try:
+        with pytest.raises(ConnectionError) as error:
+            server.wait(timeout=0)
+    finally:
+        server.stop()
+    assert str(error.value) == (
+        "Prefect's temporary server did not answer within 0 s; set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+        "higher (e.g. 300) on a slow or busy machine, or PREFECT_API_URL to a running server (`prefect server start`)")
+    assert server.process.poll() is not None
 
 def test_benchmark_writes_the_table_fields_as_json(tiny_model_dir, tmp_path):
     out = tmp_path / "bench.json"

@@ -117,6 +117,39 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(fre
     assert resumed_rows == clean_rows
 
 
+
+def test_sigterm_mid_shard_stops_it_unpublished_in_one_line_and_a_rerun_equals_an_uninterrupted_collection(
+        fresh, tiny_model_dir, tmp_path):
+    """SIGTERM once left `cllm collect` waiting for the running shard to finish (#14): the shard now stops at its
+    next Jacobi pass, unpublished. Run as users run it, with no Prefect settings: its server lives in the work dir."""
+    command = [sys.executable, "-m", "flows.cli", *options(tiny_model_dir, fresh)[:-6], "--max-new-tokens", "16",
+               "--shard-size", "4", "--batch-size", "1", "--limit", "8", "--precision", "fp32"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    store, log = fresh / "trajectories", tmp_path / "first.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not (store / "shard-00000.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)  # shard 1 (4 prompts, one at a time) has just begun
+        asked = time.monotonic()
+        process.wait(timeout=120)
+    print(f"exited {time.monotonic() - asked:.1f} s after SIGTERM")
+    output = log.read_text()
+    assert process.returncode == 130, output[-3000:]
+    assert "stopped at your request; run the same command again to resume" in output and "Traceback" not in output
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith("shard-")) == [
+        "shard-00000.json", "shard-00000.parquet"]  # shard 1 was not finished and published first
+    assert {"prefect.db", "server.log"} <= {p.name for p in (fresh / ".prefect").iterdir()}  # the CLI's own server
+
+    config, lines = CollectConfig(n_tokens=4, max_new_tokens=16, shard_size=4, batch_size=1, limit=8), []
+    teacher = ModelConfig(name_or_path=str(tiny_model_dir))
+    collect(config, teacher, fresh / "prompts/train.parquet", str(store), log=lines.append)  # the same collection
+    assert lines[0] == "shard 0: done, skipped" and lines[1].startswith("shard 1: 4 prompts")
+    collect(config, teacher, fresh / "prompts/train.parquet", str(tmp_path / "uninterrupted"), log=lambda line: None)
+    resumed = ShardStore(str(store)).read([0, 1]).to_pylist()
+    assert len(resumed) == 8 and resumed == ShardStore(str(tmp_path / "uninterrupted")).read([0, 1]).to_pylist()
+
 def test_the_bar_shows_each_collected_shard_and_the_failed_ones_and_is_off_without_a_terminal(monkeypatch):
     screen = Console(file=StringIO(), force_terminal=True, width=150)
     monkeypatch.setattr("flows.cli.console", screen)

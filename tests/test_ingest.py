@@ -115,6 +115,14 @@ def test_over_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):
     assert manifest["train_rows"] + manifest["eval_rows"] == 11
 
 
+@pytest.mark.parametrize("eval_fraction", [0.1, 0.9])
+def test_two_prompts_make_one_to_train_and_one_to_evaluate(tmp_path, tokenizer, eval_fraction):
+    source = write_jsonl(tmp_path / "q.jsonl", [{"question": "What is 2+2?"}, {"question": "What is 3+3?"}])
+    manifest = ingest(IngestConfig(source=str(source), eval_fraction=eval_fraction), tokenizer, tmp_path / "p",
+                      log=quiet)
+    assert (manifest["train_rows"], manifest["eval_rows"]) == (1, 1)
+
+
 @pytest.mark.parametrize("case, expected", [
     ("missing", "does not exist"),
     ("unknown-preset", "unknown preset 'gsm9k'; choose one of gsm8k, spider"),
@@ -126,6 +134,8 @@ def test_over_long_prompts_are_dropped_and_counted(tmp_path, tokenizer):
     ("bad-parquet", "is not a readable Parquet file"),
     ("bad-json", "cannot parse"),
     ("no-question", "no question column is mapped"),
+    ("one-question", "has 1 usable prompt: need at least 2 distinct prompts, one to train and one to evaluate"),
+    ("one-distinct", "has 1 usable prompt after dropping 1 duplicates: need at least 2 distinct prompts"),
 ])
 def test_bad_input_is_one_clear_line_and_leaves_no_output(tmp_path, tokenizer, case, expected):
     path = tmp_path / "source.jsonl"
@@ -154,6 +164,10 @@ def test_bad_input_is_one_clear_line_and_leaves_no_output(tmp_path, tokenizer, c
         path.write_text('{"question": "ok"}\n{"question": \n')
     elif case == "no-question":
         write_jsonl(path, [{"text": "a"}])
+    elif case == "one-question":  # once an IndexError from the tokenizer called on the empty train split
+        write_jsonl(path, [{"question": "What is 2+2?"}])
+    elif case == "one-distinct":
+        write_jsonl(path, [{"question": "What is 2+2?"}] * 2)
     out = tmp_path / "prompts"
     with pytest.raises((IngestError, FileNotFoundError)) as error:
         ingest(IngestConfig(source=str(path), **options), tokenizer, out, log=quiet)

@@ -80,3 +80,19 @@ def test_random_init_is_seeded_per_row():
     assert torch.equal(runs[0].sequences, runs[2].sequences)
     context = [set(p.tolist()) | set(range(p[-1].item() + 1, p[-1].item() + 18)) for p in prompts]
     assert all(set(state[1:]) <= ctx for state, ctx in zip(initial[0], context))
+
+
+def test_a_stop_request_ends_decoding_before_the_next_pass():
+    """SIGTERM once waited for a whole shard (#14): the one Jacobi loop now checks for a stop before each pass."""
+    from cllm_core.stopping import Stopped, clear_stop, request_stop
+
+    model = successor()
+    steps = jacobi_steps(model, PROMPT, n_tokens=4, max_new_tokens=8, eos_token_id=[])
+    next(steps), next(steps)  # the prefill and one pass
+    request_stop()
+    try:
+        with pytest.raises(Stopped):
+            next(steps)
+    finally:
+        clear_stop()
+    assert len(model.calls) == 2  # no forward after the request

@@ -1,0 +1,36 @@
+"""Stop when asked: one stop request per process, which long loops check between units of work.
+
+Whoever hears the request (the CLI's SIGTERM/SIGINT handler, a flow interrupted by a cancellation) calls
+`request_stop()`; the loops that run for long (each Jacobi pass, each training step) call `raise_if_stopped()`
+first thing, so work in any thread ends within one unit. What it leaves behind is whole or ignored: shards,
+checkpoints and models are written to a staging name and renamed when complete, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_requested = threading.Event()
+
+
+class Stopped(KeyboardInterrupt):
+    """A loop saw the stop request. An interrupt, not an error: `except Exception` lets it through, and Prefect
+    records the run as crashed (no retries) instead of failed."""
+
+
+def request_stop() -> None:
+    _requested.set()
+
+
+def stop_requested() -> bool:
+    return _requested.is_set()
+
+
+def raise_if_stopped() -> None:
+    if _requested.is_set():
+        raise Stopped("stopped at your request")
+
+
+def clear_stop() -> None:
+    """Forget the request, for a process that goes on after a stop (a test, a notebook)."""
+    _requested.clear()
