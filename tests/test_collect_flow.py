@@ -22,7 +22,7 @@ from cllm_core.collect import collect
 from cllm_core.config import CollectConfig, IngestConfig, ModelConfig
 from cllm_core.ingest import ingest
 from cllm_core.shards import ShardStore
-from flows.cli import app, shard_bar
+from flows.cli import app, live_progress
 from flows.collect import shard_listener
 
 runner = CliRunner()
@@ -150,23 +150,28 @@ def test_sigterm_mid_shard_stops_it_unpublished_in_one_line_and_a_rerun_equals_a
     resumed = ShardStore(str(store)).read([0, 1]).to_pylist()
     assert len(resumed) == 8 and resumed == ShardStore(str(tmp_path / "uninterrupted")).read([0, 1]).to_pylist()
 
-def test_the_bar_shows_each_collected_shard_and_the_failed_ones_and_is_off_without_a_terminal(monkeypatch):
-    screen = Console(file=StringIO(), force_terminal=True, width=150)
+
+def test_the_bars_show_shards_and_training_steps_and_are_off_without_a_terminal(monkeypatch):
+    from tasks.progress import step_listener
+
+    screen = Console(file=StringIO(), force_terminal=True, width=220)
     monkeypatch.setattr("flows.cli.console", screen)
     monkeypatch.setattr("flows.cli._prefect_console_handlers", lambda: [])
     manifest = {"prompts_per_s": 12.5, "tokens_per_s": 300.0, "mean_passes_per_block": 2.25}
-    with shard_bar(True):
+    with live_progress(True):
         shard_listener.get()(1, 3, None, None)
         shard_listener.get()(2, 3, 1, manifest)
         shard_listener.get()(2, 3, 2, None)
+        step_listener.get()("fine-tuning", 40, 600, {"loss": 10.75, "tokens_per_s": 6500.0})
     shown = screen.file.getvalue()
     assert "2/3" in shown and "shard 1: 12.50 prompts/s, 300 tokens/s, 2.25 passes per block" in shown
-    assert "failed: [2]" in shown and shard_listener.get() is None
+    assert "failed: [2]" in shown and shard_listener.get() is None and step_listener.get() is None
+    assert "fine-tuning" in shown and "40/600" in shown and "loss 10.750, 6500 tokens/s" in shown
     for enabled, terminal in ((False, True), (True, False)):
         screen = Console(file=StringIO(), force_terminal=terminal)
         monkeypatch.setattr("flows.cli.console", screen)
-        with shard_bar(enabled):
-            assert shard_listener.get() is None
+        with live_progress(enabled):
+            assert shard_listener.get() is None and step_listener.get() is None
         assert screen.file.getvalue() == ""
 
 
