@@ -62,8 +62,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         path = save_tiny_model(Path(scratch) / "tiny") if args.tiny else args.model
-        config = ModelConfig(name_or_path=str(path), dtype=args.dtype)
-        model, tokenizer = load_model(config), load_tokenizer(config)
+        config = ModelConfig(name_or_path=str(path))
+        model, tokenizer = load_model(config, getattr(torch, args.dtype)), load_tokenizer(config)
     if args.prompts:
         table, chat = read_prompt_table(args.prompts, args.limit)
         texts = table.column("prompt").to_pylist()

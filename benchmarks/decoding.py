@@ -63,8 +63,8 @@ def timed(decode, model, ids, mask, device) -> tuple[float, object]:
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device)
-    model, tokenizer = load_model(config), load_tokenizer(config)
+    config = ModelConfig(name_or_path=args.model, gguf_file=args.gguf_file, device=args.device)
+    model, tokenizer = load_model(config, getattr(torch, args.dtype)), load_tokenizer(config)
     device = next(model.parameters()).device
     texts = [render(tokenizer, p, chat=not args.no_chat) for p in read_prompts(args.prompts, args.field, args.limit)]
     methods = decoders(args)

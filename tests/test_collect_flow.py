@@ -51,7 +51,7 @@ def fresh(work_dir, tmp_path, monkeypatch):
 
 def options(model, work):
     return ["collect", "--model", str(model), "--work-dir", str(work), "--n-tokens", "4", "--max-new-tokens", "12",
-            "--shard-size", "8", "--batch-size", "4"]
+            "--shard-size", "8", "--batch-size", "4", "--precision", "fp32"]
 
 
 def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(fresh, tiny_model_dir, monkeypatch):
