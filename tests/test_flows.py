@@ -9,6 +9,7 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
 
@@ -92,7 +93,7 @@ def test_cllm_ingest_rejects_bad_options_before_any_flow_runs(tmp_path):
 
 def test_cllm_teacher_trains_once_then_reuses_the_cache(prefect_server, tracking, tmp_path):
     profile = tmp_path / "tiny.yaml"
-    profile.write_text("teacher:\n" + "".join(f"  {key}: {value}\n" for key, value in TINY.model_dump().items()))
+    profile.write_text(yaml.safe_dump({"teacher": TINY.model_dump()}))
     arguments = ["teacher", "--config", str(profile), "--work-dir", str(tmp_path / "work")]
     first = runner.invoke(app, arguments)
     assert first.exit_code == 0, first.output

@@ -25,8 +25,8 @@ def test_smollm2_loads_from_its_package_and_jacobi_matches_greedy(smollm2):
 
 
 def test_a_saved_model_directory_loads_with_dtype_and_left_padding(tiny_model_dir):
-    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16")
-    model, tokenizer = load_model(config), load_tokenizer(config)
+    config = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, tokenizer = load_model(config, torch.bfloat16), load_tokenizer(config)
     assert model.dtype == torch.bfloat16 and not model.training
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
 
