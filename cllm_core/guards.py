@@ -26,8 +26,9 @@ def budget_warning(stage: str, done: int, steps: int, seconds: float, precision:
             "(precision auto takes bf16 only where the CPU or GPU computes it natively)")
 
 
-def check_repetition(repetitive: int, rows: int, max_share: float) -> None:
-    """Raise `TooRepetitive` when more than `max_share` of the `rows` collected responses are repetitive."""
+def check_repetition(manifests: list[dict], max_share: float) -> None:
+    """Raise `TooRepetitive` when more than `max_share` of the responses in these shard manifests are repetitive."""
+    repetitive, rows = sum(m["repetitive"] for m in manifests), sum(m["rows"] for m in manifests)
     if rows and repetitive / rows > max_share:
         raise TooRepetitive(
             f"{repetitive} of {rows} collected responses ({repetitive / rows:.0%}) are degenerate repetition, above "

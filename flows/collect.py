@@ -80,8 +80,7 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
         if failed:
             raise ShardsFailed(f"shards {failed} failed; run `{_retry_command()}` or the same command again: "
                                "finished shards are skipped")
-        held = [ShardStore(store).manifest(shard) for shard in range(work["shards"])]
-        check_repetition(sum(m["repetitive"] for m in held), sum(m["rows"] for m in held), collect.max_repetitive)
+        check_repetition([ShardStore(store).manifest(shard) for shard in range(work["shards"])], collect.max_repetitive)
     return summary | {"store": store, "config_hash": work["record"]["config_hash"]}
 
 
