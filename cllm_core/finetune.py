@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 from transformers import GenerationConfig
 
@@ -78,8 +79,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     checkpoints = Checkpoints(out_dir.parent / f"{out_dir.name}.checkpoints", fingerprint)
     resume = checkpoints.latest()  # checked against this config before any step
 
-    accelerator = Accelerator(mixed_precision=MIXED_PRECISION[resolved.name],
-                              cpu=resolve_device(model.device).type == "cpu")
+    accelerator = _accelerator(MIXED_PRECISION[resolved.name], cpu=resolve_device(model.device).type == "cpu")
     torch.manual_seed(config.seed)
     lm = load_model(model.model_copy(update={"device": "cpu"})).train()  # fp32 weights; autocast computes
     if config.gradient_checkpointing:
@@ -257,6 +257,15 @@ def save_cllm(lm, tokenizer, directory: Path, record: dict) -> None:
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "cllm.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+    """This run's Accelerator. accelerate keeps one process-wide state and refuses a second precision in the
+    same process (a notebook, a test session, a flow run that trains twice); the precision belongs to this run,
+    so the cached precision is dropped while the process group (PartialState) is kept."""
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 def _anyone(accelerator: Accelerator, flag: bool) -> bool:

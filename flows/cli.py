@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -492,8 +493,10 @@ def one_line_errors() -> Iterator[None]:
     try:
         yield
     except ValidationError as error:
+        _drop_new_work_dir()
         raise fail(describe(error)) from None
     except _input_errors() as error:
+        _drop_new_work_dir()
         raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_on_signals), wherever it landed
         from cllm_core.stopping import request_stop
@@ -609,14 +612,28 @@ def use_work_dir(work_dir: Path) -> TemporaryServer | None:
     if "PREFECT_API_URL" in os.environ or "PREFECT_HOME" in os.environ:
         return None
     home = work_dir / ".prefect"
+    if not work_dir.exists():
+        _created["work_dir"] = work_dir
     home.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_HOME"] = str(home.resolve())
     if "prefect" in sys.modules:
         return None
-    server = TemporaryServer(home)
+    server = _created["server"] = TemporaryServer(home)
     os.environ["PREFECT_API_URL"] = server.url
     os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" links that lead nowhere
     return server
+
+
+_created: dict = {}  # the work dir this command created for Prefect's state, and the server it started there
+
+
+def _drop_new_work_dir() -> None:
+    """A command refused before any work leaves no work dir behind: only Prefect's state would be in it."""
+    work_dir, server = _created.pop("work_dir", None), _created.pop("server", None)
+    if work_dir is not None and [p.name for p in work_dir.iterdir()] == [".prefect"]:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 class TrajectoryView:

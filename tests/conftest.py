@@ -43,13 +43,15 @@ def tiny_trajectories(tmp_path_factory, tiny_model_dir):
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_server():
-    """A temporary Prefect server for the flows of one test module."""
+    """One temporary Prefect server for the session's flows (a start costs about 20 s on 2 cores); its API URL,
+    for the `cllm` subprocesses that should use it too. Tests that need a server of their own start one."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture

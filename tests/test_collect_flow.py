@@ -13,7 +13,6 @@ from io import StringIO
 import mlflow
 import prefect_dask
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -54,7 +53,8 @@ def options(model, work):
             "--shard-size", "8", "--batch-size", "4", "--precision", "fp32"]
 
 
-def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(fresh, tiny_model_dir, monkeypatch):
+def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(prefect_server, fresh, tiny_model_dir,
+                                                                              monkeypatch):
     real = tasks.collect.collect_shard
 
     def shard_two_breaks(config, model, prompts, store, shard, record, log):
@@ -64,21 +64,20 @@ def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(f
 
     heard = []
     token = shard_listener.set(lambda *event: heard.append(event))  # not a terminal: the CLI keeps it
-    with prefect_test_harness(server_startup_timeout=180):
-        monkeypatch.setattr(tasks.collect, "collect_shard", shard_two_breaks)
-        first = runner.invoke(app, options(tiny_model_dir, fresh))
-        assert first.exit_code == 1 and "shards [2] failed" in first.output
-        # this run has no deployment: the retry it suggests must name the code (it once left --entrypoint out)
-        assert "--entrypoint flows/collect.py:collect_trajectories` or the same command again" in first.output
-        assert [(collected, total, shard, manifest and manifest["shard"]) for collected, total, shard, manifest
-                in heard] == [(0, 5, None, None), (1, 5, 0, 0), (2, 5, 1, 1), (2, 5, 2, None), (3, 5, 3, 3),
-                              (4, 5, 4, 4)]
-        shard_listener.reset(token)
-        store = ShardStore(str(fresh / "trajectories"))
-        assert sorted(p.name for p in (fresh / "trajectories").glob("shard-*.json")) == [
-            f"shard-0000{i}.json" for i in (0, 1, 3, 4)]
-        monkeypatch.setattr(tasks.collect, "collect_shard", real)
-        second = runner.invoke(app, options(tiny_model_dir, fresh))
+    monkeypatch.setattr(tasks.collect, "collect_shard", shard_two_breaks)
+    first = runner.invoke(app, options(tiny_model_dir, fresh))
+    assert first.exit_code == 1 and "shards [2] failed" in first.output
+    # this run has no deployment: the retry it suggests must name the code (it once left --entrypoint out)
+    assert "--entrypoint flows/collect.py:collect_trajectories` or the same command again" in first.output
+    assert [(collected, total, shard, manifest and manifest["shard"]) for collected, total, shard, manifest
+            in heard] == [(0, 5, None, None), (1, 5, 0, 0), (2, 5, 1, 1), (2, 5, 2, None), (3, 5, 3, 3),
+                          (4, 5, 4, 4)]
+    shard_listener.reset(token)
+    store = ShardStore(str(fresh / "trajectories"))
+    assert sorted(p.name for p in (fresh / "trajectories").glob("shard-*.json")) == [
+        f"shard-0000{i}.json" for i in (0, 1, 3, 4)]
+    monkeypatch.setattr(tasks.collect, "collect_shard", real)
+    second = runner.invoke(app, options(tiny_model_dir, fresh))
     assert second.exit_code == 0, second.output
     assert "5 shards in" in second.output and "1 collected, 4 already done" in second.output
     assert store.read(list(range(5))).num_rows == 36
@@ -88,10 +87,11 @@ def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(f
     assert run.inputs.dataset_inputs[0].dataset.name == "jacobi-trajectories"
 
 
-def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(fresh, tiny_model_dir, tmp_path):
+def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(prefect_server, fresh, tiny_model_dir,
+                                                                            tmp_path):
     command = [sys.executable, "-m", "flows.cli", *options(tiny_model_dir, fresh)[:-6], "--shard-size", "2",
                "--batch-size", "1", "--precision", "fp32"]
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = os.environ | {"PREFECT_API_URL": prefect_server}  # the CLI's own server start is the SIGTERM test's
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     store = fresh / "trajectories"
@@ -175,15 +175,14 @@ def test_the_bars_show_shards_and_training_steps_and_are_off_without_a_terminal(
         assert screen.file.getvalue() == ""
 
 
-def test_the_dask_runner_collects_the_same_rows_as_the_library_in_dask_workers(fresh, tiny_model_dir, tmp_path,
-                                                                                monkeypatch):
+def test_the_dask_runner_collects_the_same_rows_as_the_library_in_dask_workers(prefect_server, fresh, tiny_model_dir,
+                                                                                tmp_path, monkeypatch):
     submitted = []
     real_submit = prefect_dask.DaskTaskRunner.submit
     monkeypatch.setattr(prefect_dask.DaskTaskRunner, "submit",
                         lambda self, task, *args, **kwargs: submitted.append(task.name) or
                         real_submit(self, task, *args, **kwargs))
-    with prefect_test_harness(server_startup_timeout=180):
-        result = runner.invoke(app, [*options(tiny_model_dir, fresh), "--task-runner", "dask"])
+    result = runner.invoke(app, [*options(tiny_model_dir, fresh), "--task-runner", "dask"])
     assert result.exit_code == 0, result.output
     assert "5 shards in" in result.output and "5 collected" in result.output
     assert submitted == ["collect-shard"] * 5

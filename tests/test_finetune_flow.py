@@ -48,8 +48,8 @@ def test_cllm_train_streams_the_curve_and_registers_the_model(prefect_server, wo
 def test_cllm_eval_records_stable_metric_names_the_table_and_pictures(prefect_server, work, tiny_model_dir):
     result = runner.invoke(app, ["eval", "--model", f"teacher={tiny_model_dir}", "--model", f"copy={tiny_model_dir}",
                                  "--work-dir", str(work), "--limit", "3", "--n-tokens", "4", "--max-new-tokens", "12",
-                                 "--method", "ar", "--method", "jacobi"])
-    assert result.exit_code == 0, result.output
+                                 "--method", "ar", "--method", "jacobi", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output  # fp32: Jacobi equals greedy bit for bit (bf16 near-ties may flip)
     assert "| copy | jacobi |" in result.output and "3 prompts" in result.output
     client = mlflow.MlflowClient()
     (run,) = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'evaluate'",

@@ -67,11 +67,12 @@ def test_cllm_ingest_runs_the_flow_and_records_counts_in_mlflow(prefect_server, 
         "prompts/train.parquet", "prompts/eval.parquet", "prompts/manifest.json"}
 
 
-def test_cllm_ingest_bad_input_inside_the_flow_is_one_line_without_traceback(tracking, tmp_path, tiny_model_dir):
+def test_cllm_ingest_bad_input_inside_the_flow_is_one_line_without_traceback(prefect_server, tracking, tmp_path,
+                                                                             tiny_model_dir):
     """Prefect prints a failed run's traceback to the terminal; for bad input `cllm` keeps only the line."""
     source = tmp_path / "tasks.jsonl"
     source.write_text(json.dumps({"text": "hello"}) + "\n")
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = os.environ | {"PREFECT_API_URL": prefect_server}
     result = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(source), "--field", "question=prompt",
                              "--model", str(tiny_model_dir), "--work-dir", str(tmp_path / "work")],
                             capture_output=True, text=True, env=env, timeout=300)
