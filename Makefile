@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The demo on a fresh machine, one pipeline flow: train the demo teacher (1,200 steps, about 4 minutes, or reuse
 # runs/demo/teacher), ingest synthetic-math prompts, collect Jacobi trajectories, consistency-fine-tune a CLLM
-# (about 7 minutes), then decode the held-out prompts with teacher and CLLM x AR and Jacobi.
+# (800 steps, about 4 minutes), then decode the held-out prompts with teacher and CLLM x AR and Jacobi: about
+# 10 minutes on 2 cores of either CPU class (fp32).
 # The stages one by one: cllm teacher / ingest / collect / train / eval --config configs/demo.yaml.
 demo: $(STAMP)
 	$(BIN)/cllm run --config configs/demo.yaml
