@@ -64,7 +64,7 @@ def test_the_pipeline_records_a_run_per_stage_into_a_real_mlflow_server_with_cre
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
-                               "127.0.0.1", "--port", str(port), "--backend-store-uri",
+                               "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
                                f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
                                str(tmp_path / "server-artifacts")], cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
