@@ -289,13 +289,11 @@ def run_pipeline(
     """The whole pipeline from one profile: (teacher) -> ingest -> collect -> fine-tune -> evaluate."""
     with one_line_errors():
         profile = resolve_profile(config, work_dir, overrides=set_ or [])
-        start_prefect(profile.work_dir, profile.tracking)  # first: importing tasks.tracking imports Prefect
-        from tasks.tracking import check_tracking, tracking_uri
-
-        check_tracking(tracking_uri(profile.tracking, profile.work_dir))
+        start_prefect(profile.work_dir, profile.tracking)
         announce_precision(profile.precision, profile.model.device if profile.model else "cpu")
         from cllm_core.report import markdown_table
         from flows.pipeline import cllm_pipeline
+        from tasks.tracking import tracking_uri
 
         with live_progress(progress):
             result = cllm_pipeline(profile)
@@ -546,15 +544,17 @@ def start_prefect(work_dir: Path, tracking: TrackingConfig) -> None:
     process does what every stage needs first: import Prefect and the model code, set up the MLflow store (a new
     SQLite store takes seconds). Prefect reads its settings once, on import: they are all set before. Prefect
     attaches its console handler when it is imported: bad-input tracebacks are kept off it. Credentials in
-    $MLFLOW_TRACKING_URI move to MLflow's variables, so the processes Prefect starts get the bare URI."""
+    $MLFLOW_TRACKING_URI move to MLflow's variables, so the processes Prefect starts get the bare URI. A tracking
+    server that does not answer is one line before the wait for Prefect's."""
     server = use_work_dir(work_dir)
-    from tasks.tracking import move_credentials, tracking_uri
+    from tasks.tracking import check_tracking, move_credentials, tracking_uri
 
     move_credentials()
     import prefect.main  # noqa: F401  (importing it sets up Prefect's logging)
 
     quiet_input_errors()
     uri = tracking_uri(tracking, work_dir)
+    check_tracking(uri)
     if uri.startswith("sqlite:"):
         import mlflow
 

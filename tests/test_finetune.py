@@ -120,7 +120,7 @@ def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_ret
 def test_one_process_trains_in_fp32_then_in_bf16(tmp_path, teacher, store):
     """accelerate caches one precision per process; a second run in another precision (a notebook, a test
     session) trains in its own precision instead of failing."""
-    config = FAST.model_copy(update={"steps": 2})
+    config = FAST.model_copy(update={"steps": 1, "batch_size": 2})
     fp32 = finetune(config, teacher, store, tmp_path / "fp32", precision="fp32", log=quiet)
     bf16 = finetune(config, teacher, store, tmp_path / "bf16", precision="bf16", log=quiet)
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")

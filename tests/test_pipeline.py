@@ -44,33 +44,49 @@ def test_a_token_written_into_the_tracking_uri_is_refused_without_showing_it(tin
         in result.output and "tkn-0123456789" not in result.output
 
 
-def test_the_pipeline_records_a_run_per_stage_into_a_real_mlflow_server_with_credentials_never_shown(
-        prefect_server, tiny_profile, tmp_path, monkeypatch):
-    """A server with basic auth, the credentials in $MLFLOW_TRACKING_URI: one parent run with a child per stage
-    and the registered CLLM, read back over HTTP, and the password appears in no output, MLflow param or tag, or
-    Prefect artifact."""
+PASSWORD = "s3cr3t-pw-0123"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def auth_server(tmp_path_factory):
+    """An MLflow server with basic auth, started with the module so that it boots (about 20 s on 2 cores) while
+    the tests before the one that uses it run; stopped with the module. Yields its URL."""
     import subprocess
     import sys
 
+    from tests.servers import free_port
+
+    directory = tmp_path_factory.mktemp("mlflow-server")
+    (directory / "auth.ini").write_text("[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
+                                        f"database_uri = sqlite:///{directory / 'auth.db'}\n"
+                                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
+                               f"sqlite:///{directory / 'server.db'}", "--artifacts-destination",
+                               str(directory / "server-artifacts")], cwd=directory, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+                                                              "MLFLOW_AUTH_CONFIG_PATH": str(directory / "auth.ini"),
+                                                              "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_pipeline_records_a_run_per_stage_into_a_real_mlflow_server_with_credentials_never_shown(
+        prefect_server, auth_server, tiny_profile, monkeypatch):
+    """A server with basic auth, the credentials in $MLFLOW_TRACKING_URI: one parent run with a child per stage
+    and the registered CLLM, read back over HTTP, and the password appears in no output, MLflow param or tag, or
+    Prefect artifact."""
     from prefect.client.orchestration import get_client
 
     from benchmarks.pipeline import read_all
-    from tests.servers import free_port, wait_healthy
+    from tests.servers import wait_healthy
 
-    password, token = "s3cr3t-pw-0123", "hf_s3cr3tT0ken"
-    (tmp_path / "auth.ini").write_text("[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
-                                       f"database_uri = sqlite:///{tmp_path / 'auth.db'}\n"
-                                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-                               str(tmp_path / "server-artifacts")], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-                                                              "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
-                                                              "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{password}@127.0.0.1:{port}")
+    password, token, uri = PASSWORD, "hf_s3cr3tT0ken", auth_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{password}@{uri.removeprefix('http://')}")
     monkeypatch.setenv("HF_TOKEN", token)
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(name, raising=False)  # the run sets them from the URI
@@ -103,8 +119,6 @@ def test_the_pipeline_records_a_run_per_stage_into_a_real_mlflow_server_with_cre
                     *(str(r.data.params) + str(r.data.tags) for r in runs)]
         assert not [text for text in recorded if password in text or token in text]
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             os.environ.pop(name, None)  # moved there from the URI by the run
 
