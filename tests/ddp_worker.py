@@ -1,4 +1,4 @@
-"""Run by `torchrun --nproc_per_node 2` in test_finetune: fine-tune under DDP (gloo on CPU), print the record.
+"""Run by `torchrun --nproc_per_node 2` in test_finetune: fine-tune under DDP (gloo on CPU), write each rank's record.
 
 Rank 1's clock jumps an hour ahead when it draws step 3's batch, so its wall-clock budget is spent there and
 rank 0's is not: the processes must still stop together (one that stopped alone would hang the other).
@@ -27,5 +27,6 @@ teacher, store, out = sys.argv[1:4]
 config = FinetuneConfig(steps=6, batch_size=2, log_every=2, checkpoint_every=2, ar_weight=1.0, max_minutes=30)
 record = finetune(config, ModelConfig(name_or_path=teacher), store, out, log=lambda line: None)
 metrics = record["metrics"]
-print("RECORD " + json.dumps({"history": record["history"], "steps": metrics["train_steps"],
-                              "stopped_early": metrics["stopped_early"]}), flush=True)
+with open(f"{out}.record-{os.environ['RANK']}.json", "w") as file:  # not stdout: the ranks' lines would interleave
+    json.dump({"history": record["history"], "steps": metrics["train_steps"],
+               "stopped_early": metrics["stopped_early"]}, file)

@@ -282,7 +282,7 @@ def test_two_processes_under_ddp_train_one_model_keep_one_history_and_stop_toget
             run.communicate(timeout=60)
             pytest.fail("the DDP run hung: its processes stopped at different steps")
     assert run.returncode == 0, stderr[-2000:]
-    records = [json.loads(line[len("RECORD "):]) for line in stdout.splitlines() if line.startswith("RECORD")]
+    records = [json.loads((tmp_path / f"cllm.record-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(records) == 2 and records[0] == records[1]
     assert records[0]["steps"] == 3 and records[0]["stopped_early"] is True
     assert [h["step"] for h in records[0]["history"]] == [2, 3]
