@@ -276,7 +276,7 @@ def test_two_processes_under_ddp_train_one_model_keep_one_history_and_stop_toget
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=os.environ | {"OMP_NUM_THREADS": "1"}, cwd=Path(__file__).parents[1]) as run:
         try:
-            stdout, stderr = run.communicate(timeout=180)
+            _, stderr = run.communicate(timeout=180)
         except subprocess.TimeoutExpired:
             run.terminate()  # torchrun ends its workers (they run in sessions of their own)
             run.communicate(timeout=60)
