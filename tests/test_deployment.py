@@ -1,6 +1,6 @@
-"""The deployment path, for real: a Prefect server on 127.0.0.1, a process work pool, `prefect deploy` from
-prefect.yaml, a worker, and the tiny pipeline run as the `cllm-pipeline/local` deployment to completion; then
-everything started here is stopped."""
+"""The deployment path, for real: the session's Prefect server on 127.0.0.1 (a server of its own would cost
+another 20 s), a process work pool, `prefect deploy` from prefect.yaml, a worker, and the tiny pipeline run as
+the `cllm-pipeline/local` deployment to completion; then everything started here is stopped."""
 
 import json
 import os
@@ -10,18 +10,15 @@ from pathlib import Path
 
 import mlflow
 
-from tests.servers import free_port, wait_healthy
-
 ROOT = Path(__file__).parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_path, tiny_pipeline_profile):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
+def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(prefect_server, tracking, tmp_path,
+                                                                          tiny_pipeline_profile):
+    env = os.environ | {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": prefect_server,
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_CLI_PROMPT": "false",
-                        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PWD": str(ROOT)}
+                        "MLFLOW_TRACKING_URI": tracking, "PWD": str(ROOT)}
     started = []
 
     def run(*args, timeout=180):
@@ -30,11 +27,6 @@ def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_p
         return done.stdout
 
     try:
-        server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-        started.append(subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                        cwd=tmp_path, env=server_env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL))
-        wait_healthy(f"{api}/health")
         run("work-pool", "create", "local-pool", "--type", "process")
         assert "cllm-pipeline/local" in run("--no-prompt", "deploy", "--name", "local")
         started.append(subprocess.Popen([*PREFECT, "worker", "start", "--pool", "local-pool", "--limit", "1"],
@@ -53,7 +45,7 @@ def test_the_pipeline_deployment_runs_on_a_process_worker_of_a_real_server(tmp_p
                 process.wait()
     assert all(process.poll() is not None for process in started)
 
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(tracking)
     runs = mlflow.search_runs(experiment_names=["cllm"], output_format="list")
     (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
     stages = {r.data.tags["cllm.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}

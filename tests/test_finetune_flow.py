@@ -13,11 +13,10 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def work(tmp_path, tiny_trajectories, monkeypatch):
+def work(tmp_path, tiny_trajectories, tracking):
     """A work dir as the earlier stages leave it: prompts and trajectories (of the tiny teacher)."""
     shutil.copytree(tiny_trajectories / "prompts", tmp_path / "work/prompts")
     shutil.copytree(tiny_trajectories / "store", tmp_path / "work/trajectories")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return tmp_path / "work"
 
 

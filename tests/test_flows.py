@@ -3,12 +3,10 @@ SQLite MLflow store) through `cllm`, as a user runs them."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import mlflow
-import pytest
 import yaml
 from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
@@ -19,23 +17,6 @@ from tasks.ingest import write_prompts
 from tests.test_teacher import TINY
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def migrated_mlflow_db(tmp_path_factory):
-    """One migrated MLflow store per module; each test works on a copy (migrations cost seconds)."""
-    path = tmp_path_factory.mktemp("mlflow") / "template.db"
-    mlflow.set_tracking_uri(f"sqlite:///{path}")
-    mlflow.search_experiments()
-    return path
-
-
-@pytest.fixture
-def tracking(tmp_path, migrated_mlflow_db, monkeypatch):
-    db = tmp_path / "mlflow.db"
-    shutil.copy(migrated_mlflow_db, db)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    return f"sqlite:///{db}"
 
 
 def runs(uri, stage):

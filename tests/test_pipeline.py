@@ -15,10 +15,9 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def tiny_profile(tmp_path, tiny_pipeline_profile, monkeypatch):
+def tiny_profile(tmp_path, tiny_pipeline_profile, tracking):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_pipeline_profile))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return path
 
 
@@ -59,7 +58,8 @@ def auth_server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("mlflow-server")
     (directory / "auth.ini").write_text("[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
                                         f"database_uri = sqlite:///{directory / 'auth.db'}\n"
-                                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                                        "auth_cache_ttl_seconds = 300\n")  # as README advises: 0.25 s a request without
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
                                "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri",
@@ -123,8 +123,7 @@ def test_the_pipeline_records_a_run_per_stage_into_a_real_mlflow_server_with_cre
             os.environ.pop(name, None)  # moved there from the URI by the run
 
 
-def test_a_teacher_below_its_quality_floor_stops_the_pipeline_in_one_line(prefect_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_a_teacher_below_its_quality_floor_stops_the_pipeline_in_one_line(prefect_server, tmp_path, tracking):
     profile = tmp_path / "floor.yaml"
     profile.write_text(yaml.safe_dump({
         "work_dir": str(tmp_path / "work"), "precision": "fp32",
