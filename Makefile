@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint ui clean
+.PHONY: setup demo test test-fast lint ui clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The fast tiers while you work (under a minute): no servers, subprocess pipelines, DDP or SmolLM2.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The MLflow UI on the demo's runs, on 127.0.0.1:5000 only.
 ui: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -219,6 +220,8 @@ def collect(
                      "batch_size": batch_size, "shard_size": shard_size, "limit": limit, "devices": device})
         if profile.model is None:
             raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+        if task_runner == "dask" and importlib.util.find_spec("prefect_dask") is None:
+            raise ValueError("the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'")
         announce_precision(profile.precision, profile.model.device)
         start_prefect(profile.work_dir, profile.tracking)
         from flows.collect import collect_trajectories

@@ -4,6 +4,15 @@ import torch
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import SMOLLM2, load_model, load_tokenizer
 
+SLOW_FIXTURES = {"prefect_server", "smollm2", "auth_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that boots a server or loads SmolLM2 is slow, whether or not it says so."""
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():

@@ -55,15 +55,6 @@ def test_a_bad_profile_names_the_file_and_the_field(tmp_path):
     assert result.exit_code == 1 and "no model: pass --model" in result.output
 
 
-def test_shipped_profiles_are_valid():
-    from pathlib import Path
-
-    from cllm_core.config import load_profile
-
-    for path in Path("configs").glob("*.yaml"):
-        load_profile(path)
-
-
 def test_cllm_without_arguments_lists_the_stages():
     result = subprocess.run([sys.executable, "-m", "flows.cli"], capture_output=True, text=True)
     assert "decode" in result.stdout

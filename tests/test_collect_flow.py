@@ -117,6 +117,7 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(pre
 
 
 
+@pytest.mark.slow
 def test_sigterm_mid_shard_stops_it_unpublished_in_one_line_and_a_rerun_equals_an_uninterrupted_collection(
         fresh, tiny_model_dir, tmp_path):
     """SIGTERM once left `cllm collect` waiting for the running shard to finish (#14): the shard now stops at its

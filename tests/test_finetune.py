@@ -261,6 +261,7 @@ def test_gradient_checkpointing_trades_memory_for_time_without_changing_the_loss
     assert [loss for _, loss in history(recomputed)] == pytest.approx([loss for _, loss in history(plain)], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_under_ddp_train_one_model_keep_one_history_and_stop_together_when_their_clocks_differ(
         tmp_path, tiny_model_dir, store):
     """The loop is plain `accelerate`: torchrun with 2 CPU processes (gloo) is DDP from the same code. Regression:

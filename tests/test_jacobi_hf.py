@@ -15,9 +15,16 @@ def model(request):
     return model
 
 
+_greedy_outputs: dict = {}
+
+
 def greedy(model, ids, mask, eos):
-    return model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                          eos_token_id=eos, pad_token_id=PAD)
+    """`generate`'s greedy output, computed once per model, prompts and EOS (the parametrised tests share it)."""
+    key = (model.config.model_type, tuple(ids.flatten().tolist()), tuple(mask.flatten().tolist()), tuple(eos or ()))
+    if key not in _greedy_outputs:
+        _greedy_outputs[key] = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                                              eos_token_id=eos, pad_token_id=PAD)
+    return _greedy_outputs[key].clone()
 
 
 def eos_from_output(model, ids, mask) -> int:
