@@ -99,13 +99,13 @@ HEADLINE_SUFFIXES = (".tokens_per_forward", ".speedup", ".accuracy", ".exact_mat
                      "final_agreement", "sample_tokens_per_forward", "train_seconds", "prompts_per_s")
 
 
-def compare_runs(run_ids: list[str], work_dir: Path, experiment: str = "cllm") -> tuple[list[str], list[list[str]]]:
+def compare_runs(run_ids: list[str], work_dir: Path, tracking: TrackingConfig) -> tuple[list[str], list[list[str]]]:
     """Column names (one per run) and rows: the params that differ between the runs, then headline metrics.
 
     No ids: the two latest evaluation runs of the experiment.
     """
-    mlflow.set_tracking_uri(tracking_uri(TrackingConfig(experiment=experiment), work_dir))
-    found = [_run(run_id) for run_id in run_ids] or latest_evaluations(experiment)
+    mlflow.set_tracking_uri(tracking_uri(tracking, work_dir))
+    found = [_run(run_id) for run_id in run_ids] or latest_evaluations(tracking.experiment)
     columns = [f"{run.info.run_name} {run.info.run_id[:8]}" for run in found]
     params = sorted({key for run in found for key in run.data.params})
     rows = [[key, *(run.data.params.get(key, "-") for run in found)] for key in params

@@ -45,6 +45,52 @@ def test_decode_reads_a_profile_and_options_override_it(tiny_model_dir, tmp_path
     assert "3 tokens in 3 forwards" in result.output
 
 
+def test_set_works_on_every_command_and_an_option_beats_it(tiny_model_dir, tmp_path):
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndecode:\n  max_new_tokens: 5\n")
+    result = runner.invoke(app, ["decode", "--config", str(profile), "--set", "decode.max_new_tokens=4", "--no-live",
+                                 "Hi"])
+    assert result.exit_code == 0 and "4 tokens in 4 forwards" in result.output, result.output
+    result = runner.invoke(app, ["decode", "--config", str(profile), "--set", "decode.max_new_tokens=4",
+                                 "--max-new-tokens", "3", "--no-live", "Hi"])
+    assert "3 tokens in 3 forwards" in result.output
+    for command in ("ingest", "teacher", "collect", "train", "eval", "ui", "compare"):
+        refused = runner.invoke(app, [command, "--set", "nowhere.field=1", "--work-dir", str(tmp_path / "w")])
+        assert refused.exit_code == 1 and "nowhere: Extra inputs are not permitted" in refused.output, command
+        assert not (tmp_path / "w").exists()
+
+
+def test_every_config_field_is_an_option_of_the_commands_that_read_its_section():
+    """A config field is one edit: declared in cllm_core/config.py, it is an option with its description."""
+    import typer.main
+
+    from cllm_core.config import (
+        CollectConfig,
+        DecodeConfig,
+        EvalConfig,
+        FinetuneConfig,
+        IngestConfig,
+        ModelConfig,
+        TeacherConfig,
+    )
+    from flows.cli.base import ARGUMENTS, OPTION_NAMES
+
+    commands = typer.main.get_command(app).commands
+    reads = {"decode": {"model": ModelConfig, "decode": DecodeConfig}, "teacher": {"teacher": TeacherConfig},
+             "ingest": {"ingest": IngestConfig, "model": ModelConfig},
+             "collect": {"collect": CollectConfig, "model": ModelConfig},
+             "train": {"finetune": FinetuneConfig, "model": ModelConfig}, "eval": {"evaluate": EvalConfig}}
+    for name, sections in reads.items():
+        params = {param.name: param for param in commands[name].params}
+        for section, model in sections.items():
+            for field, info in model.model_fields.items():
+                param = params[OPTION_NAMES.get(f"{section}.{field}", field)]
+                assert info.description and info.description[:15] in param.help, (name, field)
+                is_argument = f"{section}.{field}" in ARGUMENTS
+                assert (param.param_type_name == "argument") == is_argument, (name, field)
+        assert {"config", "set_", "work_dir"} <= set(params), name
+
+
 def test_a_bad_profile_names_the_file_and_the_field(tmp_path):
     profile = tmp_path / "bad.yaml"
     profile.write_text("model:\n  name_or_path: x\ndecode:\n  n_tokens: -1\n")

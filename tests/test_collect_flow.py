@@ -155,8 +155,8 @@ def test_the_bars_show_shards_and_training_steps_and_are_off_without_a_terminal(
     from tasks.progress import step_listener
 
     screen = Console(file=StringIO(), force_terminal=True, width=220)
-    monkeypatch.setattr("flows.cli.console", screen)
-    monkeypatch.setattr("flows.cli._prefect_console_handlers", lambda: [])
+    monkeypatch.setattr("flows.cli.progress.console", screen)
+    monkeypatch.setattr("flows.cli.startup.prefect_console_handlers", lambda: [])
     manifest = {"prompts_per_s": 12.5, "tokens_per_s": 300.0, "mean_passes_per_block": 2.25}
     with live_progress(True):
         shard_listener.get()(1, 3, None, None)
@@ -169,7 +169,7 @@ def test_the_bars_show_shards_and_training_steps_and_are_off_without_a_terminal(
     assert "fine-tuning" in shown and "40/600" in shown and "loss 10.750, 6500 tokens/s" in shown
     for enabled, terminal in ((False, True), (True, False)):
         screen = Console(file=StringIO(), force_terminal=terminal)
-        monkeypatch.setattr("flows.cli.console", screen)
+        monkeypatch.setattr("flows.cli.progress.console", screen)
         with live_progress(enabled):
             assert shard_listener.get() is None and step_listener.get() is None
         assert screen.file.getvalue() == ""
