@@ -103,7 +103,7 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
                               init=config.init, seed=seeds, carry=config.carry, return_trajectories=True)
         forwards += out.stats.forwards
         for r, prompt in enumerate(batch):
-            response = out.sequences[r, ids.shape[1]:ids.shape[1] + out.stats.row_new_tokens[r]].tolist()
+            response = out.response(r, ids.shape[1])
             rows.append(trajectory_row(prompt["prompt_id"], ids[r][mask[r].bool()].tolist(), response,
                                        out.trajectories[r], config.n_tokens, bool(response) and response[-1] in eos))
     seconds = time.perf_counter() - start

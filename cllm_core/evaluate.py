@@ -178,20 +178,16 @@ def _timed(decode, model, ids, mask):
 
 
 def _record(prompt, model, method, row, prompt_len, seconds, out, ar, tokenizer, check) -> dict:
-    response = _response(out, row, prompt_len)
+    response = out.response(row, prompt_len)
     text = tokenizer.decode(response, skip_special_tokens=True)
     new_tokens, forwards = out.stats.row_new_tokens[row], out.stats.row_forwards[row]
     return {"prompt_id": prompt["prompt_id"], "model": model, "method": method, "new_tokens": new_tokens,
             "forwards": forwards, "tokens_per_forward": new_tokens / max(forwards, 1), "seconds": seconds,
             "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
             "fast_forward": out.stats.row_fast_forward[row], "stationary": out.stats.row_stationary[row],
-            "matches_ar": ar is not None and response == _response(ar[1], row, prompt_len),
+            "matches_ar": ar is not None and response == ar[1].response(row, prompt_len),
             "answer": extract_answer(text), "correct": bool(prompt.get("answer")) and check(text, prompt["answer"]),
             "repetitive": repetitive(response), "response": text}
-
-
-def _response(out, row: int, prompt_len: int) -> list[int]:
-    return out.sequences[row, prompt_len: prompt_len + out.stats.row_new_tokens[row]].tolist()
 
 
 def _speed(group: list[dict]) -> float:

@@ -12,11 +12,11 @@ finished. The same config, teacher and data reuse the finished directory.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from cllm_core.checkpoints import Checkpoints, rng_state
 from cllm_core.collect import read_prompt_table
@@ -37,7 +37,8 @@ from cllm_core.losses import ar_loss, consistency_kl, consistency_mask
 from cllm_core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
 from cllm_core.precision import resolve
 from cllm_core.prompts import encode
-from cllm_core.samples import Batch, Sampler, label_ids, load_trajectories
+from cllm_core.samples import Batch, Sampler, TrajectoryData, label_ids, load_trajectories
+from cllm_core.schedule import warmup_cosine
 from cllm_core.stopping import raise_if_stopped
 from cllm_core.trajectories import repetitive
 
@@ -59,8 +60,41 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     `progress` (step, steps, figures) too. Training autocasts to the resolved `precision` over fp32 weights; a
     run that its `max_minutes` guard stops is announced through `warn`, published, and retrained by a rerun.
     """
-    resolved, warn = resolve(precision, model.device), warn or log
-    out_dir = Path(out_dir)
+    run = prepare(config, model, store, Path(out_dir), answers, precision, log)
+    if isinstance(run, dict):
+        return run
+    fitted = fit(run, probe, log, warn or log, on_metrics, on_samples, progress)
+    return publish(run, fitted, log)
+
+
+@dataclass
+class Training:
+    """What `prepare` sets up and `fit` trains: the data, the model under accelerate, where it resumes."""
+
+    config: FinetuneConfig
+    model: ModelConfig
+    store: str
+    out_dir: Path
+    precision: str
+    fingerprint: str
+    tokenizer: PreTrainedTokenizerBase
+    data: TrajectoryData
+    labels: dict[int, list[int]] | None
+    checkpoints: Checkpoints
+    accelerator: Accelerator
+    lm: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    history: list = field(default_factory=list)
+    start_step: int = 0
+    spent: float = 0.0
+
+
+def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, answers: dict[str, str] | None,
+            precision: str, log: Callable[[str], None]) -> Training | dict:
+    """The reuse check (the held CLLM's record when it is the same run), then data, labels, the accelerator,
+    the model and optimizer, and the checkpoint to resume from (checked against this config before any step)."""
+    resolved = resolve(precision, model.device)
     tokenizer = load_tokenizer(model)
     data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
     fingerprint = f"{config.fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
@@ -77,7 +111,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
         labels = label_ids(data, answers or {}, lambda text: tokenizer(text, add_special_tokens=False).input_ids,
                            tokenizer.eos_token_id)
     checkpoints = Checkpoints(out_dir.parent / f"{out_dir.name}.checkpoints", fingerprint)
-    resume = checkpoints.latest()  # checked against this config before any step
+    resume = checkpoints.latest()
 
     accelerator = _accelerator(MIXED_PRECISION[resolved.name], cpu=resolve_device(model.device).type == "cpu")
     torch.manual_seed(config.seed)
@@ -87,32 +121,42 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
-    history, start_step, spent = [], 0, 0.0
+    run = Training(config, model, store, out_dir, resolved.name, fingerprint, tokenizer, data, labels, checkpoints,
+                   accelerator, lm, optimizer, scheduler)
     if resume is not None:
         state = checkpoints.load(resume, accelerator.unwrap_model(lm), optimizer, scheduler, accelerator.scaler,
                                  accelerator.process_index)
-        history, start_step, spent = state["history"], state["step"], state["seconds"]
-        log(f"resuming from {resume} at step {start_step}")
+        run.history, run.start_step, run.spent = state["history"], state["step"], state["seconds"]
+        log(f"resuming from {resume} at step {run.start_step}")
     log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
         f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, batch {config.batch_size}, "
         f"{resolved.name}")
+    return run
 
-    sampler = Sampler(data, config, labels, tokenizer.pad_token_id, accelerator.process_index)
-    probe_ids = encode(tokenizer, probe[0][: config.sample_prompts], chat=probe[1]) if probe[0] else None
+
+def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None], warn: Callable[[str], None],
+        on_metrics: Callback | None, on_samples: Callback | None,
+        progress: Callable[[int, int, dict], None] | None) -> dict:
+    """The loop, from the resumed step to `steps` or the wall-clock guard: losses, logging, Jacobi samples,
+    checkpoints. Returns the run's metrics."""
+    config, data, accelerator, lm = run.config, run.data, run.accelerator, run.lm
+    sampler = Sampler(data, config, run.labels, run.tokenizer.pad_token_id, accelerator.process_index)
+    probe_ids = encode(run.tokenizer, probe[0][: config.sample_prompts], chat=probe[1]) if probe[0] else None
     longest = max(len(r) for r in data.rows["response_ids"])
+    history = run.history
     window, window_tokens, window_start = [], 0, time.perf_counter()
-    step, began, stopped_early, samples = start_step, time.perf_counter() - spent, False, None
+    step, began, stopped_early, samples = run.start_step, time.perf_counter() - run.spent, False, None
     while step < config.steps:
         raise_if_stopped()
         step += 1
         batch = sampler.batch(step)
         with accelerator.autocast():
-            loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=labels is None)
+            loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         window.append(terms | {"grad_norm": float(grad_norm)})
         window_tokens += batch.tokens
         out_of_time = config.max_minutes is not None and _anyone(  # every process stops at the same step
@@ -120,7 +164,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
         last = step == config.steps or out_of_time
         if step % config.log_every == 0 or last:
             metrics = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
-            metrics |= {"lr": scheduler.get_last_lr()[0],
+            metrics |= {"lr": run.scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
             metrics = _across_processes(accelerator, metrics)
             history.append({"step": step, **metrics})
@@ -134,7 +178,8 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
                 f"{metrics['tokens_per_s']:.0f} tok/s, about {left:.0f} s left")
             window, window_tokens, window_start = [], 0, time.perf_counter()
         if probe_ids is not None and (step % config.sample_every == 0 or last):
-            samples = sample(accelerator.unwrap_model(lm), tokenizer, probe_ids, data.n_tokens, longest + data.n_tokens)
+            samples = sample(accelerator.unwrap_model(lm), run.tokenizer, probe_ids, data.n_tokens,
+                             longest + data.n_tokens)
             if on_samples and accelerator.is_main_process:
                 on_samples(step, samples)
             warning = " (collapse: the same tokens over and over)" if samples["repetitive"] else ""
@@ -143,34 +188,41 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
         if step % config.checkpoint_every == 0 and not last:
             rng = gather_object([rng_state()])  # every process's own RNG (a collective: all wait here)
             if accelerator.is_main_process:
-                checkpoints.save(step, accelerator.unwrap_model(lm), optimizer, scheduler, history,
-                                 time.perf_counter() - began, rng, accelerator.scaler)
+                run.checkpoints.save(step, accelerator.unwrap_model(lm), run.optimizer, run.scheduler, history,
+                                     time.perf_counter() - began, rng, accelerator.scaler)
         if out_of_time:
             stopped_early = True
-            warn(budget_warning("fine-tuning", step, config.steps, time.perf_counter() - began, resolved.name,
+            warn(budget_warning("fine-tuning", step, config.steps, time.perf_counter() - began, run.precision,
                                 "finetune.max_minutes"))
             break
 
-    seconds = time.perf_counter() - began
-    metrics = {"train_steps": step, "train_seconds": seconds, "stopped_early": stopped_early,
+    metrics = {"train_steps": step, "train_seconds": time.perf_counter() - began, "stopped_early": stopped_early,
                "train_blocks": len(data.items), "train_prompts": len(data.rows),
                "excluded_repetitive": data.excluded_repetitive, **{f"final_{k}": v for k, v in history[-1].items()
                                                                    if k != "step"}}
     if samples is not None:
         metrics |= {"sample_tokens_per_forward": samples["tokens_per_forward"],
                     "sample_repetitive": samples["repetitive"]}
+    return metrics
+
+
+def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> dict:
+    """Save the CLLM with its record (`cllm.json`) into `out_dir` in one step, from the main process; drop the
+    checkpoints. Every process returns the published record."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
-        record = {"config": config.model_dump(), "fingerprint": fingerprint, "precision": resolved.name,
-                  "teacher": model.model_dump(),
-                  "trajectories": {"store": store, "fingerprint": data.fingerprint}, "n_tokens": data.n_tokens,
-                  "metrics": metrics, "history": history}
-        with publish_dir(out_dir) as staging:
-            save_cllm(accelerator.unwrap_model(lm), tokenizer, staging, record)
-        shutil.rmtree(checkpoints.root, ignore_errors=True)
-        log(f"saved the CLLM to {out_dir} after {step} steps in {seconds:.0f} s")
+        record = {"config": run.config.model_dump(), "fingerprint": run.fingerprint, "precision": run.precision,
+                  "teacher": run.model.model_dump(),
+                  "trajectories": {"store": run.store, "fingerprint": run.data.fingerprint},
+                  "n_tokens": run.data.n_tokens, "metrics": metrics, "history": run.history}
+        with publish_dir(run.out_dir) as staging:
+            save_cllm(accelerator.unwrap_model(run.lm), run.tokenizer, staging, record)
+        shutil.rmtree(run.checkpoints.root, ignore_errors=True)
+        log(f"saved the CLLM to {run.out_dir} after {metrics['train_steps']} steps in "
+            f"{metrics['train_seconds']:.0f} s")
     accelerator.wait_for_everyone()
-    return json.loads(record_path.read_text()) | {"path": str(out_dir), "reused": False}
+    return json.loads((run.out_dir / "cllm.json").read_text()) | {"path": str(run.out_dir), "reused": False}
 
 
 def describe_cllm(record: dict) -> str:
@@ -227,11 +279,9 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool) -> tuple
 
 
 def lr_factor(config: FinetuneConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` at `steps`."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warm-up, then cosine decay (over the steps after the warm-up) to `min_lr_ratio` at `steps`."""
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return warmup_cosine(step, config.warmup_steps, progress, floor=config.min_lr_ratio)
 
 
 @torch.no_grad()
@@ -242,9 +292,8 @@ def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: 
     ids, mask = (t.to(lm.device) for t in prompts)
     out = jacobi_generate(lm, ids, mask, n_tokens=n_tokens, max_new_tokens=max_new_tokens)
     lm.train(was_training)
-    responses = [out.sequences[r, ids.shape[1]: ids.shape[1] + out.stats.row_new_tokens[r]].tolist()
-                 for r in range(len(ids))]
-    return {"tokens_per_forward": sum(out.stats.row_new_tokens) / max(1, sum(out.stats.row_forwards)),
+    responses = [out.response(r, ids.shape[1]) for r in range(len(ids))]
+    return {"tokens_per_forward": out.stats.tokens_per_forward,
             "repetitive": sum(repetitive(r) for r in responses),
             "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
 

@@ -72,6 +72,10 @@ class DecodeOutput:
     stats: DecodeStats
     trajectories: list[list[BlockTrajectory]] | None = field(default=None)  # [row][block]
 
+    def response(self, row: int, prompt_len: int) -> list[int]:
+        """Row `row`'s new tokens (EOS included where it stopped), without the padding after them."""
+        return self.sequences[row, prompt_len: prompt_len + self.stats.row_new_tokens[row]].tolist()
+
 
 def pad_sequences(input_ids: torch.Tensor, responses: list[list[int]], pad_token_id: int) -> torch.Tensor:
     """Prompt batch + ragged responses -> one (B, L + max T) tensor, finished rows padded, as `generate`."""

@@ -12,7 +12,6 @@ Training runs in the run's precision (`cllm_core.precision`), Muon's iteration i
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from cllm_core.files import publish_dir
 from cllm_core.guards import BelowQualityFloor, budget_warning
 from cllm_core.muon import Muon
 from cllm_core.precision import resolve
+from cllm_core.schedule import warmup_cosine
 from cllm_core.stopping import raise_if_stopped
 from cllm_core.templates import render_template
 
@@ -125,10 +125,8 @@ def batches(examples: list[Example], batch_size: int, pad: int, rng: random.Rand
 
 
 def learning_rate(config: TeacherConfig, step: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak as progress goes from 0 to 1."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    """Linear warm-up, then cosine decay to 10% of the peak as progress (of the whole run) goes from 0 to 1."""
+    return config.lr * warmup_cosine(step, config.warmup_steps, progress, floor=0.1)
 
 
 def make_optimisers(config: TeacherConfig, model: LlamaForCausalLM,
