@@ -92,13 +92,13 @@ def jacobi_steps(
     it every block starts from a whole guess, as in the paper's trajectories (and its reference code).
     Arguments are checked here, before the first step is asked for.
     """
-    return _steps(*_setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id,
-                          init, seed, carry))
+    return _steps(_setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id,
+                         init, seed, carry))
 
 
 def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
            carry=True):
-    """Check the arguments and build the loop's state: (forward, input_ids, kv_mask, rows, pad, rule)."""
+    """Check the arguments and build the loop's state."""
     check_model(model)
     check_positive("n_tokens", n_tokens)
     check_positive("max_new_tokens", max_new_tokens)
@@ -115,7 +115,7 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
     rule = _Rule(n_tokens, max_new_tokens, eos, init, carry)
-    return _Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule
+    return _Loop(_Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule)
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,21 @@ class _Rule:
     carry: bool = True
 
 
-def _steps(forward, input_ids, kv_mask, rows, pad, rule) -> Iterator[JacobiStep]:
+@dataclass(frozen=True)
+class _Loop:
+    """What the loop starts from: the model's forward, the prompts and their mask, the rows, pad, the rule."""
+
+    forward: _Forward
+    input_ids: torch.Tensor
+    kv_mask: torch.Tensor
+    rows: list[_Row]
+    pad: int
+    rule: _Rule
+
+
+def _steps(loop: _Loop) -> Iterator[JacobiStep]:
+    forward, input_ids, kv_mask, rows, pad, rule = (loop.forward, loop.input_ids, loop.kv_mask, loop.rows, loop.pad,
+                                                    loop.rule)
     if rule.carry:  # the prefill fixes the first token, which opens the first block
         logits = forward(input_ids, kv_mask, _positions(kv_mask), last_only=True)  # (B, 1, V)
         first = logits[:, -1].argmax(-1).tolist()
@@ -262,14 +276,13 @@ def jacobi_generate(
 ) -> DecodeOutput:
     """Greedy Jacobi decoding shaped like `model.generate`: `out.sequences` is (B, L + T), rows that
     stopped early are padded; `out.stats` counts forwards, tokens, fast-forward and stationary tokens."""
-    setup = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
-                   carry)
-    pad = setup[4]
+    loop = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
+                  carry)
     batch = len(input_ids)
     stats = DecodeStats.empty(batch)
     responses: list[list[int]] = [[] for _ in range(batch)]
     states: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in range(batch)]
-    for step in _steps(*setup):
+    for step in _steps(loop):
         stats.forwards += 1
         for r in step.rows:
             stats.row_forwards[r.row] += 1
@@ -279,7 +292,7 @@ def jacobi_generate(
             responses[r.row].extend(r.committed)
             if return_trajectories and r.state:
                 states[r.row].setdefault(r.block, []).append(r.state)
-    sequences = pad_sequences(input_ids, responses, pad)
+    sequences = pad_sequences(input_ids, responses, loop.pad)
     trajectories = None
     if return_trajectories:
         trajectories = [_blocks(seen, response, n_tokens) for seen, response in zip(states, responses)]
