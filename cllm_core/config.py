@@ -305,13 +305,20 @@ def set_value(data: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ValueError(f"--set expects SECTION.FIELD=VALUE (e.g. collect.n_tokens=32), got {item!r}")
+    put(data, key, yaml.safe_load(value))
+
+
+def put(data: dict, key: str, value) -> None:
+    """Set the value at a dotted key (`collect.n_tokens`) of a raw profile, making the sections it needs."""
     *path, last = key.split(".")
     node = data
     for part in path:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ValueError(f"--set {key}: {part} is not a section")
-    node[last] = yaml.safe_load(value)
+            raise ValueError(f"{key}: {part} is not a section")
+    node[last] = value
 
 
 def load_profile(path: str | Path) -> Profile:

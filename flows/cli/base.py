@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from cllm_core.config import Profile, describe, read_profile, set_value
+from cllm_core.config import Profile, describe, put, read_profile, set_value
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
@@ -86,7 +86,7 @@ def command(*sections: str, name: str | None = None, precision: bool = True):
                 for parameter, path in paths.items():
                     value = given.pop(parameter)
                     if value is not None:
-                        _put(data, path, _parsed(path, value))
+                        put(data, path, _parsed(path, value))
                 return body(Profile.model_validate(data), **given)
 
         run.__signature__ = inspect.Signature(parameters)
@@ -178,15 +178,6 @@ def _parsed(path: str, value):
 def _field_info(path: str):
     section, _, field = path.rpartition(".")
     return _section_model(section).model_fields[field]
-
-
-def _put(data: dict, path: str, value) -> None:
-    *parents, last = path.split(".")
-    node = data
-    for part in parents:
-        node[part] = dict(node.get(part) or {})
-        node = node[part]
-    node[last] = value
 
 
 @contextmanager
