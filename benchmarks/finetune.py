@@ -24,7 +24,7 @@ from rich.table import Table
 
 from benchmarks import write_json
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig, load_profile
+from cllm_core.config import EvalConfig, JacobiConfig, load_profile
 from cllm_core.evaluate import run_evaluation
 from cllm_core.finetune import finetune
 
@@ -44,8 +44,8 @@ def train_variants(args, profile) -> dict[str, dict]:
 def evaluate(args, profile, records: dict[str, dict]) -> dict:
     """The product's evaluation (cllm_core.evaluate) of the teacher and every variant, AR and Jacobi, plus how
     many of each pair's outputs equal the teacher's AR output."""
-    config = EvalConfig(methods=["ar", "jacobi"], n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens,
-                        limit=args.limit, warmup=args.warmup)
+    config = EvalConfig(methods=["ar", "jacobi"], limit=args.limit, warmup=args.warmup,
+                        jacobi=JacobiConfig(n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens))
     models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r["path"]) for name, r in records.items()}
     result = run_evaluation(config, models, profile.work_dir / "prompts/eval.parquet",
                             profile.work_dir / "finetune-bench/eval", log=lambda line: None)

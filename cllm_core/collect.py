@@ -53,8 +53,8 @@ def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: s
     """Everything that decides shard content, and its hash (`config_hash`); `tokenizer` is the teacher's
     tokenizer fingerprint, which fine-tuning checks its own against; `precision` is the resolved name (fp32,
     bf16, fp16) the teacher decodes in. The teacher is its content identity: not its path, not its device."""
-    content = config.model_dump(exclude={"batch_size", "devices", "max_repetitive"}) | _rounding(config, model,
-                                                                                                  precision)
+    kept = config.model_dump(exclude={"jacobi", "batch_size", "devices", "max_repetitive"})
+    content = config.jacobi.model_dump() | kept | _rounding(config, model, precision)  # flat: old stores stay valid
     record = {"config": content, "precision": precision, "teacher": model_identity(model), "tokenizer": tokenizer,
               "prompts_sha256": file_digest(prompts_path)}
     record["config_hash"] = digest(record)
@@ -98,14 +98,14 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     for first in range(0, len(part), config.batch_size):
         batch = part[first:first + config.batch_size]
         ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
-        seeds = [int(p["prompt_id"][:8], 16) ^ config.seed for p in batch]
-        out = jacobi_generate(lm, ids, mask, n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens,
-                              init=config.init, seed=seeds, carry=config.carry, return_trajectories=True)
+        seeds = [int(p["prompt_id"][:8], 16) ^ config.jacobi.seed for p in batch]
+        out = jacobi_generate(lm, ids, mask, **config.jacobi.arguments() | {"seed": seeds}, return_trajectories=True)
         forwards += out.stats.forwards
         for r, prompt in enumerate(batch):
             response = out.response(r, ids.shape[1])
+            finished = bool(response) and response[-1] in eos
             rows.append(trajectory_row(prompt["prompt_id"], ids[r][mask[r].bool()].tolist(), response,
-                                       out.trajectories[r], config.n_tokens, bool(response) and response[-1] in eos))
+                                       out.trajectories[r], config.jacobi.n_tokens, finished))
     seconds = time.perf_counter() - start
     tokens = sum(len(row["response_ids"]) for row in rows)
     passes = [p for row in rows for p in row["block_passes"]]

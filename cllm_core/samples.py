@@ -19,7 +19,7 @@ import datasets
 import pyarrow.compute as pc
 import torch
 
-from cllm_core.config import FinetuneConfig
+from cllm_core.config import JACOBI_FIELDS, FinetuneConfig
 from cllm_core.identity import digest, seed_of
 from cllm_core.shards import ShardStore
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
@@ -36,6 +36,7 @@ class TrajectoryData:
     n_tokens: int
     fingerprint: str  # the collection's config hash and the shards' checksums
     excluded_repetitive: int
+    decoding: dict  # how the teacher decoded them: the collection's Jacobi settings (n_tokens, init, carry, ...)
 
 
 def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_size: int | None = None,
@@ -85,8 +86,9 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
         raise ValueError(f"the trajectories in {store_url} have no intermediate states to train on{left_out}")
     fingerprint = digest({"collection": collection["config_hash"],
                           "shards": [store.manifest(shard)["sha256"] for shard in shards]})
+    decoding = {key: value for key, value in collection["config"].items() if key in JACOBI_FIELDS}
     return TrajectoryData(datasets.Dataset(table), items, sizes[0], fingerprint,
-                          repetitive if not include_repetitive else 0)
+                          repetitive if not include_repetitive else 0, decoding)
 
 
 @dataclass(frozen=True)

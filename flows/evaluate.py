@@ -30,6 +30,7 @@ def evaluate_speedup(evaluate: EvalConfig, models: dict[str, ModelConfig], work_
                                                      "precision": precision}):
         result = evaluate_models(evaluate, models, work_dir / "prompts" / "eval.parquet", out_dir, precision)
         mlflow.set_tag("cllm.precision", result["precision"])
+        mlflow.log_param("n_tokens", result["jacobi"]["n_tokens"])  # the block size decoded at, as trained or set
         summary = result["summary"]
         mlflow.log_metrics(headline_metrics(summary))
         mlflow.log_table({key: [row.get(key) for row in summary] for key in summary[0]}, "summary.json")

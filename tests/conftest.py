@@ -47,7 +47,7 @@ def tiny_trajectories(tmp_path_factory, tiny_model_dir):
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
     ingest(IngestConfig(source=str(source), template="plain", eval_fraction=0.2), teacher, directory / "prompts",
            log=lambda line: None)
-    collect(CollectConfig(n_tokens=4, max_new_tokens=12, batch_size=8, shard_size=8), teacher,
+    collect(CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=8, shard_size=8), teacher,
             directory / "prompts/train.parquet", str(directory / "store"), log=lambda line: None)
     return directory
 
@@ -94,6 +94,6 @@ def tiny_pipeline_profile(tmp_path, tiny_model_dir) -> dict:
                               for i in range(12)))
     return {"work_dir": str(tmp_path / "work"), "model": {"name_or_path": str(tiny_model_dir)},
             "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25},
-            "collect": {"n_tokens": 4, "max_new_tokens": 12, "batch_size": 8, "shard_size": 8},
+            "collect": {"jacobi": {"n_tokens": 4, "max_new_tokens": 12}, "batch_size": 8, "shard_size": 8},
             "finetune": {"steps": 3, "batch_size": 4, "ar_weight": 1.0},
-            "evaluate": {"methods": ["ar", "jacobi"], "n_tokens": 4, "max_new_tokens": 12, "warmup": 0}}
+            "evaluate": {"methods": ["ar", "jacobi"], "jacobi": {"n_tokens": 4, "max_new_tokens": 12}, "warmup": 0}}

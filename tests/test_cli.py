@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from benchmarks import decoding
@@ -66,29 +67,39 @@ def test_every_config_field_is_an_option_of_the_commands_that_read_its_section()
 
     from cllm_core.config import (
         CollectConfig,
-        DecodeConfig,
         EvalConfig,
         FinetuneConfig,
         IngestConfig,
+        JacobiConfig,
         ModelConfig,
         TeacherConfig,
     )
     from flows.cli.base import ARGUMENTS, OPTION_NAMES
 
     commands = typer.main.get_command(app).commands
-    reads = {"decode": {"model": ModelConfig, "decode": DecodeConfig}, "teacher": {"teacher": TeacherConfig},
+    reads = {"decode": {"model": ModelConfig, "decode": JacobiConfig}, "teacher": {"teacher": TeacherConfig},
              "ingest": {"ingest": IngestConfig, "model": ModelConfig},
              "collect": {"collect": CollectConfig, "model": ModelConfig},
              "train": {"finetune": FinetuneConfig, "model": ModelConfig}, "eval": {"evaluate": EvalConfig}}
     for name, sections in reads.items():
         params = {param.name: param for param in commands[name].params}
         for section, model in sections.items():
-            for field, info in model.model_fields.items():
-                param = params[OPTION_NAMES.get(f"{section}.{field}", field)]
+            for path, info in _leaves(section, model):
+                field = path.rsplit(".", 1)[1]
+                param = params[OPTION_NAMES.get(path, field)]
                 assert info.description and info.description[:15] in param.help, (name, field)
-                is_argument = f"{section}.{field}" in ARGUMENTS
+                is_argument = path in ARGUMENTS
                 assert (param.param_type_name == "argument") == is_argument, (name, field)
         assert {"config", "set_", "work_dir"} <= set(params), name
+
+
+def _leaves(path, model):
+    """(dotted path, field info) of every field that is not itself a section: collect.jacobi.n_tokens."""
+    for field, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _leaves(f"{path}.{field}", info.annotation)
+        else:
+            yield f"{path}.{field}", info
 
 
 def test_a_bad_profile_names_the_file_and_the_field(tmp_path):

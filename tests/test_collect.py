@@ -14,7 +14,7 @@ from cllm_core.prompts import encode
 from cllm_core.shards import ShardStore
 from cllm_core.trajectories import TRAJECTORY_SCHEMA, check_schema, repetitive
 
-CONFIG = CollectConfig(n_tokens=4, max_new_tokens=12, batch_size=4, shard_size=4, limit=10)
+CONFIG = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=4, shard_size=4, limit=10)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_shards_hold_each_prompt_once_with_states_ending_at_fixed_points_that_sp
             assert states[-1] == record["response_ids"][b * n:(b + 1) * n] and len(states) >= passes
         ids, mask = encode(tokenizer, [texts[record["prompt_id"]]], chat=False)
         assert ids[0].tolist() == record["prompt_ids"]
-        greedy = ar_generate(model, ids, mask, max_new_tokens=CONFIG.max_new_tokens)
+        greedy = ar_generate(model, ids, mask, max_new_tokens=CONFIG.jacobi.max_new_tokens)
         assert greedy.sequences[0, ids.shape[1]:].tolist()[:len(record["response_ids"])] == record["response_ids"]
 
 
@@ -95,7 +95,8 @@ def test_rerun_skips_done_shards_and_redoes_truncated_flipped_or_missing_ones(tm
 def test_a_store_refuses_another_config_and_says_how_to_start_over(tmp_path, teacher, prompts):
     collect(CONFIG, teacher, prompts, str(tmp_path / "store"), log=quiet)
     with pytest.raises(ValueError, match=r"another config \(differs in: n_tokens\); use a new store"):
-        collect(CONFIG.model_copy(update={"n_tokens": 8}), teacher, prompts, str(tmp_path / "store"), log=quiet)
+        wider = CONFIG.model_copy(update={"jacobi": CONFIG.jacobi.model_copy(update={"n_tokens": 8})})
+        collect(wider, teacher, prompts, str(tmp_path / "store"), log=quiet)
 
 
 def test_an_fsspec_url_works_as_the_store(teacher, prompts):

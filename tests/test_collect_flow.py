@@ -106,7 +106,7 @@ def test_kill_9_mid_collection_then_rerun_equals_an_uninterrupted_collection(pre
     resumed = runner.invoke(app, command[3:])  # the same command, in this process (a second start costs 10 s)
     assert resumed.exit_code == 0, resumed.output
     assert f"{done_at_kill} already done" in resumed.output.replace("\n", " ")
-    config = CollectConfig(n_tokens=4, max_new_tokens=12, shard_size=2, batch_size=1, limit=16)
+    config = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, shard_size=2, batch_size=1, limit=16)
     collect(config, ModelConfig(name_or_path=str(tiny_model_dir)), fresh / "prompts/train.parquet",
             str(tmp_path / "uninterrupted"), log=lambda line: None)
     shards = list(range(8))
@@ -142,7 +142,7 @@ def test_sigterm_mid_shard_stops_it_unpublished_in_one_line_and_a_rerun_equals_a
         "shard-00000.json", "shard-00000.parquet"]  # shard 1 was not finished and published first
     assert {"prefect.db", "server.log"} <= {p.name for p in (fresh / ".prefect").iterdir()}  # the CLI's own server
 
-    config, lines = CollectConfig(n_tokens=4, max_new_tokens=16, shard_size=4, batch_size=1, limit=8), []
+    config, lines = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 16}, shard_size=4, batch_size=1, limit=8), []
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
     collect(config, teacher, fresh / "prompts/train.parquet", str(store), log=lines.append)  # the same collection
     assert lines[0] == "shard 0: done, skipped" and lines[1].startswith("shard 1: 4 prompts")
@@ -186,7 +186,7 @@ def test_the_dask_runner_collects_the_same_rows_as_the_library_in_dask_workers(p
     assert result.exit_code == 0, result.output
     assert "5 shards in" in result.output and "5 collected" in result.output
     assert submitted == ["collect-shard"] * 5
-    config = CollectConfig(n_tokens=4, max_new_tokens=12, shard_size=8, batch_size=4)
+    config = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, shard_size=8, batch_size=4)
     collect(config, ModelConfig(name_or_path=str(tiny_model_dir)), fresh / "prompts/train.parquet",
             str(tmp_path / "library"), log=lambda line: None)
     shards = list(range(5))

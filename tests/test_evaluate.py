@@ -40,7 +40,7 @@ def work(tmp_path, tiny_trajectories):
 
 def test_jacobi_matches_ar_on_every_prompt_and_every_figure_is_written(work, tiny_model_dir):
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
-    config = EvalConfig(n_tokens=4, max_new_tokens=12, check="exact", warmup=1)
+    config = EvalConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, check="exact", warmup=1)
     result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
                             log=lambda line: None)
     rows = {r["method"]: r for r in result["summary"]}
@@ -67,7 +67,7 @@ def test_a_broken_decoder_is_caught_by_the_exact_match_figure(work, tiny_model_d
 
     monkeypatch.setattr(evaluation, "jacobi_generate", drops_a_token)
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
-    config = EvalConfig(methods=["ar", "jacobi"], n_tokens=4, max_new_tokens=12, warmup=0)
+    config = EvalConfig(methods=["ar", "jacobi"], jacobi={"n_tokens": 4, "max_new_tokens": 12}, warmup=0)
     result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
                             log=lambda line: None)
     jacobi = next(r for r in result["summary"] if r["method"] == "jacobi")
@@ -101,13 +101,14 @@ def test_bad_input_is_one_clear_line(work, tiny_model_dir, case, expected):
         (other / "tokenizer.json").write_text(json.dumps(vocab))
         models["cllm"] = ModelConfig(name_or_path=str(other))
     with pytest.raises((OSError, ValueError)) as error:
-        run_evaluation(EvalConfig(n_tokens=4, max_new_tokens=12), models, prompts, work / "eval", log=lambda x: None)
+        run_evaluation(EvalConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}), models, prompts, work / "eval",
+                       log=lambda x: None)
     assert expected in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_block_larger_than_the_budget_is_refused():
     with pytest.raises(ValueError, match=r"n_tokens \(32\) is larger than max_new_tokens \(16\)"):
-        EvalConfig(n_tokens=32, max_new_tokens=16)
+        EvalConfig(jacobi={"n_tokens": 32, "max_new_tokens": 16})
 
 
 def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, tiny_model_dir):
@@ -119,7 +120,7 @@ def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, 
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
     prompts = [{"prompt_id": str(i), "prompt": f"count {i}", "answer": None} for i in range(3)]
-    config = EvalConfig(methods=["jacobi"], n_tokens=4, max_new_tokens=12, warmup=0)
+    config = EvalConfig(methods=["jacobi"], jacobi={"n_tokens": 4, "max_new_tokens": 12}, warmup=0)
     records = evaluate({"constant": constant(7), "successor": successor()}, tokenizer, prompts, False, config,
                        log=lambda line: None)
     rows = {r["model"]: r for r in summarize(records, baseline=("constant", "ar"))}
@@ -140,3 +141,39 @@ def test_auto_check_follows_the_ingest_preset(tmp_path):
     (prompts.parent / "manifest.json").write_text(json.dumps({"config": {"source": "x.jsonl", "preset": "gsm8k"}}))
     assert resolve_check(EvalConfig(), prompts) == "math"
     assert resolve_check(EvalConfig(check="exact"), prompts) == "exact"
+
+
+def test_a_cllm_is_decoded_at_the_block_size_it_was_trained_for_unless_told_and_evaluation_says_so(
+        work, tiny_model_dir):
+    cllm = work / "cllm"
+    shutil.copytree(tiny_model_dir, cllm)
+    settings = json.loads((cllm / "config.json").read_text()) | {"cllm_n_tokens": 3}
+    (cllm / "config.json").write_text(json.dumps(settings))
+    decoding = {"n_tokens": 3, "max_new_tokens": 12, "init": "random", "carry": False, "seed": 0}
+    (cllm / "cllm.json").write_text(json.dumps({"trajectories": {"decoding": decoding}}))
+    models = {"teacher": ModelConfig(name_or_path=str(tiny_model_dir)), "cllm": ModelConfig(name_or_path=str(cllm))}
+    for asked, used, why in [(None, 3, "as trained"), (5, 5, "evaluate.jacobi.n_tokens")]:
+        lines = []
+        config = EvalConfig(methods=["jacobi"], jacobi={"n_tokens": asked, "max_new_tokens": 12}, limit=2, warmup=0)
+        result = run_evaluation(config, models, work / "prompts/eval.parquet", work / "eval", log=lines.append)
+        assert result["jacobi"]["n_tokens"] == used
+        said = next(line for line in lines if line.startswith("Jacobi at"))
+        assert said == (f"Jacobi at n_tokens {used} ({why}; trained for cllm 3), init repeat, carry on, up to 12 new "
+                        "tokens; trajectories: cllm's from init random, carry off, up to 12 new tokens")
+        rows = {r["model"]: r for r in result["summary"]}
+        assert rows["cllm"]["forwards"] == rows["teacher"]["forwards"]  # the same weights at the same n
+
+
+def test_cllms_trained_for_different_block_sizes_need_an_explicit_one(tiny_model_dir):
+    from cllm_core.evaluate import with_block_size
+    from cllm_core.models import load_model
+
+    teacher = ModelConfig(name_or_path=str(tiny_model_dir))
+    first, second = load_model(teacher), load_model(teacher)
+    first.config.cllm_n_tokens, second.config.cllm_n_tokens = 8, 16
+    with pytest.raises(ValueError, match=r"different block sizes \(a 8, b 16\); choose one with --n-tokens"):
+        with_block_size(EvalConfig(), {"a": first, "b": second})
+    chosen = with_block_size(EvalConfig(jacobi={"n_tokens": 4}), {"a": first, "b": second}, log=lambda line: None)
+    assert chosen.jacobi.n_tokens == 4
+    alone = with_block_size(EvalConfig(), {"teacher": load_model(teacher)}, log=lambda line: None)
+    assert alone.jacobi.n_tokens == 16  # no CLLM: the default

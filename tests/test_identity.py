@@ -15,7 +15,7 @@ from cllm_core.finetune import finetune
 from cllm_core.identity import SIDECAR, model_identity, seed_of
 from cllm_core.ingest import prompt_id
 
-COLLECT = CollectConfig(n_tokens=4, max_new_tokens=12, batch_size=8, shard_size=8)  # tiny_trajectories' config
+COLLECT = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=8, shard_size=8)  # tiny_trajectories'
 QUICK = FinetuneConfig(steps=1, batch_size=2, warmup_steps=0, log_every=1, checkpoint_every=100, sample_prompts=0,
                        ar_weight=1.0)
 

@@ -24,7 +24,7 @@ def tiny_profile(tmp_path, tiny_pipeline_profile, tracking):
 @pytest.mark.parametrize(("args", "expected"), [
     (["--set", "collect.n_tokenz=4"], "collect.n_tokenz: Extra inputs are not permitted"),
     (["--set", "finetune.steps=many"], "finetune.steps: Input should be a valid integer"),
-    (["--set", "evaluate.n_tokens=64"], "n_tokens (64) is larger than max_new_tokens (12)"),
+    (["--set", "evaluate.jacobi.n_tokens=64"], "n_tokens (64) is larger than max_new_tokens (12)"),
     (["--set", "oops"], "--set expects SECTION.FIELD=VALUE"),
     (["--set", "tracking.uri=http://127.0.0.1:9"], "the MLflow tracking server http://127.0.0.1:9 does not answer"),
     (["--set", "tracking.uri=http://me:pw@127.0.0.1:9"], "uri carries credentials; keep them out of profiles"),

@@ -31,7 +31,7 @@ def decode(
     lm = load_model(profile.model, announce_precision(profile.precision, profile.model.device).dtype)
     tokenizer = load_tokenizer(profile.model)
     ids, mask = encode(tokenizer, [render(tokenizer, prompt, chat)], lm.device, chat)
-    steps = jacobi_steps(lm, ids, mask, **profile.decode.model_dump())
+    steps = jacobi_steps(lm, ids, mask, **profile.decode.arguments(lm))
 
     view = TrajectoryView(tokenizer)
     start = time.perf_counter()

@@ -1,0 +1,40 @@
+"""Profiles: one JacobiConfig per stage that decodes, stage defaults kept when a profile sets part of it, and the
+stages held consistent (evaluation within the budget the CLLM learned)."""
+
+import pytest
+from pydantic import ValidationError
+
+from cllm_core.config import CollectConfig, JacobiConfig, Profile, describe, set_value
+
+
+def test_a_jacobi_section_given_in_part_keeps_its_stage_defaults():
+    profile = Profile.model_validate({"collect": {"jacobi": {"n_tokens": 8}}, "decode": {"n_tokens": 4}})
+    assert profile.collect.jacobi == JacobiConfig(n_tokens=8, init="random", carry=False)  # the paper's states
+    assert profile.decode == JacobiConfig(n_tokens=4, max_new_tokens=128)  # decode's own budget
+    assert CollectConfig(jacobi={"max_new_tokens": 64}).jacobi == JacobiConfig(n_tokens=16, max_new_tokens=64,
+                                                                     init="random", carry=False)
+
+
+def test_evaluation_budget_defaults_to_collections_and_may_not_exceed_it():
+    data = {}
+    set_value(data, "collect.jacobi.max_new_tokens=96")
+    assert Profile.model_validate(data).evaluate.jacobi.max_new_tokens == 96
+    set_value(data, "evaluate.jacobi.max_new_tokens=64")
+    assert Profile.model_validate(data).evaluate.jacobi.max_new_tokens == 64
+    set_value(data, "evaluate.jacobi.max_new_tokens=128")
+    with pytest.raises(ValidationError) as error:
+        Profile.model_validate(data)
+    assert "evaluate.jacobi.max_new_tokens (128) is over collect.jacobi.max_new_tokens (96)" in describe(error.value)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"collect": {"n_tokens": 8}}, "collect.n_tokens is now collect.jacobi.n_tokens"),
+    ({"evaluate": {"init": "random"}}, "evaluate.init is now evaluate.jacobi.init"),
+    ({"collect": {"jacobi": {"n_tokens": None}}}, "collection needs a block size: set collect.jacobi.n_tokens"),
+    ({"decode": {"n_tokens": 64, "max_new_tokens": 32}}, "decode: Value error, n_tokens (64) is larger than "
+                                                         "max_new_tokens (32)"),
+])
+def test_a_misplaced_or_inconsistent_jacobi_setting_is_one_line_naming_it(data, expected):
+    with pytest.raises(ValidationError) as error:
+        Profile.model_validate(data)
+    assert expected in describe(error.value)
