@@ -20,7 +20,15 @@ from torch import nn
 from transformers import GenerationConfig
 
 from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
-from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, count_forwards, new_tokens, pad_sequences
+from cllm_core.outputs import (
+    BlockTrajectory,
+    DecodeOutput,
+    DecodeStats,
+    count_forwards,
+    fast_forward_counts,
+    new_tokens,
+    pad_sequences,
+)
 
 
 @contextmanager
@@ -149,16 +157,14 @@ def reference_jacobi_generate(
 
 
 def _confirmed(states: list[list[int]], fixed_point: list[int]) -> tuple[int, int]:
-    """Fast-forward and stationary counts of one block, from its states (outputs.py has the definitions).
+    """Fast-forward and stationary counts of one block, from its states (`fast_forward_counts`).
 
-    State j has a correct prefix of c_j tokens; the iteration that produced it fixed c_j - c_(j-1) tokens,
-    one of them guaranteed. A fixed token is stationary if the state before already had it right.
+    State j has a correct prefix of c_j tokens: the iteration that produced it fixed c_j - c_(j-1) tokens, and
+    each was already right in the state before if that state had it right.
     """
     correct = [next((i for i, (s, f) in enumerate(zip(state, fixed_point)) if s != f), len(fixed_point))
                for state in states]
-    fast_forward = stationary = 0
-    for j in range(1, len(states)):
-        gained = range(correct[j - 1] + 1, correct[j])
-        fast_forward += len(gained)
-        stationary += sum(1 for i in gained if states[j - 1][i] == fixed_point[i])
-    return fast_forward, stationary
+    counts = [fast_forward_counts(correct[j] - correct[j - 1],
+                                  [states[j - 1][i] == fixed_point[i] for i in range(correct[j - 1], correct[j])])
+              for j in range(1, len(states))]
+    return sum(ff for ff, _ in counts), sum(st for _, st in counts)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
-from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, pad_sequences
+from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_forward_counts, pad_sequences
 from cllm_core.stopping import raise_if_stopped
 
 Init = Literal["repeat", "random"]
@@ -208,8 +208,7 @@ def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule,
             row.finished = True
             break
     row.finished = row.finished or len(row.response) >= rule.max_new_tokens
-    fast_forward = min(len(confirmed_age), len(committed))
-    stationary = sum(1 for a in confirmed_age[:fast_forward] if a >= 2)
+    fast_forward, stationary = fast_forward_counts(len(committed), [age >= 2 for age in confirmed_age])
     if not row.finished and len(row.response) >= row.block_end:
         row.block = len(row.response) // rule.n_tokens  # blocks start at multiples of n_tokens
         row.block_end = min((row.block + 1) * rule.n_tokens, rule.max_new_tokens)

@@ -6,18 +6,27 @@ Counting conventions (shared by Jacobi and the baselines, so their figures compa
 - `tokens_per_forward` = new tokens / forwards a row took part in, over all rows.
 - *fast-forward* tokens: guess tokens that a pass confirmed, i.e. tokens a pass fixed beyond the one
   every pass is guaranteed (notes/cllm_reference.md, "Fast-forwarding").
-- *stationary* tokens: fast-forwarded tokens that were already correct, unchanged, in the pass before,
-  while an earlier token was still wrong.
+- *stationary* tokens: fixed tokens that were already right, unchanged, in the state before the one that
+  confirmed them, while an earlier token was still wrong (notes/cllm_reference.md: "past the first error,
+  already correct and stay correct until committed").
+Both are counted by `fast_forward_counts` alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+
+
+def fast_forward_counts(fixed: int, already_right: Sequence[bool]) -> tuple[int, int]:
+    """One pass's (fast-forward, stationary) tokens by the conventions above: the pass fixed `fixed` tokens, one
+    of them the token every pass is guaranteed; `already_right[i]` says whether the i-th was already right,
+    unchanged, in the state before the one that confirmed it. Jacobi and the reference loop both count here."""
+    return max(fixed - 1, 0), sum(already_right[:fixed])
 
 
 @dataclass

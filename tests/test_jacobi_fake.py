@@ -42,6 +42,18 @@ def test_fast_forward_and_stationary_counts_on_a_known_trajectory():
     assert out.trajectories[0][1].fixed_point == [9] and out.trajectories[0][1].passes == 0  # the carried token
 
 
+@pytest.mark.parametrize("carry", [True, False])
+@pytest.mark.parametrize(("model", "eos"), [(constant(7), []), (noisy(), []), (successor(), [9])])
+def test_every_token_a_pass_fixes_beyond_its_first_is_fast_forwarded_also_when_eos_or_the_budget_cuts(model, eos,
+                                                                                                      carry):
+    prompts = torch.randint(3, 60, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = jacobi_generate(model, prompts, n_tokens=4, max_new_tokens=10, eos_token_id=eos, carry=carry)
+    steps = list(jacobi_steps(model, prompts, n_tokens=4, max_new_tokens=10, eos_token_id=eos, carry=carry))
+    fixing = sum(1 for step in steps for row in step.rows if row.committed)
+    assert out.stats.fast_forward == out.stats.new_tokens - fixing  # a whole uncarried block: L - 1, not L
+    assert 0 <= out.stats.stationary <= out.stats.new_tokens - 2  # each row's first token was never fed before
+
+
 @pytest.mark.parametrize("n_tokens", [1, 3, 8])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_every_pass_commits_a_token_and_the_loop_stays_in_bound(n_tokens, batch):
