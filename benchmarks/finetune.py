@@ -46,16 +46,17 @@ def evaluate(args, profile, records: dict[str, dict]) -> dict:
     many of each pair's outputs equal the teacher's AR output."""
     config = EvalConfig(methods=["ar", "jacobi"], limit=args.limit, warmup=args.warmup,
                         jacobi=JacobiConfig(n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens))
-    models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r["path"]) for name, r in records.items()}
+    models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r.path) for name, r in records.items()}
     result = run_evaluation(config, models, profile.work_dir / "prompts/eval.parquet",
                             profile.work_dir / "finetune-bench/eval", log=lambda line: None)
-    samples = pq.read_table(result["samples"]).to_pylist()
+    samples = pq.read_table(result.samples).to_pylist()
     teacher = {r["prompt_id"]: r["response"] for r in samples if (r["model"], r["method"]) == ("teacher", "ar")}
-    for row in result["summary"]:
+    rows = [row.to_json() for row in result.summary]
+    for row in rows:
         row["same_as_teacher"] = sum(r["response"] == teacher[r["prompt_id"]] for r in samples
                                      if (r["model"], r["method"]) == (row["model"], row["method"]))
-    return {"rows": result["summary"], "n_tokens": args.n_tokens, "max_new_tokens": args.max_new_tokens,
-            "training": {name: {"config": r["config"], "metrics": r["metrics"], "reused": r["reused"]}
+    return {"rows": rows, "n_tokens": args.n_tokens, "max_new_tokens": args.max_new_tokens,
+            "training": {name: {"config": r.config, "metrics": r.metrics, "reused": r.reused}
                          for name, r in records.items()},
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "threads": torch.get_num_threads()}}

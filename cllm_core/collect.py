@@ -23,6 +23,7 @@ from cllm_core.identity import digest, file_digest, model_identity
 from cllm_core.inputs import resolve_eos
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.prompts import encode
+from cllm_core.records import CollectionPlan, ShardManifest
 from cllm_core.shards import ShardStore
 from cllm_core.trajectories import TRAJECTORY_SCHEMA, trajectory_row
 
@@ -83,16 +84,16 @@ def _teacher(model: ModelConfig, identity: str, precision: str):
 
 
 def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store: ShardStore,
-                  shard: int, record: dict, log: Callable[[str], None] = print) -> dict:
+                  shard: int, collection: dict, log: Callable[[str], None] = print) -> ShardManifest:
     """Collect one shard's trajectories and publish it, unless the store already holds it verified; returns
-    its manifest (with throughput figures)."""
-    if store.is_done(shard, record["config_hash"]):  # another worker or an earlier attempt finished it
+    its manifest (with throughput figures). `collection` is the plan's collection record."""
+    if store.is_done(shard, collection["config_hash"]):  # another worker or an earlier attempt finished it
         return _skipped(store, shard, log)
     table, chat = read_prompt_table(prompts_path, config.limit)
     part = table.slice(shard * config.shard_size, config.shard_size).to_pylist()
     if not part:
         raise ValueError(f"shard {shard} is empty: the prompts make {shard_count(len(table), config.shard_size)}")
-    lm, tokenizer = _teacher(model, record["teacher"], record["precision"])
+    lm, tokenizer = _teacher(model, collection["teacher"], collection["precision"])
     eos = resolve_eos(lm, None)
     rows, forwards, start = [], 0, time.perf_counter()
     for first in range(0, len(part), config.batch_size):
@@ -112,15 +113,15 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     figures = {"seconds": seconds, "prompts_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
                "tokens": tokens, "forwards": forwards, "mean_passes_per_block": sum(passes) / max(len(passes), 1),
                "repetitive": sum(row["repetitive"] for row in rows)}
-    manifest = store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA),
-                           {"config_hash": record["config_hash"], "teacher": record["teacher"], **figures})
-    log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({figures['prompts_per_s']:.2f} "
-        f"prompts/s, {figures['mean_passes_per_block']:.2f} passes per block, {figures['repetitive']} repetitive)")
+    manifest = ShardManifest.from_json(store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), {
+        "config_hash": collection["config_hash"], "teacher": collection["teacher"], **figures}))
+    log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({manifest.prompts_per_s:.2f} "
+        f"prompts/s, {manifest.mean_passes_per_block:.2f} passes per block, {manifest.repetitive} repetitive)")
     return manifest
 
 
 def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
-         precision: str = "fp32") -> dict:
+         precision: str = "fp32") -> CollectionPlan:
     """Pin the store to this collection and sort its shards into done (verified) and to do.
 
     The teacher's tokenizer is loaded here once, so a teacher that cannot be found is one clear error before
@@ -135,33 +136,19 @@ def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, st
     record, store = collection_record(config, model, prompts_path, tokenizer, resolved), ShardStore(store_url)
     store.pin(record)
     shards = range(shard_count(len(table), config.shard_size))
-    done = [shard for shard in shards if store.is_done(shard, record["config_hash"])]
-    return {"record": record, "prompts": len(table), "shards": len(shards), "done": done,
-            "todo": [shard for shard in shards if shard not in done]}
+    done = tuple(shard for shard in shards if store.is_done(shard, record["config_hash"]))
+    return CollectionPlan(record, len(table), len(shards), done, tuple(shard for shard in shards if shard not in done))
 
 
 def collect(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,
-            log: Callable[[str], None] = print, precision: str = "fp32") -> list[dict]:
+            log: Callable[[str], None] = print, precision: str = "fp32") -> list[ShardManifest]:
     """Collect every shard not already done, one after another (flows fan the same shards out)."""
     work, store = plan(config, model, prompts_path, store_url, precision), ShardStore(store_url)
-    return [_skipped(store, shard, log) if shard in work["done"]
-            else collect_shard(config, model, prompts_path, store, shard, work["record"], log)
-            for shard in range(work["shards"])]
+    return [_skipped(store, shard, log) if shard in work.done
+            else collect_shard(config, model, prompts_path, store, shard, work.collection, log)
+            for shard in range(work.shards)]
 
 
-def _skipped(store: ShardStore, shard: int, log: Callable[[str], None]) -> dict:
+def _skipped(store: ShardStore, shard: int, log: Callable[[str], None]) -> ShardManifest:
     log(f"shard {shard}: done, skipped")
-    return store.manifest(shard)
-
-
-SHARD_COLUMNS = ("shard", "rows", "tokens", "seconds", "prompts_per_s", "mean_passes_per_block", "repetitive")
-
-
-def summarize(manifests: list[dict]) -> dict[str, float]:
-    """Throughput and cleaning figures over collected shards (none: an empty summary)."""
-    if not manifests:
-        return {}
-    rows, seconds = sum(m["rows"] for m in manifests), sum(m["seconds"] for m in manifests)
-    return {"prompts_per_s": rows / seconds, "tokens_per_s": sum(m["tokens"] for m in manifests) / seconds,
-            "repetitive": sum(m["repetitive"] for m in manifests),
-            "mean_passes_per_block": sum(m["mean_passes_per_block"] * m["rows"] for m in manifests) / rows}
+    return ShardManifest.from_json(store.manifest(shard))

@@ -26,6 +26,7 @@ from cllm_core.baselines import ar_generate, lookup_generate
 from cllm_core.config import DEFAULT_BLOCK, EvalConfig, ModelConfig, trained_block_size
 from cllm_core.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.prompts import encode
+from cllm_core.records import Evaluation, SummaryRow
 from cllm_core.trajectories import repetitive
 
 Pair = tuple[str, str]  # (model name, method)
@@ -73,7 +74,7 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
 
 
 def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_path: str | Path, out_dir: Path,
-                   log: Callable[[str], None] = print, precision: str = "fp32") -> dict:
+                   log: Callable[[str], None] = print, precision: str = "fp32") -> Evaluation:
     """Evaluate the named models (the first is the baseline: the teacher) on the eval prompts, their weights in
     the resolved `precision`; writes `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the
     summary, the file paths and the precision."""
@@ -105,7 +106,7 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     summary = summarize(records, (baseline, "ar"))
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(records), out_dir / "samples.parquet")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps([row.to_json() for row in summary], indent=2) + "\n")
     pictures = [report.speedup_bars(summary, out_dir / "speedup.png"),
                 report.tokens_per_forward_histogram(records, out_dir / "tokens_per_forward.png"),
                 report.accuracy_vs_speed(summary, out_dir / "accuracy_vs_speed.png")]
@@ -116,9 +117,8 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
             pictures.append(report.trajectory_figure(
                 [row for step in steps for row in step.rows], lambda t: tokenizer.decode([t]),
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
-    return {"summary": summary, "samples": str(out_dir / "samples.parquet"), "pictures": [str(p) for p in pictures],
-            "prompts": len(prompts), "baseline": [baseline, "ar"], "check": config.check, "precision": used,
-            "jacobi": config.jacobi.model_dump()}
+    return Evaluation(summary, str(out_dir / "samples.parquet"), [str(p) for p in pictures], len(prompts),
+                      (baseline, "ar"), config.check, used, config.jacobi.model_dump())
 
 
 def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log: Callable[[str], None] = print,
@@ -154,16 +154,6 @@ def _decoding(source: ModelConfig) -> dict:
     return json.loads(record.read_text()).get("trajectories", {}).get("decoding", {}) if record.is_file() else {}
 
 
-HEADLINE = ("tokens_per_forward", "tokens_per_s", "speedup", "mean_speedup", "accuracy", "exact_match",
-            "repetition_rate")
-
-
-def headline_metrics(summary: list[dict]) -> dict[str, float]:
-    """The summary as flat metrics with stable names: `{model}.{method}.{figure}`."""
-    return {f"{row['model']}.{row['method']}.{key}": float(row[key]) for row in summary for key in HEADLINE
-            if key in row}
-
-
 def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
     """The answer check: the config's, or with `auto` the preset's that `cllm ingest` recorded beside the prompts."""
     if config.check != "auto":
@@ -176,7 +166,7 @@ def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
     return preset.check if preset else "exact"
 
 
-def summarize(records: list[dict], baseline: Pair = ("teacher", "ar")) -> list[dict]:
+def summarize(records: list[dict], baseline: Pair = ("teacher", "ar")) -> list[SummaryRow]:
     """One row per (model, method): tokens per forward, tokens/s, speedups vs the baseline pair (total tokens
     over total time, and the mean of per-prompt ratios), accuracy, exact match vs the model's AR, repetition."""
     by_pair: dict[Pair, list[dict]] = {}
@@ -187,19 +177,19 @@ def summarize(records: list[dict], baseline: Pair = ("teacher", "ar")) -> list[d
     rows = []
     for (model, method), group in by_pair.items():
         tokens, forwards = sum(r["new_tokens"] for r in group), sum(r["forwards"] for r in group)
-        row = {"model": model, "method": method, "prompts": len(group), "new_tokens": tokens, "forwards": forwards,
-               "tokens_per_forward": tokens / max(forwards, 1), "tokens_per_s": _speed(group),
-               "seconds": sum(r["seconds"] for r in group), "accuracy": _mean(r["correct"] for r in group),
-               "exact_match": _mean(r["matches_ar"] for r in group),
-               "repetition_rate": _mean(r["repetitive"] for r in group),
-               "fast_forward": sum(r["fast_forward"] for r in group),
-               "stationary": sum(r["stationary"] for r in group)}
+        speeds = {}
         if base_speed:
             ratios = [r["tokens_per_s"] / base[r["prompt_id"]]["tokens_per_s"] for r in group
                       if r["prompt_id"] in base and base[r["prompt_id"]]["tokens_per_s"] > 0]
-            row |= {"speedup": row["tokens_per_s"] / base_speed,
-                    "mean_speedup": statistics.fmean(ratios) if ratios else float("nan")}
-        rows.append(row)
+            speeds = {"speedup": _speed(group) / base_speed,
+                      "mean_speedup": statistics.fmean(ratios) if ratios else float("nan")}
+        rows.append(SummaryRow(
+            model, method, prompts=len(group), new_tokens=tokens, forwards=forwards,
+            tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=_speed(group),
+            seconds=sum(r["seconds"] for r in group), accuracy=_mean(r["correct"] for r in group),
+            exact_match=_mean(r["matches_ar"] for r in group), repetition_rate=_mean(r["repetitive"] for r in group),
+            fast_forward=sum(r["fast_forward"] for r in group), stationary=sum(r["stationary"] for r in group),
+            **speeds))
     return rows
 
 

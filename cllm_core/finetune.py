@@ -37,6 +37,7 @@ from cllm_core.losses import ar_loss, consistency_kl, consistency_mask
 from cllm_core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
 from cllm_core.precision import resolve
 from cllm_core.prompts import encode
+from cllm_core.records import CllmRecord
 from cllm_core.samples import Batch, Sampler, TrajectoryData, label_ids, load_trajectories
 from cllm_core.schedule import warmup_cosine
 from cllm_core.stopping import raise_if_stopped
@@ -51,8 +52,8 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
              log: Callable[[str], None] = print, on_metrics: Callback | None = None,
              on_samples: Callback | None = None, precision: str = "fp32",
              warn: Callable[[str], None] | None = None,
-             progress: Callable[[int, int, dict], None] | None = None) -> dict:
-    """Train the CLLM into `out_dir` (or reuse it); returns its record (`cllm.json`) plus `path`, `reused`.
+             progress: Callable[[int, int, dict], None] | None = None) -> CllmRecord:
+    """Train the CLLM into `out_dir` (or reuse it); returns its record (`cllm.json`, where it is, whether reused).
 
     `answers` (prompt id -> text) are the ground-truth AR labels when `config.ar_labels` asks for them.
     `probe` (prompt texts, chat) are decoded with Jacobi every `sample_every` steps; `on_samples` gets
@@ -61,7 +62,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     run that its `max_minutes` guard stops is announced through `warn`, published, and retrained by a rerun.
     """
     run = prepare(config, model, store, Path(out_dir), answers, precision, log)
-    if isinstance(run, dict):
+    if isinstance(run, CllmRecord):
         return run
     fitted = fit(run, probe, log, warn or log, on_metrics, on_samples, progress)
     return publish(run, fitted, log)
@@ -91,7 +92,7 @@ class Training:
 
 
 def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, answers: dict[str, str] | None,
-            precision: str, log: Callable[[str], None]) -> Training | dict:
+            precision: str, log: Callable[[str], None]) -> Training | CllmRecord:
     """The reuse check (the held CLLM's record when it is the same run), then data, labels, the accelerator,
     the model and optimizer, and the checkpoint to resume from (checked against this config before any step)."""
     resolved = resolve(precision, model.device)
@@ -104,7 +105,7 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
         log(f"the CLLM in {out_dir} was stopped by its guard at step {held['metrics']['train_steps']}; training again")
     elif held.get("fingerprint") == fingerprint:
         log(f"reusing the CLLM in {out_dir} (same config, precision, teacher and trajectories)")
-        return held | {"path": str(out_dir), "reused": True}
+        return CllmRecord.from_json(held, path=str(out_dir), reused=True)
     _check_writable(out_dir)
     labels = None
     if config.ar_labels == "ground_truth":
@@ -206,30 +207,28 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
     return metrics
 
 
-def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> dict:
+def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRecord:
     """Save the CLLM with its record (`cllm.json`) into `out_dir` in one step, from the main process; drop the
     checkpoints. Every process returns the published record."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
-        record = {"config": run.config.model_dump(), "fingerprint": run.fingerprint, "precision": run.precision,
-                  "teacher": run.model.model_dump(),
-                  "trajectories": {"store": run.store, "fingerprint": run.data.fingerprint,
-                                   "decoding": run.data.decoding},
-                  "n_tokens": run.data.n_tokens, "metrics": metrics, "history": run.history}
+        record = CllmRecord(run.config.model_dump(), run.fingerprint, run.precision, run.model.model_dump(),
+                            {"store": run.store, "fingerprint": run.data.fingerprint, "decoding": run.data.decoding},
+                            run.data.n_tokens, metrics, run.history)
         with publish_dir(run.out_dir) as staging:
             save_cllm(accelerator.unwrap_model(run.lm), run.tokenizer, staging, record)
         shutil.rmtree(run.checkpoints.root, ignore_errors=True)
         log(f"saved the CLLM to {run.out_dir} after {metrics['train_steps']} steps in "
             f"{metrics['train_seconds']:.0f} s")
     accelerator.wait_for_everyone()
-    return json.loads((run.out_dir / "cllm.json").read_text()) | {"path": str(run.out_dir), "reused": False}
+    return CllmRecord.from_json(json.loads((run.out_dir / "cllm.json").read_text()), path=str(run.out_dir))
 
 
-def describe_cllm(record: dict) -> str:
+def describe_cllm(record: CllmRecord) -> str:
     """One line on a CLLM record: where, trained or reused, steps, time and the final fixed-point agreement."""
-    metrics = record["metrics"]
-    return (f"{record['path']} ({'reused' if record['reused'] else 'trained'}): n_tokens {record['n_tokens']}, "
+    metrics = record.metrics
+    return (f"{record.path} ({'reused' if record.reused else 'trained'}): n_tokens {record.n_tokens}, "
             f"{metrics['train_steps']} steps in {metrics['train_seconds']:.0f} s on {metrics['train_blocks']:,} "
             "blocks, "
             f"fixed-point agreement {metrics['final_agreement']:.3f}"
@@ -299,14 +298,14 @@ def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: 
             "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
 
 
-def save_cllm(lm, tokenizer, directory: Path, record: dict) -> None:
+def save_cllm(lm, tokenizer, directory: Path, record: CllmRecord) -> None:
     """An HF directory `from_pretrained` loads as is, with `cllm_n_tokens` in its config and `cllm.json`."""
-    lm.config.cllm_n_tokens = record["n_tokens"]
+    lm.config.cllm_n_tokens = record.n_tokens
     lm.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=tokenizer.pad_token_id, do_sample=False)
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    (directory / "cllm.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / "cllm.json").write_text(json.dumps(record.stored(), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:

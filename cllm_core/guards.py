@@ -8,6 +8,8 @@ downstream starts (`BelowQualityFloor`, `TooRepetitive`: ValueErrors, so `cllm` 
 
 from __future__ import annotations
 
+from cllm_core.records import ShardManifest
+
 
 class BelowQualityFloor(ValueError):
     """A trained model scored below the floor its config sets: nothing downstream should use it."""
@@ -26,9 +28,9 @@ def budget_warning(stage: str, done: int, steps: int, seconds: float, precision:
             "(precision auto takes bf16 only where the CPU or GPU computes it natively)")
 
 
-def check_repetition(manifests: list[dict], max_share: float) -> None:
+def check_repetition(manifests: list[ShardManifest], max_share: float) -> None:
     """Raise `TooRepetitive` when more than `max_share` of the responses in these shard manifests are repetitive."""
-    repetitive, rows = sum(m["repetitive"] for m in manifests), sum(m["rows"] for m in manifests)
+    repetitive, rows = sum(m.repetitive for m in manifests), sum(m.rows for m in manifests)
     if rows and repetitive / rows > max_share:
         raise TooRepetitive(
             f"{repetitive} of {rows} collected responses ({repetitive / rows:.0%}) are degenerate repetition, above "

@@ -17,13 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cllm_core.jacobi import RowStep  # noqa: E402
+from cllm_core.records import SummaryRow  # noqa: E402
 
 
-def speedup_bars(summary: list[dict], path: Path) -> Path:
-    labels = [f"{r['model']}\n{r['method']}" for r in summary]
+def speedup_bars(summary: list[SummaryRow], path: Path) -> Path:
+    labels = [f"{r.model}\n{r.method}" for r in summary]
     figure, axis = plt.subplots(figsize=(1.4 * len(summary) + 2, 3.6))
-    bars = axis.bar(labels, [r.get("speedup", 0.0) for r in summary],
-                    color=["#4c72b0" if r["method"] == "ar" else "#55a868" if r["method"] == "jacobi" else "#c44e52"
+    bars = axis.bar(labels, [r.speedup or 0.0 for r in summary],
+                    color=["#4c72b0" if r.method == "ar" else "#55a868" if r.method == "jacobi" else "#c44e52"
                            for r in summary])
     axis.bar_label(bars, fmt="%.2fx")
     axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
@@ -45,13 +46,13 @@ def tokens_per_forward_histogram(records: list[dict], path: Path) -> Path:
     return _save(figure, path)
 
 
-def accuracy_vs_speed(summary: list[dict], path: Path) -> Path:
+def accuracy_vs_speed(summary: list[SummaryRow], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
     for row in summary:  # a legend, not annotations: near-equal points would stack their labels
-        axis.scatter(row["tokens_per_s"], 100 * row["accuracy"], s=60, alpha=0.8,
-                     marker="o" if row["method"] == "jacobi" else "s" if row["method"] == "ar" else "^",
-                     label=f"{row['model']} {row['method']}")
-    lowest = min(100 * row["accuracy"] for row in summary)
+        axis.scatter(row.tokens_per_s, 100 * row.accuracy, s=60, alpha=0.8,
+                     marker="o" if row.method == "jacobi" else "s" if row.method == "ar" else "^",
+                     label=f"{row.model} {row.method}")
+    lowest = min(100 * row.accuracy for row in summary)
     axis.set_ylim(max(0.0, lowest - 10), 101)  # a 10-point window: small differences stay small to the eye
     axis.set_xlabel("tokens/s")
     axis.set_ylabel("accuracy (%)")
@@ -81,14 +82,18 @@ def trajectory_figure(rows: list[RowStep], decode, path: Path, title: str, max_p
     return _save(figure, path)
 
 
-def markdown_table(summary: list[dict]) -> str:
+def markdown_table(summary: list[SummaryRow]) -> str:
     lines = ["| model | method | tokens/forward | tokens/s | speedup | mean speedup | accuracy | exact match vs AR "
              "| repetition |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        lines.append(f"| {r['model']} | {r['method']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s']:.1f} | "
-                     f"{r.get('speedup', float('nan')):.2f}x | {r.get('mean_speedup', float('nan')):.2f}x | "
-                     f"{r['accuracy']:.1%} | {r['exact_match']:.1%} | {r['repetition_rate']:.1%} |")
+        lines.append(f"| {r.model} | {r.method} | {r.tokens_per_forward:.2f} | {r.tokens_per_s:.1f} | "
+                     f"{_times(r.speedup)} | {_times(r.mean_speedup)} | "
+                     f"{r.accuracy:.1%} | {r.exact_match:.1%} | {r.repetition_rate:.1%} |")
     return "\n".join(lines)
+
+
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def _save(figure, path: Path) -> Path:

@@ -53,7 +53,7 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
     if not shards:
         raise ValueError(f"the shard store {store_url} holds no shards; run `cllm collect` first")
     for shard in shards:
-        version = store.manifest(shard).get("schema_version")
+        version = store.manifest(shard).get("schema_version")  # raw: a manifest of another version may lack fields
         if version != SCHEMA_VERSION:
             raise ValueError(f"shard {shard} in {store_url} has trajectory schema version {version}, this code reads "
                              f"{SCHEMA_VERSION}; collect into a new store with this version")

@@ -31,9 +31,9 @@ from prefect.runtime import flow_run
 from prefect.states import Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from cllm_core.collect import SHARD_COLUMNS, summarize
 from cllm_core.config import CollectConfig, ModelConfig, Precision, TrackingConfig
 from cllm_core.guards import check_repetition
+from cllm_core.records import CollectionPlan, ShardManifest, collection_figures
 from cllm_core.shards import ShardsFailed, ShardStore
 from cllm_core.stopping import request_stop
 from tasks.collect import collect_one_shard, plan_collection
@@ -65,23 +65,24 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
                                                     "store": store, "deployment": deployment,
                                                     "precision": precision}):
         work = plan_collection(collect, model, prompts, store, precision)
-        mlflow.set_tag("cllm.precision", work["record"]["precision"])
+        mlflow.set_tag("cllm.precision", work.collection["precision"])
         progress = _Progress(work)
         run = _on_pool if deployment else _locally
         manifests, failed = run(collect, model, prompts, store, work, progress, deployment)
-        summary = {"shards": work["shards"], "shards_skipped": len(work["done"]),
-                   "shards_collected": len(manifests), "shards_failed": len(failed), **summarize([*manifests.values()])}
+        summary = {"shards": work.shards, "shards_skipped": len(work.done), "shards_collected": len(manifests),
+                   "shards_failed": len(failed), **collection_figures([*manifests.values()])}
         if manifests:
-            create_table_artifact(key="collect-shards", table=[{key: m[key] for key in SHARD_COLUMNS}
+            create_table_artifact(key="collect-shards", table=[{key: getattr(m, key) for key in ShardManifest.COLUMNS}
                                                                for m in manifests.values()])
         mlflow.log_metrics(summary)
         mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(store), name="jacobi-trajectories",
-                                     digest=work["record"]["config_hash"][:8]), context="collect")
+                                     digest=work.config_hash[:8]), context="collect")
         if failed:
             raise ShardsFailed(f"shards {failed} failed; run `{_retry_command()}` or the same command again: "
                                "finished shards are skipped")
-        check_repetition([ShardStore(store).manifest(shard) for shard in range(work["shards"])], collect.max_repetitive)
-    return summary | {"store": store, "config_hash": work["record"]["config_hash"]}
+        check_repetition([ShardManifest.from_json(ShardStore(store).manifest(shard)) for shard in range(work.shards)],
+                         collect.max_repetitive)
+    return summary | {"store": store, "config_hash": work.config_hash}
 
 
 def _retry_command() -> str:
@@ -115,10 +116,10 @@ def _devices(collect: CollectConfig, model: ModelConfig) -> list[str]:
 def _locally(collect, model, prompts, store, work, progress, deployment) -> tuple[dict, list[int]]:
     devices = _devices(collect, model)
     last, futures = {}, {}
-    for i, shard in enumerate(work["todo"]):  # one chain of shards per device
+    for i, shard in enumerate(work.todo):  # one chain of shards per device
         device = devices[i % len(devices)]
         futures[shard] = collect_one_shard.submit(
-            collect, model.model_copy(update={"device": device}), prompts, store, shard, work["record"],
+            collect, model.model_copy(update={"device": device}), prompts, store, shard, work.collection,
             wait_for=[allow_failure(last[device])] if device in last else None)
         last[device] = futures[shard]
     manifests, failed = {}, []
@@ -141,12 +142,12 @@ def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s:
     (notes/prefect_mlflow.md §4: the idempotency key alone would return the failed child unchanged)."""
     runs = {}
     with get_client(sync_client=True) as client:
-        for shard in work["todo"]:
+        for shard in work.todo:
             child = run_deployment(
                 deployment, timeout=0, idempotency_key=f"{flow_run.id}-shard-{shard}",
                 flow_run_name=f"shard-{shard:05d}", tags=["cllm", f"shard:{shard}"],
                 parameters={"collect": collect.model_dump(), "model": model.model_dump(), "prompts": str(prompts),
-                            "store": store, "shard": shard, "record": work["record"]})
+                            "store": store, "shard": shard, "record": work.collection})
             if child.state and child.state.is_final() and not child.state.is_completed():
                 client.set_flow_run_state(child.id, Scheduled(), force=True)
             runs[shard] = child.id
@@ -157,7 +158,7 @@ def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s:
                 child = client.read_flow_run(run_id)
                 if shard not in manifests and shard not in failed and child.state.is_final():
                     if child.state.is_completed():
-                        manifests[shard] = ShardStore(store).manifest(shard)
+                        manifests[shard] = ShardManifest.from_json(ShardStore(store).manifest(shard))
                     else:
                         failed.append(shard)
                     progress.ended(shard, manifests.get(shard))
@@ -167,13 +168,13 @@ def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s:
 class _Progress:
     """The collect-progress artifact (the share of shards collected) and the `shard_listener`, told together."""
 
-    def __init__(self, work: dict):
-        self.collected, self.total = len(work["done"]), work["shards"]
+    def __init__(self, work: CollectionPlan):
+        self.collected, self.total = len(work.done), work.shards
         self.listener = shard_listener.get() or (lambda *event: None)
         self.artifact = create_progress_artifact(100 * self.collected / self.total, key="collect-progress")
         self.listener(self.collected, self.total, None, None)
 
-    def ended(self, shard: int, manifest: dict | None) -> None:
+    def ended(self, shard: int, manifest: ShardManifest | None) -> None:
         self.collected += manifest is not None
         update_progress_artifact(self.artifact, 100 * self.collected / self.total)
         self.listener(self.collected, self.total, shard, manifest)

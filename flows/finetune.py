@@ -6,6 +6,7 @@ trains; the finished model is logged there as an MLflow transformers model and r
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from cllm_core.config import FinetuneConfig, ModelConfig, Precision, TrackingConfig
 from cllm_core.finetune import describe_cllm
+from cllm_core.records import CllmRecord
 from tasks.finetune import log_cllm, train_cllm
 from tasks.tracking import mlflow_run
 
@@ -23,23 +25,23 @@ from tasks.tracking import mlflow_run
 @flow(name="consistency-finetune")
 def consistency_finetune(finetune: FinetuneConfig, model: ModelConfig, work_dir: Path = Path("runs/demo"),
                          store: str | None = None, tracking: TrackingConfig = TrackingConfig(),
-                         precision: Precision = "auto") -> dict:
+                         precision: Precision = "auto") -> CllmRecord:
     """Fine-tune the teacher on `<work_dir>/trajectories` (or `store`) into `<work_dir>/cllm`, or reuse it."""
     store, out_dir = store or str(work_dir / "trajectories"), work_dir / "cllm"
     with mlflow_run(tracking, work_dir, "finetune", {"finetune": finetune.model_dump(), "model": model.model_dump(),
                                                      "store": store, "precision": precision}) as run:
         record = train_cllm(finetune, model, store, out_dir, work_dir / "prompts", run.info.run_id, precision)
-        data = record["trajectories"]["fingerprint"]
-        mlflow.log_params({"data_fingerprint": data, "n_tokens": record["n_tokens"]})
-        mlflow.set_tags({"cllm.fingerprint": record["fingerprint"], "cllm.reused": str(record["reused"]),
-                         "cllm.precision": record["precision"]})
-        if record["reused"]:  # the training run logged the curve; this run gets a copy so it reads complete
-            for point in record["history"]:
+        data = record.trajectories["fingerprint"]
+        mlflow.log_params({"data_fingerprint": data, "n_tokens": record.n_tokens})
+        mlflow.set_tags({"cllm.fingerprint": record.fingerprint, "cllm.reused": str(record.reused),
+                         "cllm.precision": record.precision})
+        if record.reused:  # the training run logged the curve; this run gets a copy so it reads complete
+            for point in record.history:
                 mlflow.log_metrics({k: v for k, v in point.items() if k != "step"}, step=point["step"])
-        mlflow.log_metrics({k: float(v) for k, v in record["metrics"].items()})
+        mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
         mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(store), name="jacobi-trajectories", digest=data[:8]),
                          context="training")
         mlflow.log_artifact(str(out_dir / "cllm.json"))
-        record["logged"] = log_cllm(out_dir, finetune.registered_model)
+        record = dataclasses.replace(record, logged=log_cllm(out_dir, finetune.registered_model))
     create_markdown_artifact(key="cllm", markdown=f"**CLLM** {describe_cllm(record)}.")
     return record

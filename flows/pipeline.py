@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from cllm_core.config import ModelConfig, Profile, masked
-from cllm_core.evaluate import headline_metrics
+from cllm_core.records import headline_metrics
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
 from flows.finetune import consistency_finetune
@@ -39,14 +39,14 @@ def cllm_pipeline(profile: Profile) -> dict:
                              precision=precision)
         cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking,
                                     precision=precision)
-        models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm["path"])}
+        models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm.path)}
         result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, precision)
-        mlflow.set_tag("cllm.precision", result["precision"])
-        mlflow.log_metrics(headline_metrics(result["summary"]))
+        mlflow.set_tag("cllm.precision", result.precision)
+        mlflow.log_metrics(headline_metrics(result.summary))
         uri = f"{masked(mlflow.get_tracking_uri())} experiment {run.info.experiment_id} run {run.info.run_id}"
     create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
-    return {"summary": result["summary"], "cllm": cllm["path"], "mlflow_run_id": run.info.run_id,
-            "registered": cllm["logged"]}
+    return {"summary": result.summary, "cllm": cllm.path, "mlflow_run_id": run.info.run_id,
+            "registered": cllm.logged}
 
 
 def _run_link(run) -> str:

@@ -13,17 +13,18 @@ from prefect import get_run_logger, task
 
 from cllm_core.collect import collect_shard, plan
 from cllm_core.config import CollectConfig, ModelConfig
+from cllm_core.records import CollectionPlan, ShardManifest
 from cllm_core.shards import ShardStore
 
 
 @task(name="plan-collection")
 def plan_collection(config: CollectConfig, model: ModelConfig, prompts: Path, store: str,
-                    precision: str = "auto") -> dict:
+                    precision: str = "auto") -> CollectionPlan:
     """Pin the store to this collection (the precision resolved here); returns the record and the shards done and
     to do."""
     work = plan(config, model, prompts, store, precision)
-    get_run_logger().info("%d prompts in %d shards: %d done, %d to collect", work["prompts"], work["shards"],
-                          len(work["done"]), len(work["todo"]))
+    get_run_logger().info("%d prompts in %d shards: %d done, %d to collect", work.prompts, work.shards,
+                          len(work.done), len(work.todo))
     return work
 
 
@@ -35,6 +36,6 @@ def _transient(task, task_run, state) -> bool:
 @task(name="collect-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_transient,
       task_run_name="collect-shard-{shard}")
 def collect_one_shard(config: CollectConfig, model: ModelConfig, prompts: Path, store: str, shard: int,
-                      record: dict) -> dict:
-    """Collect and publish one shard; returns its manifest."""
+                      record: dict) -> ShardManifest:
+    """Collect and publish one shard; returns its manifest. `record`: the plan's collection record."""
     return collect_shard(config, model, prompts, ShardStore(store), shard, record, log=get_run_logger().info)

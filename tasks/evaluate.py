@@ -8,10 +8,11 @@ from prefect import get_run_logger, task
 
 from cllm_core.config import EvalConfig, ModelConfig
 from cllm_core.evaluate import run_evaluation
+from cllm_core.records import Evaluation
 
 
 @task(name="evaluate-models")
 def evaluate_models(config: EvalConfig, models: dict[str, ModelConfig], prompts: Path, out_dir: Path,
-                    precision: str = "auto") -> dict:
+                    precision: str = "auto") -> Evaluation:
     """Summary rows, the per-sample Parquet and the PNGs (paths) of one evaluation."""
     return run_evaluation(config, models, prompts, out_dir, log=get_run_logger().info, precision=precision)

@@ -9,12 +9,13 @@ from prefect import get_run_logger, task
 
 from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.finetune import finetune, read_answers, read_probe
+from cllm_core.records import CllmRecord
 from tasks.progress import log_figures, reporter
 
 
 @task(name="train-cllm")
 def train_cllm(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, prompts_dir: Path,
-               run_id: str, precision: str = "auto") -> dict:
+               run_id: str, precision: str = "auto") -> CllmRecord:
     """Train (or reuse) the CLLM in `out_dir`; every logging step and sample lands in MLflow run `run_id`."""
     client, logger = MlflowClient(), get_run_logger()
 

@@ -26,7 +26,7 @@ if os.environ["RANK"] == "1":
 teacher, store, out = sys.argv[1:4]
 config = FinetuneConfig(steps=6, batch_size=2, log_every=2, checkpoint_every=2, ar_weight=1.0, max_minutes=30)
 record = finetune(config, ModelConfig(name_or_path=teacher), store, out, log=lambda line: None)
-metrics = record["metrics"]
+metrics = record.metrics
 with open(f"{out}.record-{os.environ['RANK']}.json", "w") as file:  # not stdout: the ranks' lines would interleave
-    json.dump({"history": record["history"], "steps": metrics["train_steps"],
+    json.dump({"history": record.history, "steps": metrics["train_steps"],
                "stopped_early": metrics["stopped_early"]}, file)

@@ -51,7 +51,7 @@ def test_repetition_flags_token_runs_and_repeating_patterns_only():
 def test_shards_hold_each_prompt_once_with_states_ending_at_fixed_points_that_spell_greedy_output(
         tmp_path, teacher, prompts):
     manifests = collect(CONFIG, teacher, prompts, str(tmp_path / "store"), log=quiet)
-    assert [m["rows"] for m in manifests] == [4, 4, 2]
+    assert [m.rows for m in manifests] == [4, 4, 2]
     records = rows(tmp_path / "store", [0, 1, 2])
     table, _ = read_prompt_table(prompts, CONFIG.limit)
     assert sorted(r["prompt_id"] for r in records) == sorted(table.column("prompt_id").to_pylist())

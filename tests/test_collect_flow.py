@@ -20,6 +20,7 @@ import tasks.collect
 from cllm_core.collect import collect
 from cllm_core.config import CollectConfig, IngestConfig, ModelConfig
 from cllm_core.ingest import ingest
+from cllm_core.records import ShardManifest
 from cllm_core.shards import ShardStore
 from flows.cli import app, live_progress
 from flows.collect import shard_listener
@@ -68,7 +69,7 @@ def test_a_failing_shard_does_not_stop_the_others_and_a_rerun_collects_only_it(p
     assert first.exit_code == 1 and "shards [2] failed" in first.output
     # this run has no deployment: the retry it suggests must name the code (it once left --entrypoint out)
     assert "--entrypoint flows/collect.py:collect_trajectories` or the same command again" in first.output
-    assert [(collected, total, shard, manifest and manifest["shard"]) for collected, total, shard, manifest
+    assert [(collected, total, shard, manifest and manifest.shard) for collected, total, shard, manifest
             in heard] == [(0, 5, None, None), (1, 5, 0, 0), (2, 5, 1, 1), (2, 5, 2, None), (3, 5, 3, 3),
                           (4, 5, 4, 4)]
     shard_listener.reset(token)
@@ -157,7 +158,9 @@ def test_the_bars_show_shards_and_training_steps_and_are_off_without_a_terminal(
     screen = Console(file=StringIO(), force_terminal=True, width=220)
     monkeypatch.setattr("flows.cli.progress.console", screen)
     monkeypatch.setattr("flows.cli.startup.prefect_console_handlers", lambda: [])
-    manifest = {"prompts_per_s": 12.5, "tokens_per_s": 300.0, "mean_passes_per_block": 2.25}
+    manifest = ShardManifest(shard=1, rows=4, bytes=1, sha256="", config_hash="", teacher="", schema_version=1,
+                             seconds=0.3, prompts_per_s=12.5, tokens_per_s=300.0, tokens=90, forwards=40,
+                             mean_passes_per_block=2.25, repetitive=0)
     with live_progress(True):
         shard_listener.get()(1, 3, None, None)
         shard_listener.get()(2, 3, 1, manifest)

@@ -23,7 +23,7 @@ def test_summary_rows_are_totals_over_prompts_and_speedups_against_the_baseline(
     records = [record("a", "teacher", "ar", 10, 10, 1.0), record("b", "teacher", "ar", 30, 30, 1.0),
                record("a", "cllm", "jacobi", 10, 2, 0.25, correct=False), record("b", "cllm", "jacobi", 30, 10, 1.0,
                                                                                   same=False)]
-    rows = {(r["model"], r["method"]): r for r in summarize(records)}
+    rows = {(r.model, r.method): r.to_json() for r in summarize(records)}
     teacher, cllm = rows["teacher", "ar"], rows["cllm", "jacobi"]
     assert teacher["tokens_per_forward"] == 1.0 and teacher["speedup"] == 1.0 and teacher["mean_speedup"] == 1.0
     assert cllm["tokens_per_forward"] == 40 / 12  # total tokens over total forwards, not a mean of ratios
@@ -43,14 +43,14 @@ def test_jacobi_matches_ar_on_every_prompt_and_every_figure_is_written(work, tin
     config = EvalConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, check="exact", warmup=1)
     result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
                             log=lambda line: None)
-    rows = {r["method"]: r for r in result["summary"]}
+    rows = {r.method: r.to_json() for r in result.summary}
     assert set(rows) == {"ar", "jacobi", "lookup"}
     assert rows["jacobi"]["exact_match"] == 1.0 == rows["lookup"]["exact_match"] == rows["ar"]["exact_match"]
     assert rows["ar"]["tokens_per_forward"] == 1.0 and rows["ar"]["speedup"] == 1.0
     samples = pq.read_table(work / "eval/samples.parquet")
-    assert samples.num_rows == 3 * result["prompts"] and set(samples.column("method").to_pylist()) == set(rows)
+    assert samples.num_rows == 3 * result.prompts and set(samples.column("method").to_pylist()) == set(rows)
     assert json.loads((work / "eval/summary.json").read_text())[0]["model"] == "teacher"
-    assert sorted(p.rsplit("/", 1)[-1] for p in result["pictures"]) == [
+    assert sorted(p.rsplit("/", 1)[-1] for p in result.pictures) == [
         "accuracy_vs_speed.png", "speedup.png", "tokens_per_forward.png", "trajectory-teacher.png"]
     assert all((work / "eval" / name).read_bytes()[:4] == b"\x89PNG" for name in ("speedup.png",))
 
@@ -70,7 +70,7 @@ def test_a_broken_decoder_is_caught_by_the_exact_match_figure(work, tiny_model_d
     config = EvalConfig(methods=["ar", "jacobi"], jacobi={"n_tokens": 4, "max_new_tokens": 12}, warmup=0)
     result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
                             log=lambda line: None)
-    jacobi = next(r for r in result["summary"] if r["method"] == "jacobi")
+    jacobi = next(r.to_json() for r in result.summary if r.method == "jacobi")
     assert jacobi["exact_match"] < 1.0
 
 
@@ -123,10 +123,10 @@ def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, 
     config = EvalConfig(methods=["jacobi"], jacobi={"n_tokens": 4, "max_new_tokens": 12}, warmup=0)
     records = evaluate({"constant": constant(7), "successor": successor()}, tokenizer, prompts, False, config,
                        log=lambda line: None)
-    rows = {r["model"]: r for r in summarize(records, baseline=("constant", "ar"))}
+    rows = {r.model: r.to_json() for r in summarize(records, baseline=("constant", "ar"))}
     assert rows["constant"]["tokens_per_forward"] == 3.0 and rows["constant"]["forwards"] == 3 * 4
     assert rows["successor"]["tokens_per_forward"] == 1.0 and rows["successor"]["new_tokens"] == 3 * 12
-    assert "speedup" not in rows["constant"]  # no AR baseline was run, so no speedup is made up
+    assert rows["constant"]["speedup"] is None  # no AR baseline was run, so no speedup is made up
 
 
 def test_auto_check_follows_the_ingest_preset(tmp_path):
@@ -156,11 +156,11 @@ def test_a_cllm_is_decoded_at_the_block_size_it_was_trained_for_unless_told_and_
         lines = []
         config = EvalConfig(methods=["jacobi"], jacobi={"n_tokens": asked, "max_new_tokens": 12}, limit=2, warmup=0)
         result = run_evaluation(config, models, work / "prompts/eval.parquet", work / "eval", log=lines.append)
-        assert result["jacobi"]["n_tokens"] == used
+        assert result.jacobi["n_tokens"] == used
         said = next(line for line in lines if line.startswith("Jacobi at"))
         assert said == (f"Jacobi at n_tokens {used} ({why}; trained for cllm 3), init repeat, carry on, up to 12 new "
                         "tokens; trajectories: cllm's from init random, carry off, up to 12 new tokens")
-        rows = {r["model"]: r for r in result["summary"]}
+        rows = {r.model: r.to_json() for r in result.summary}
         assert rows["cllm"]["forwards"] == rows["teacher"]["forwards"]  # the same weights at the same n
 
 

@@ -37,7 +37,7 @@ def store(tmp_path, tiny_trajectories):
 
 
 def history(record):
-    return [(h["step"], h["loss"]) for h in record["history"]]
+    return [(h["step"], h["loss"]) for h in record.history]
 
 
 def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(tmp_path, teacher, store,
@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(
     assert not (tmp_path / "cllm.checkpoints").exists()  # the finished model replaces its checkpoints
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").eval()
-    assert model.config.cllm_n_tokens == 4 == record["n_tokens"]
+    assert model.config.cllm_n_tokens == 4 == record.n_tokens
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "cllm")))
     ids, mask = encode(tokenizer, probe, chat=False)
     greedy = ar_generate(model, ids, mask, max_new_tokens=12).sequences
@@ -111,10 +111,10 @@ def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_ret
     first = finetune(FAST.model_copy(update={"steps": 4}), teacher, store, tmp_path / "cllm", log=quiet)
     again = finetune(FAST.model_copy(update={"steps": 4, "log_every": 1}), teacher, store, tmp_path / "cllm",
                      log=quiet)
-    assert not first["reused"] and again["reused"]
+    assert not first.reused and again.reused
     other = finetune(FAST.model_copy(update={"steps": 4, "ar_weight": 2.0}), teacher, store, tmp_path / "cllm",
                      log=quiet)
-    assert not other["reused"] and json.loads((tmp_path / "cllm/cllm.json").read_text())["config"]["ar_weight"] == 2
+    assert not other.reused and json.loads((tmp_path / "cllm/cllm.json").read_text())["config"]["ar_weight"] == 2
 
 
 def test_one_process_trains_in_fp32_then_in_bf16(tmp_path, teacher, store):
@@ -123,7 +123,7 @@ def test_one_process_trains_in_fp32_then_in_bf16(tmp_path, teacher, store):
     config = FAST.model_copy(update={"steps": 1, "batch_size": 2})
     fp32 = finetune(config, teacher, store, tmp_path / "fp32", precision="fp32", log=quiet)
     bf16 = finetune(config, teacher, store, tmp_path / "bf16", precision="bf16", log=quiet)
-    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
 
 
 def test_batches_depend_only_on_the_step_and_mask_from_lengths_when_pad_is_eos(store):
@@ -149,7 +149,7 @@ def test_ground_truth_labels_replace_the_teachers_response_and_a_missing_answer_
     answers = dict(zip(table.column("prompt_id").to_pylist(), table.column("answer").to_pylist()))
     config = FAST.model_copy(update={"steps": 2, "ar_labels": "ground_truth"})
     record = finetune(config, teacher, store, tmp_path / "gt", answers=answers, log=quiet)
-    assert record["config"]["ar_labels"] == "ground_truth"
+    assert record.config["ar_labels"] == "ground_truth"
     with pytest.raises(ValueError, match="have no ground-truth answer"):
         finetune(config, teacher, store, tmp_path / "none", answers={}, log=quiet)
 
@@ -232,7 +232,7 @@ def test_a_stop_request_ends_training_before_the_next_step_publishes_nothing_and
     assert steps == [2, 4] and not (tmp_path / "cllm").exists()
     record = finetune(FAST, teacher, store, tmp_path / "cllm", log=lines.append)
     assert any(line.endswith("at step 4") and line.startswith("resuming from") for line in lines)
-    assert record["metrics"]["train_steps"] == FAST.steps
+    assert record.metrics["train_steps"] == FAST.steps
 
 def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_equals_a_target_forward(
         store, tiny_model_dir):

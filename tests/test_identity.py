@@ -55,7 +55,7 @@ def test_a_teacher_retrained_in_place_invalidates_its_shards_and_its_cllm(tmp_pa
     teacher = ModelConfig(name_or_path=str(teacher_dir))
     assert model_identity(teacher) == model_identity(ModelConfig(name_or_path=str(tiny_model_dir)))
     assert plan(COLLECT, teacher, prompts, store)["todo"] == []  # a copy of the weights is the same teacher
-    assert not finetune(QUICK, teacher, store, tmp_path / "cllm", log=quiet)["reused"]
+    assert not finetune(QUICK, teacher, store, tmp_path / "cllm", log=quiet).reused
 
     retrain_in_place(teacher_dir)
     with pytest.raises(ValueError, match=r"differs in: teacher \(its files changed since: retrained or replaced\)\); "
@@ -65,7 +65,7 @@ def test_a_teacher_retrained_in_place_invalidates_its_shards_and_its_cllm(tmp_pa
     fresh = plan(COLLECT, teacher, prompts, str(tmp_path / "new-store"))
     assert fresh["done"] == [] and fresh["todo"] == list(range(fresh["shards"]))
     said = []
-    assert not finetune(QUICK, teacher, store, tmp_path / "cllm", log=said.append)["reused"]
+    assert not finetune(QUICK, teacher, store, tmp_path / "cllm", log=said.append).reused
     assert not any("reusing" in line for line in said)
 
 

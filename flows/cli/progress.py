@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from cllm_core.records import ShardManifest
 from flows.cli import startup
 from flows.cli.base import console
 
@@ -39,12 +40,11 @@ def live_progress(enabled: bool) -> Iterator[None]:
             bars[name] = board.add_task(name, total=total, news="", failed="")
         return bars[name]
 
-    def show_shards(collected: int, total: int, shard: int | None, manifest: dict | None) -> None:
+    def show_shards(collected: int, total: int, shard: int | None, manifest: ShardManifest | None) -> None:
         news = {}
         if manifest is not None:
-            news["news"] = (f"shard {shard}: {manifest['prompts_per_s']:.2f} prompts/s, "
-                            f"{manifest['tokens_per_s']:.0f} tokens/s, "
-                            f"{manifest['mean_passes_per_block']:.2f} passes per block")
+            news["news"] = (f"shard {shard}: {manifest.prompts_per_s:.2f} prompts/s, {manifest.tokens_per_s:.0f} "
+                            f"tokens/s, {manifest.mean_passes_per_block:.2f} passes per block")
         elif shard is not None:
             failed.append(shard)
             news["failed"] = f"failed: {failed}"

@@ -97,7 +97,7 @@ def train(profile: Profile, store: StoreOption = None, progress: ProgressOption 
     with live_progress(progress):
         record = consistency_finetune(profile.finetune, profile.model, profile.work_dir, store, profile.tracking,
                                       profile.precision)
-    registered = record["logged"]
+    registered = record.logged
     console.print(f"[bold]CLLM[/] {describe_cllm(record)}; logged as {registered['model_uri']}"
                   + (f", registered as {registered['registered_model']} v{registered['version']}"
                      if registered["registered_model"] else ""), soft_wrap=True, highlight=False)
@@ -142,8 +142,8 @@ def evaluate(
     from flows.evaluate import evaluate_speedup
 
     result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, profile.precision)
-    console.print(markdown_table(result["summary"]), highlight=False, soft_wrap=True)
-    console.print(f"[bold]{result['prompts']} prompts[/]; samples, summary and pictures in "
+    console.print(markdown_table(result.summary), highlight=False, soft_wrap=True)
+    console.print(f"[bold]{result.prompts} prompts[/]; samples, summary and pictures in "
                   f"{profile.work_dir / 'eval'}", highlight=False, soft_wrap=True)
 
 
