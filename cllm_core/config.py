@@ -37,7 +37,7 @@ class Section(BaseModel):
         if isinstance(data, dict):
             for name, info in cls.model_fields.items():
                 if isinstance(data.get(name), dict) and isinstance(info.default, BaseModel):
-                    data = data | {name: info.default.model_dump() | data[name]}
+                    data = data | {name: info.default.model_dump(exclude_unset=True) | data[name]}  # what it sets
         return data
 
 
