@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cllm_core.config import ModelConfig
-from cllm_core.identity import digest
+from cllm_core.identity import digest, file_hashes
 
 
 def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
@@ -60,12 +63,41 @@ def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTr
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer, padding on the left as decoder-only batching needs."""
     source, gguf = resolve_source(config)
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, gguf_file=gguf, revision=config.revision, trust_remote_code=config.trust_remote_code
-    )
+    if gguf is not None and (Path(source) / gguf).is_file():
+        tokenizer = _gguf_tokenizer(Path(source) / gguf)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, gguf_file=gguf, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def cache_dir() -> Path:
+    """Where artifacts converted from others are kept by their source's content: $CLLM_CACHE, else
+    $XDG_CACHE_HOME/cllm-pipeline (~/.cache/cllm-pipeline)."""
+    if os.environ.get("CLLM_CACHE"):
+        return Path(os.environ["CLLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cllm-pipeline"
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """A local GGUF file's tokenizer, converted once and kept under the file's sha256: transformers parses the
+    GGUF metadata on every load (SmolLM2: 6.6 s on 2 cores; the kept copy reads in 0.3 s). A cache that cannot
+    be written is skipped."""
+    (sha256,) = file_hashes(path.parent, [path.name], record=False).values()  # memoised per process and stamp
+    kept = cache_dir() / "gguf-tokenizers" / sha256[:32]
+    if (kept / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(kept)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    staging = kept.with_name(f".{kept.name}.{uuid.uuid4().hex}")
+    try:
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, kept)  # whole or not at all; a concurrent writer's copy is as good
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
 
 

@@ -4,14 +4,25 @@ import torch
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import SMOLLM2, load_model, load_tokenizer
 
-SLOW_FIXTURES = {"prefect_server", "smollm2", "auth_server"}
+SLOW_FIXTURES = {"prefect_server", "smollm2", "auth_server",  # real servers, the real model
+                 "tiny_trajectories", "teacher_dir"}  # stage runs: trajectories collected, a teacher trained
 
 
 def pytest_collection_modifyitems(items):
-    """A test that boots a server or loads SmolLM2 is slow, whether or not it says so."""
+    """A test that boots a server, loads SmolLM2 or runs a stage on what another stage made is slow, whether or
+    not it says so (`make test-fast` leaves them out: the algorithm on fake and tiny models, configs, CLI)."""
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With slow tests left out (`-m "not slow"`), a module marked slow as a whole (the Prefect layer) is not
+    even imported: importing Prefect and MLflow costs about 9 s on 2 cores, a sixth of the fast tiers."""
+    if config.getoption("markexpr") == "not slow" and collection_path.name.startswith("test_") \
+            and collection_path.suffix == ".py" and "\npytestmark = pytest.mark.slow" in collection_path.read_text():
+        return True
+    return None
 
 
 @pytest.fixture(autouse=True, scope="session")

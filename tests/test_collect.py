@@ -48,6 +48,7 @@ def test_repetition_flags_token_runs_and_repeating_patterns_only():
     assert not repetitive(list(range(40))) and not repetitive([1, 2, 1, 3, 1, 4, 1, 5, 1, 6])
 
 
+@pytest.mark.slow  # collects shards
 def test_shards_hold_each_prompt_once_with_states_ending_at_fixed_points_that_spell_greedy_output(
         tmp_path, teacher, prompts):
     manifests = collect(CONFIG, teacher, prompts, str(tmp_path / "store"), log=quiet)
@@ -67,12 +68,14 @@ def test_shards_hold_each_prompt_once_with_states_ending_at_fixed_points_that_sp
         assert greedy.sequences[0, ids.shape[1]:].tolist()[:len(record["response_ids"])] == record["response_ids"]
 
 
+@pytest.mark.slow  # collects shards
 def test_a_prompts_trajectory_does_not_depend_on_its_batch(tmp_path, teacher, prompts):
     collect(CONFIG, teacher, prompts, str(tmp_path / "batched"), log=quiet)
     collect(CONFIG.model_copy(update={"batch_size": 1}), teacher, prompts, str(tmp_path / "single"), log=quiet)
     assert rows(tmp_path / "batched", [0, 1, 2]) == rows(tmp_path / "single", [0, 1, 2])
 
 
+@pytest.mark.slow  # collects shards
 def test_rerun_skips_done_shards_and_redoes_truncated_flipped_or_missing_ones(tmp_path, teacher, prompts):
     store = tmp_path / "store"
     collect(CONFIG, teacher, prompts, str(store), log=quiet)
@@ -92,6 +95,7 @@ def test_rerun_skips_done_shards_and_redoes_truncated_flipped_or_missing_ones(tm
     assert rows(store, [0, 1, 2]) == before
 
 
+@pytest.mark.slow  # collects shards
 def test_a_store_refuses_another_config_and_says_how_to_start_over(tmp_path, teacher, prompts):
     collect(CONFIG, teacher, prompts, str(tmp_path / "store"), log=quiet)
     with pytest.raises(ValueError, match=r"another config \(differs in: n_tokens\); use a new store"):

@@ -25,6 +25,8 @@ from cllm_core.shards import ShardStore
 from flows.cli import app, live_progress
 from flows.collect import shard_listener
 
+pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores
+
 runner = CliRunner()
 
 

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
+
+pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores
 
 ROOT = Path(__file__).parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]

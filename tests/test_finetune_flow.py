@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 
+pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores
+
 runner = CliRunner()
 
 

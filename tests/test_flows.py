@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 import yaml
 from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
@@ -15,6 +16,8 @@ from cllm_core.config import IngestConfig, ModelConfig
 from flows.cli import app
 from tasks.ingest import write_prompts
 from tests.test_teacher import TINY
+
+pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores
 
 runner = CliRunner()
 

@@ -54,7 +54,7 @@ def test_a_teacher_retrained_in_place_invalidates_its_shards_and_its_cllm(tmp_pa
     the same directory kept its shards (every shard skipped as done) and its fine-tuned CLLM."""
     teacher = ModelConfig(name_or_path=str(teacher_dir))
     assert model_identity(teacher) == model_identity(ModelConfig(name_or_path=str(tiny_model_dir)))
-    assert plan(COLLECT, teacher, prompts, store)["todo"] == []  # a copy of the weights is the same teacher
+    assert plan(COLLECT, teacher, prompts, store).todo == ()  # a copy of the weights is the same teacher
     assert not finetune(QUICK, teacher, store, tmp_path / "cllm", log=quiet).reused
 
     retrain_in_place(teacher_dir)
@@ -63,7 +63,7 @@ def test_a_teacher_retrained_in_place_invalidates_its_shards_and_its_cllm(tmp_pa
         plan(COLLECT, teacher, prompts, store)
     assert "\n" not in str(error.value)
     fresh = plan(COLLECT, teacher, prompts, str(tmp_path / "new-store"))
-    assert fresh["done"] == [] and fresh["todo"] == list(range(fresh["shards"]))
+    assert fresh.done == () and fresh.todo == tuple(range(fresh.shards))
     said = []
     assert not finetune(QUICK, teacher, store, tmp_path / "cllm", log=said.append).reused
     assert not any("reusing" in line for line in said)
@@ -74,7 +74,7 @@ def test_a_store_collected_on_one_device_resumes_on_another(teacher_dir, store, 
     on cuda. In fp32 neither the device nor the attention kernel changes a trajectory."""
     elsewhere = ModelConfig(name_or_path=str(teacher_dir), device="cpu:0", attn_implementation="eager")
     work = plan(COLLECT, elsewhere, prompts, store)
-    assert work["todo"] == [] and work["done"] == list(range(work["shards"]))
+    assert work.todo == () and work.done == tuple(range(work.shards))
 
 
 def test_below_fp32_batch_size_precision_and_device_kind_are_part_of_a_collection(teacher_dir, prompts):

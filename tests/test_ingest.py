@@ -63,6 +63,7 @@ def test_rerun_with_the_same_inputs_gives_byte_identical_files(tmp_path, tokeniz
     assert (tmp_path / "a/eval.parquet").read_bytes() != (tmp_path / "c/eval.parquet").read_bytes()
 
 
+@pytest.mark.slow  # reads the whole GSM8K copy
 def test_gsm8k_preset_reads_the_local_copy_offline_with_the_papers_template(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     said = []

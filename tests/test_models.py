@@ -89,3 +89,25 @@ def test_modelling_code_shipped_with_a_model_runs_only_when_the_profile_asks(tin
     for path in profiles:
         model = Profile.model_validate(read_profile(path)).model
         assert model is None or model.trust_remote_code is False, path
+
+
+@pytest.mark.slow  # converts SmolLM2's GGUF tokenizer (about 7 s)
+def test_a_gguf_tokenizer_is_converted_once_and_read_back_the_same_from_the_cache(tmp_path, monkeypatch):
+    import transformers
+
+    from cllm_core import SMOLLM2
+    from cllm_core.models import tokenizer_fingerprint
+
+    monkeypatch.setenv("CLLM_CACHE", str(tmp_path / "cache"))
+    converted = load_tokenizer(SMOLLM2)
+    parsed = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *args, **kwargs: parsed.append(kwargs.get("gguf_file")) or real(*args, **kwargs))
+    kept = load_tokenizer(SMOLLM2)
+    assert parsed == [None]  # read from the cache, not parsed out of the GGUF file again
+    assert [p.name for p in (tmp_path / "cache/gguf-tokenizers").iterdir()] != []
+    text = render(converted, "What is 12 + 30?")
+    assert tokenizer_fingerprint(kept) == tokenizer_fingerprint(converted) and kept(text) == converted(text)
+    assert (kept.chat_template, kept.eos_token, kept.pad_token, kept.padding_side) == (
+        converted.chat_template, converted.eos_token, converted.pad_token, "left")

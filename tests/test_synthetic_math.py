@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from data.synthetic_math import FAMILIES, OPS, TRAIN_POOL, TRAIN_SEED, generate, splits
 
 
@@ -30,6 +32,7 @@ def test_problems_vary_across_families_and_names():
     assert len(FAMILIES) == 8
 
 
+@pytest.mark.slow  # draws the whole train pool
 def test_eval_split_is_disjoint_from_the_whole_train_pool_and_has_distinct_questions():
     train, eval_ = splits(3000, 300)
     assert len(train) == 3000 and len(eval_) == 300

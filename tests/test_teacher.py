@@ -69,6 +69,7 @@ def test_same_config_reuses_the_cached_teacher_and_another_config_retrains(teach
     assert not [p for p in teacher_dir.parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # trains teachers
 def test_same_config_trains_the_same_weights(tmp_path):
     for name in ("first", "again"):
         build_teacher(TINY, tmp_path / name, log=lambda line: None)
@@ -85,6 +86,7 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert learning_rate(config, 50, 1.0) == pytest.approx(1e-4)
 
 
+@pytest.mark.slow  # trains teachers
 def test_a_teacher_stopped_by_its_guard_says_so_in_one_loud_line(tmp_path):
     warned = []
     record = build_teacher(TINY.model_copy(update={"max_minutes": 1e-6}), tmp_path / "t", log=lambda line: None,
@@ -97,6 +99,7 @@ def test_a_teacher_stopped_by_its_guard_says_so_in_one_loud_line(tmp_path):
     assert not again["reused"] and "stopped by its guard" in said[0] and again["metrics"]["train_steps"] == 6
 
 
+@pytest.mark.slow  # trains teachers
 def test_a_teacher_below_its_quality_floor_is_one_line_and_is_not_kept(tmp_path):
     from cllm_core.guards import BelowQualityFloor
 
