@@ -1,9 +1,9 @@
 """Stage 4: speed and quality of every model x method on the same prompts, in one run.
 
 Each prompt is decoded by every (model, method) pair in a rotating order, after a warm-up, so machine drift
-hits every pair alike. A record per (prompt, model, method) holds the counts of the decoders' shared
+hits every pair alike. A sample per (prompt, model, method) holds the counts of the decoders' shared
 conventions (`outputs.py`), the wall time, whether the output equals the same model's greedy AR output, the
-extracted answer and its correctness, and a repetition flag; `summarize` turns records into one row per
+extracted answer and its correctness, and a repetition flag; `summarize` turns samples into one row per
 pair, with speedups against a baseline pair (the teacher's AR).
 """
 
@@ -43,9 +43,10 @@ def decoders(config: EvalConfig) -> dict[str, Callable]:
 
 def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict], chat: bool, config: EvalConfig,
              log: Callable[[str], None] = print) -> list[dict]:
-    """Decode `prompts` (dicts with prompt_id, prompt, answer) with every model x method; one record each.
+    """Decode `prompts` (dicts with prompt_id, prompt, answer) with every model x method; one sample each (a
+    dict: a row of samples.parquet).
 
-    Batches of `config.batch_size` prompts are decoded together; a record's seconds are then its batch's
+    Batches of `config.batch_size` prompts are decoded together; a sample's seconds are then its batch's
     time shared equally among the rows.
     """
     if config.jacobi.n_tokens is None:
@@ -57,7 +58,7 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
         ids, mask = encode(tokenizer, [p["prompt"] for p in warm], _device(models[model]), chat)
         for _ in range(config.warmup):
             methods[method](models[model], ids, mask)
-    records = []
+    samples = []
     for start in range(0, len(prompts), config.batch_size):
         batch = prompts[start:start + config.batch_size]
         chunk = start // config.batch_size
@@ -67,10 +68,10 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
             outputs[model, method] = _timed(methods[method], models[model], ids, mask)
         for row, prompt in enumerate(batch):
             for (model, method), (seconds, out) in outputs.items():
-                records.append(_record(prompt, model, method, row, ids.shape[1], seconds / len(batch), out,
+                samples.append(_sample(prompt, model, method, row, ids.shape[1], seconds / len(batch), out,
                                        outputs.get((model, "ar")), tokenizer, check))
         log(f"{min(start + len(batch), len(prompts))}/{len(prompts)} prompts")
-    return records
+    return samples
 
 
 def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_path: str | Path, out_dir: Path,
@@ -102,13 +103,13 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     config = with_block_size(config, loaded, log, {name: _decoding(source) for name, source in models.items()})
     log(f"evaluating {', '.join(models)} x {', '.join(config.methods)} on {len(prompts)} prompts, "
         f"batch {config.batch_size}, {used}")
-    records = evaluate(loaded, tokenizer, prompts, chat, config, log)
-    summary = summarize(records, (baseline, "ar"))
+    samples = evaluate(loaded, tokenizer, prompts, chat, config, log)
+    summary = summarize(samples, (baseline, "ar"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records), out_dir / "samples.parquet")
+    pq.write_table(pa.Table.from_pylist(samples), out_dir / "samples.parquet")
     (out_dir / "summary.json").write_text(json.dumps([row.to_json() for row in summary], indent=2) + "\n")
     pictures = [report.speedup_bars(summary, out_dir / "speedup.png"),
-                report.tokens_per_forward_histogram(records, out_dir / "tokens_per_forward.png"),
+                report.tokens_per_forward_histogram(samples, out_dir / "tokens_per_forward.png"),
                 report.accuracy_vs_speed(summary, out_dir / "accuracy_vs_speed.png")]
     if "jacobi" in config.methods:
         ids, mask = encode(tokenizer, [prompts[0]["prompt"]], _device(loaded[baseline]), chat)
@@ -150,8 +151,8 @@ def _listed(mapping: dict) -> str:
 
 def _decoding(source: ModelConfig) -> dict:
     """How a CLLM's training trajectories were decoded, from the `cllm.json` beside it (empty for other models)."""
-    record = Path(source.name_or_path) / "cllm.json"
-    return json.loads(record.read_text()).get("trajectories", {}).get("decoding", {}) if record.is_file() else {}
+    path = Path(source.name_or_path) / "cllm.json"
+    return json.loads(path.read_text()).get("trajectories", {}).get("decoding", {}) if path.is_file() else {}
 
 
 def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
@@ -166,12 +167,12 @@ def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
     return preset.check if preset else "exact"
 
 
-def summarize(records: list[dict], baseline: Pair = ("teacher", "ar")) -> list[SummaryRow]:
+def summarize(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> list[SummaryRow]:
     """One row per (model, method): tokens per forward, tokens/s, speedups vs the baseline pair (total tokens
     over total time, and the mean of per-prompt ratios), accuracy, exact match vs the model's AR, repetition."""
     by_pair: dict[Pair, list[dict]] = {}
-    for record in records:
-        by_pair.setdefault((record["model"], record["method"]), []).append(record)
+    for sample in samples:
+        by_pair.setdefault((sample["model"], sample["method"]), []).append(sample)
     base = {r["prompt_id"]: r for r in by_pair.get(baseline, [])}
     base_speed = _speed(by_pair[baseline]) if baseline in by_pair else None
     rows = []
@@ -204,7 +205,7 @@ def _timed(decode, model, ids, mask):
     return time.perf_counter() - start, out
 
 
-def _record(prompt, model, method, row, prompt_len, seconds, out, ar, tokenizer, check) -> dict:
+def _sample(prompt, model, method, row, prompt_len, seconds, out, ar, tokenizer, check) -> dict:
     response = out.response(row, prompt_len)
     text = tokenizer.decode(response, skip_special_tokens=True)
     new_tokens, forwards = out.stats.row_new_tokens[row], out.stats.row_forwards[row]

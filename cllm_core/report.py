@@ -33,10 +33,10 @@ def speedup_bars(summary: list[SummaryRow], path: Path) -> Path:
     return _save(figure, path)
 
 
-def tokens_per_forward_histogram(records: list[dict], path: Path) -> Path:
+def tokens_per_forward_histogram(samples: list[dict], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    for model in sorted({r["model"] for r in records}):
-        values = [r["tokens_per_forward"] for r in records if r["model"] == model and r["method"] == "jacobi"]
+    for model in sorted({r["model"] for r in samples}):
+        values = [r["tokens_per_forward"] for r in samples if r["model"] == model and r["method"] == "jacobi"]
         if values:
             axis.hist(values, bins=20, alpha=0.6, label=f"{model} (mean {sum(values) / len(values):.2f})")
     axis.set_xlabel("tokens per forward (one prompt)")

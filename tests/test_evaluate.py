@@ -1,4 +1,4 @@
-"""Stage 4 in the library: the summary's arithmetic on hand-made records, and a real evaluation of a tiny
+"""Stage 4 in the library: the summary's arithmetic on hand-made samples, and a real evaluation of a tiny
 model in which Jacobi matches AR exactly and a broken decoder is caught by the exact-match figure."""
 
 import json
@@ -12,7 +12,7 @@ from cllm_core.config import EvalConfig
 from cllm_core.evaluate import run_evaluation, summarize
 
 
-def record(prompt, model, method, tokens, forwards, seconds, correct=True, same=True):
+def sample(prompt, model, method, tokens, forwards, seconds, correct=True, same=True):
     return {"prompt_id": prompt, "model": model, "method": method, "new_tokens": tokens, "forwards": forwards,
             "tokens_per_forward": tokens / forwards, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "fast_forward": tokens - forwards, "stationary": 0, "matches_ar": same, "correct": correct,
@@ -20,10 +20,10 @@ def record(prompt, model, method, tokens, forwards, seconds, correct=True, same=
 
 
 def test_summary_rows_are_totals_over_prompts_and_speedups_against_the_baseline():
-    records = [record("a", "teacher", "ar", 10, 10, 1.0), record("b", "teacher", "ar", 30, 30, 1.0),
-               record("a", "cllm", "jacobi", 10, 2, 0.25, correct=False), record("b", "cllm", "jacobi", 30, 10, 1.0,
+    samples = [sample("a", "teacher", "ar", 10, 10, 1.0), sample("b", "teacher", "ar", 30, 30, 1.0),
+               sample("a", "cllm", "jacobi", 10, 2, 0.25, correct=False), sample("b", "cllm", "jacobi", 30, 10, 1.0,
                                                                                   same=False)]
-    rows = {(r.model, r.method): r.to_json() for r in summarize(records)}
+    rows = {(r.model, r.method): r.to_json() for r in summarize(samples)}
     teacher, cllm = rows["teacher", "ar"], rows["cllm", "jacobi"]
     assert teacher["tokens_per_forward"] == 1.0 and teacher["speedup"] == 1.0 and teacher["mean_speedup"] == 1.0
     assert cllm["tokens_per_forward"] == 40 / 12  # total tokens over total forwards, not a mean of ratios
@@ -121,9 +121,9 @@ def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
     prompts = [{"prompt_id": str(i), "prompt": f"count {i}", "answer": None} for i in range(3)]
     config = EvalConfig(methods=["jacobi"], jacobi={"n_tokens": 4, "max_new_tokens": 12}, warmup=0)
-    records = evaluate({"constant": constant(7), "successor": successor()}, tokenizer, prompts, False, config,
+    samples = evaluate({"constant": constant(7), "successor": successor()}, tokenizer, prompts, False, config,
                        log=lambda line: None)
-    rows = {r.model: r.to_json() for r in summarize(records, baseline=("constant", "ar"))}
+    rows = {r.model: r.to_json() for r in summarize(samples, baseline=("constant", "ar"))}
     assert rows["constant"]["tokens_per_forward"] == 3.0 and rows["constant"]["forwards"] == 3 * 4
     assert rows["successor"]["tokens_per_forward"] == 1.0 and rows["successor"]["new_tokens"] == 3 * 12
     assert rows["constant"]["speedup"] is None  # no AR baseline was run, so no speedup is made up
