@@ -9,7 +9,6 @@ local path or any fsspec URL (s3://, gs://, memory://); `collection.json` pins t
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cllm_core.identity import digest
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
 
 
@@ -88,7 +88,7 @@ class ShardStore:
         data_path = self.path(shard_name(shard))
         if not fs.exists(data_path) or fs.size(data_path) != manifest["bytes"]:
             return False
-        return hashlib.sha256(fs.cat_file(data_path)).hexdigest() == manifest["sha256"]
+        return digest(fs.cat_file(data_path), length=64) == manifest["sha256"]  # a file's whole sha256
 
     def manifest(self, shard: int) -> dict:
         return json.loads(self.fs.cat_file(self.path(manifest_name(shard))))
@@ -103,7 +103,7 @@ class ShardStore:
             self.fs.rm(manifest_path)  # a stale manifest must never vouch for the new file
         self._write_atomically(shard_name(shard), data)
         manifest = manifest | {"shard": shard, "rows": table.num_rows, "bytes": len(data),
-                               "sha256": hashlib.sha256(data).hexdigest(), "schema_version": SCHEMA_VERSION}
+                               "sha256": digest(data, length=64), "schema_version": SCHEMA_VERSION}
         self._write_atomically(manifest_name(shard), _json(manifest))
         return manifest
 
