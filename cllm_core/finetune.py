@@ -142,7 +142,8 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
     checkpoints. Returns the run's metrics."""
     config, data, accelerator, lm = run.config, run.data, run.accelerator, run.lm
     sampler = Sampler(data, config, run.labels, run.tokenizer.pad_token_id, accelerator.process_index)
-    probe_ids = encode(run.tokenizer, probe[0][: config.sample_prompts], chat=probe[1]) if probe[0] else None
+    probe_texts = probe[0][: config.sample_prompts]
+    probe_ids = encode(run.tokenizer, probe_texts, chat=probe[1]) if probe_texts else None
     longest = max(len(r) for r in data.rows["response_ids"])
     history = run.history
     window, window_tokens, window_start = [], 0, time.perf_counter()

@@ -59,6 +59,17 @@ def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(
     assert torch.equal(jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=12).sequences, greedy)
 
 
+def test_no_samples_asked_for_means_none_decoded_even_with_prompts_at_hand(tmp_path, teacher, store,
+                                                                          tiny_trajectories):
+    """Regression: `sample_prompts: 0` with eval prompts present (as `cllm train` always passes) encoded an empty
+    batch and failed the run."""
+    probe = pq.read_table(tiny_trajectories / "prompts/eval.parquet").column("prompt").to_pylist()
+    samples = []
+    record = finetune(FAST.model_copy(update={"steps": 6, "sample_prompts": 0}), teacher, store, tmp_path / "cllm",
+                      probe=(probe, False), log=quiet, on_samples=lambda step, s: samples.append(step))
+    assert record.metrics["train_steps"] == 6 and samples == [] and "sample_tokens_per_forward" not in record.metrics
+
+
 def test_a_killed_run_resumes_at_its_last_checkpoint_with_the_uninterrupted_losses(tmp_path, teacher, store):
     whole = finetune(FAST, teacher, store, tmp_path / "whole", log=quiet)
 
