@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,6 +16,10 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    # modules that use the session's Prefect server last, whole (their module fixtures set up once): the server
+    # boots meanwhile (pytest_collection_finish)
+    served = {item.module.__name__ for item in items if "prefect_server" in item.fixturenames}
+    items.sort(key=lambda item: item.module.__name__ in served)
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -63,15 +69,47 @@ def tiny_trajectories(tmp_path_factory, tiny_model_dir):
     return directory
 
 
+def pytest_collection_finish(session):
+    """Start the session's Prefect server as soon as the tests are known, if any of them needs it: it boots in its
+    own process (20-45 s on 2 cores) while the tests before the first that uses it run."""
+    if any("prefect_server" in item.fixturenames for item in session.items):
+        PREFECT["server"] = _start_prefect_server()
+
+
+PREFECT: dict = {}
+
+
+def _start_prefect_server():
+    """The API server `cllm` starts for itself (flows/server.py), its database in a temporary $PREFECT_HOME."""
+    import os
+    import tempfile
+
+    from flows.server import TemporaryServer
+
+    home, before = tempfile.mkdtemp(prefix="cllm-tests-prefect-"), os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = home  # what the server's process inherits
+    try:
+        return TemporaryServer(Path(home))
+    finally:
+        if before is None:
+            del os.environ["PREFECT_HOME"]
+        else:
+            os.environ["PREFECT_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One temporary Prefect server for the session's flows (a start costs about 20 s on 2 cores); its API URL,
-    for the `cllm` subprocesses that should use it too. Tests that need a server of their own start one."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    """One temporary Prefect server for the session's flows, started with the session; its API URL, for the
+    `cllm` subprocesses that should use it too. Tests that need a server of their own start one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+    server = PREFECT.pop("server", None) or _start_prefect_server()
+    try:
+        server.wait(timeout=180)
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ def test_smollm2_becomes_a_cllm_that_loads_as_an_ordinary_model_and_decodes_exac
 
     work = tmp_path / "work"
     result = CliRunner().invoke(app, ["run", "--config", str(ROOT / "configs/smollm2-smoke.yaml"), "--work-dir",
-                                      str(work), "--no-progress"])
+                                      str(work), "--set", f"ingest.source={ROOT / 'data/gsm8k_sample.jsonl'}",
+                                      "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "| cllm | jacobi |" in result.output
 
