@@ -23,7 +23,7 @@ import torch
 from cllm_core import report
 from cllm_core.answers import CHECKS, extract_answer
 from cllm_core.baselines import ar_generate, lookup_generate
-from cllm_core.config import DEFAULT_BLOCK, EvalConfig, ModelConfig, trained_block_size
+from cllm_core.config import EvalConfig, ModelConfig, trained_block_size
 from cllm_core.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.prompts import encode
 from cllm_core.records import Evaluation, SummaryRow
@@ -132,7 +132,7 @@ def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log:
     if jacobi.n_tokens is None and len(set(trained.values())) > 1:
         raise ValueError(f"the CLLMs were trained for different block sizes ({_listed(trained)}); choose one with "
                          "--n-tokens (evaluate.jacobi.n_tokens)")
-    n = jacobi.n_tokens or next(iter(trained.values()), DEFAULT_BLOCK)
+    n = jacobi.block_size(next((models[name] for name in trained), None))  # set, else as trained, else the default
     why = "evaluate.jacobi.n_tokens" if jacobi.n_tokens else "as trained" if trained else "no CLLM among the models"
     learned = [f"{name}'s from {_settings(settings)}" for name, settings in (trained_on or {}).items() if settings]
     log(f"Jacobi at n_tokens {n} ({why}{'; trained for ' + _listed(trained) if trained else ''}), "

@@ -102,8 +102,18 @@ def _gguf_model_dir(path: Path) -> Path:
                                                  quantization_config=GgufConfig(dequantize=True))
     if getattr(model, "hf_quantizer", None) is not None:  # dequantized: plain float weights, an ordinary model
         model.hf_quantizer.remove_quantization_config(model)
-    return _publish(kept, lambda staging: (model.save_pretrained(staging),
-                                           _gguf_tokenizer(path).save_pretrained(staging)))
+    tokenizer = _gguf_tokenizer(path)
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    try:
+        return _publish(kept, write)
+    except OSError:  # a cache that cannot be written: a copy of this process's own
+        fallback = Path(tempfile.mkdtemp(prefix="cllm-gguf-"))
+        write(fallback)
+        return fallback
 
 
 def _kept(path: Path, kind: str) -> Path:
@@ -113,20 +123,17 @@ def _kept(path: Path, kind: str) -> Path:
 
 
 def _publish(kept: Path, write) -> Path:
-    """Write a kept directory whole or not at all (a concurrent writer's copy is as good); where the cache cannot
-    be written, the directory is written to a temporary place for this process."""
+    """Write a kept directory whole or not at all (a concurrent writer's copy is as good); OSError where the
+    cache cannot be written."""
     staging = kept.with_name(f".{kept.name}.{uuid.uuid4().hex}")
     try:
         write(staging)
         os.replace(staging, kept)
-        return kept
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if kept.is_dir():
-            return kept
-        fallback = Path(tempfile.mkdtemp(prefix="cllm-gguf-")) / kept.name
-        write(fallback)
-        return fallback
+        if not kept.is_dir():
+            raise
+    return kept
 
 
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
