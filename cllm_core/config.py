@@ -171,6 +171,9 @@ class IngestConfig(Section):
     max_train: int | None = Field(None, ge=1, description="Keep at most this many training prompts.")
     max_eval: int | None = Field(None, ge=1, description="Keep at most this many eval prompts.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Drop (and count) prompts longer than this in tokens.")
+    system_prompt: str | None = Field(None, description="With the chat template: the system message ('' for an "
+                                      "empty one); none: the template's own default (SmolLM2's costs 16 tokens "
+                                      "in every prompt).")
     seed: int = Field(0, description="Seed of the train/eval split.")
 
     @model_validator(mode="after")
@@ -179,6 +182,8 @@ class IngestConfig(Section):
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.template is not None and self.template not in [*TEMPLATES, CHAT]:
             raise ValueError(f"unknown template {self.template!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
+        if self.system_prompt is not None and (self.template or self.resolved_preset().template) != CHAT:
+            raise ValueError("ingest.system_prompt needs the chat template (template: chat)")
         return self
 
     def resolved_preset(self) -> Preset:
@@ -193,6 +198,9 @@ class CollectConfig(Section):
                                  description="How the teacher decodes: the n of the n-token states collected.")
     batch_size: int = Field(16, ge=1, description="Prompts decoded together (left-padded, KV-cached).")
     shard_size: int = Field(256, ge=1, description="Prompts per shard: the unit of work, of writing and of resume.")
+    finished_only: bool = Field(False, description="Collect only prompts whose greedy response ends (EOS) within "
+                                "the budget: a batched AR pass finds them first (and their lengths, so batches "
+                                "decode responses of similar length); the rest are counted, not collected.")
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
     devices: list[str] = Field([], description="Devices to spread shards over (e.g. [cuda:0, cuda:1]); "
                                "empty: the model's device.")

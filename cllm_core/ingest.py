@@ -87,7 +87,8 @@ def _seeded_split(records: list[dict], eval_fraction: float, seed: int) -> dict[
 def _rows(records, template, tokenizer, config, seen, limit) -> tuple[list[dict], dict[str, int]]:
     """Rendered rows in source order, skipping empties, duplicates (of `seen` too) and over-long prompts."""
     rows, dropped = [], {"empty": 0, "duplicates": 0, "too_long": 0}
-    texts = [_render(template, record, tokenizer) if record["question"].strip() else None for record in records]
+    texts = [_render(template, record, tokenizer, config.system_prompt) if record["question"].strip() else None
+             for record in records]
     present = [t for t in texts if t is not None]
     lengths = iter(tokenizer(present, add_special_tokens=template != CHAT)["input_ids"] if present else [])
     for record, text in zip(records, texts):
@@ -122,10 +123,11 @@ def _empty_split(name: str, counts: dict, config: IngestConfig, seeded: bool) ->
             "max_prompt_tokens")
 
 
-def _render(template: str, record: dict, tokenizer) -> str:
+def _render(template: str, record: dict, tokenizer, system: str | None = None) -> str:
     if template == CHAT:
-        return tokenizer.apply_chat_template([{"role": "user", "content": record["question"]}], tokenize=False,
-                                             add_generation_prompt=True)
+        system_message = [] if system is None else [{"role": "system", "content": system}]
+        return tokenizer.apply_chat_template([*system_message, {"role": "user", "content": record["question"]}],
+                                             tokenize=False, add_generation_prompt=True)
     return render_template(template, record)
 
 

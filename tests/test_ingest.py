@@ -97,6 +97,16 @@ def test_chat_template_and_sharegpt_first_user_turn(tmp_path, tokenizer):
     assert row["answer"].startswith("Fact ") and "More?" not in row["prompt"]
 
 
+def test_a_system_prompt_replaces_the_templates_default_and_needs_the_chat_template(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "q.jsonl", [{"question": f"Question {i}?"} for i in range(6)])
+    ingest(IngestConfig(source=str(source), template="chat", system_prompt="Be brief."), tokenizer, tmp_path / "p",
+           log=quiet)
+    rows = records(tmp_path / "p/train.parquet")
+    assert all(r["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>") for r in rows)
+    with pytest.raises(ValueError, match="ingest.system_prompt needs the chat template"):
+        IngestConfig(source=str(source), template="plain", system_prompt="Be brief.")
+
+
 def test_csv_and_parquet_sources_read_the_same_way(tmp_path, tokenizer):
     (tmp_path / "q.csv").write_text("prompt,label\n" + "".join(f"Question {i}?,{i}\n" for i in range(12)))
     ingest(IngestConfig(source=str(tmp_path / "q.csv"), fields={"question": "prompt", "answer": "label"}),
