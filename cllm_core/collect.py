@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from cllm_core.config import CollectConfig, ModelConfig
 from cllm_core.files import parquet_schema
 from cllm_core.identity import digest, file_digest, model_identity
-from cllm_core.inputs import resolve_eos
+from cllm_core.inputs import resolve_eos, resolve_pad
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.prompts import encode
 from cllm_core.records import CollectionPlan, ShardManifest
@@ -54,7 +54,8 @@ def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: s
     """Everything that decides shard content, and its hash (`config_hash`); `tokenizer` is the teacher's
     tokenizer fingerprint, which fine-tuning checks its own against; `precision` is the resolved name (fp32,
     bf16, fp16) the teacher decodes in. The teacher is its content identity: not its path, not its device."""
-    kept = config.model_dump(exclude={"jacobi", "batch_size", "devices", "max_repetitive"})
+    kept = config.model_dump(exclude={"jacobi", "batch_size", "devices", "max_repetitive"}
+                             | ({"finished_only"} if not config.finished_only else set()))  # old stores stay valid
     content = config.jacobi.model_dump() | kept | _rounding(config, model, precision)  # flat: old stores stay valid
     record = {"config": content, "precision": precision, "teacher": model_identity(model), "tokenizer": tokenizer,
               "prompts_sha256": file_digest(prompts_path)}
@@ -95,7 +96,10 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
         raise ValueError(f"shard {shard} is empty: the prompts make {shard_count(len(table), config.shard_size)}")
     lm, tokenizer = _teacher(model, collection["teacher"], collection["precision"])
     eos = resolve_eos(lm, None)
-    rows, forwards, start = [], 0, time.perf_counter()
+    start, seen = time.perf_counter(), len(part)
+    if config.finished_only:
+        part = ending_within_budget(lm, tokenizer, part, chat, config, eos)
+    rows, forwards = [], 0
     for first in range(0, len(part), config.batch_size):
         batch = part[first:first + config.batch_size]
         ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
@@ -112,12 +116,41 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     passes = [p for row in rows for p in row["block_passes"]]
     figures = {"seconds": seconds, "prompts_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
                "tokens": tokens, "forwards": forwards, "mean_passes_per_block": sum(passes) / max(len(passes), 1),
-               "repetitive": sum(row["repetitive"] for row in rows)}
+               "repetitive": sum(row["repetitive"] for row in rows), "unfinished": seen - len(rows)}
     manifest = ShardManifest.from_json(store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), {
         "config_hash": collection["config_hash"], "teacher": collection["teacher"], **figures}))
+    unfinished = f", {manifest.unfinished} left out (no EOS within the budget)" if config.finished_only else ""
     log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({manifest.prompts_per_s:.2f} "
-        f"prompts/s, {manifest.mean_passes_per_block:.2f} passes per block, {manifest.repetitive} repetitive)")
+        f"prompts/s, {manifest.mean_passes_per_block:.2f} passes per block, {manifest.repetitive} repetitive"
+        f"{unfinished})")
     return manifest
+
+
+def ending_within_budget(lm, tokenizer, prompts: list[dict], chat: bool, config: CollectConfig,
+                         eos: frozenset[int]) -> list[dict]:
+    """The prompts whose greedy response ends with EOS inside `max_new_tokens`, shortest response first.
+
+    One batched AR pass (KV-cached `generate`, far cheaper than Jacobi from random guesses) finds them; a
+    response that runs to the budget would cost the most passes and teach a truncated answer. Sorting by length
+    puts responses of similar length in a batch, so no batch waits long on one straggler. Each prompt's
+    trajectory does not depend on its batch (its guesses are seeded by its id; in fp32 not a token changes)."""
+    import torch
+
+    if not eos:
+        raise ValueError("collect.finished_only needs the teacher's EOS token (its generation config names none); "
+                         "set finished_only: false")
+    budget, lengths, pad = config.jacobi.max_new_tokens, {}, resolve_pad(lm, None, eos)
+    for first in range(0, len(prompts), config.batch_size):
+        batch = prompts[first:first + config.batch_size]
+        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
+        with torch.no_grad():
+            out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
+                              eos_token_id=sorted(eos), pad_token_id=pad)
+        for prompt, response in zip(batch, out[:, ids.shape[1]:].tolist()):
+            ends = [i for i, token in enumerate(response) if token in eos]
+            if ends:
+                lengths[prompt["prompt_id"]] = ends[0] + 1
+    return sorted((p for p in prompts if p["prompt_id"] in lengths), key=lambda p: lengths[p["prompt_id"]])
 
 
 def plan(config: CollectConfig, model: ModelConfig, prompts_path: str | Path, store_url: str,

@@ -62,10 +62,11 @@ class ShardManifest(Record):
     forwards: int
     mean_passes_per_block: float
     repetitive: int
+    unfinished: int = 0  # prompts left out because the teacher's greedy response did not end in the budget
     extra: dict = field(default_factory=dict)
 
     COLUMNS: ClassVar = ("shard", "rows", "tokens", "seconds", "prompts_per_s", "mean_passes_per_block",
-                         "repetitive")
+                         "repetitive", "unfinished")
     """The figures a table of shards shows (Prefect's collect-shards artifact)."""
 
 
@@ -75,8 +76,8 @@ def collection_figures(manifests: list[ShardManifest]) -> dict[str, float]:
         return {}
     rows, seconds = sum(m.rows for m in manifests), sum(m.seconds for m in manifests)
     return {"prompts_per_s": rows / seconds, "tokens_per_s": sum(m.tokens for m in manifests) / seconds,
-            "repetitive": sum(m.repetitive for m in manifests),
-            "mean_passes_per_block": sum(m.mean_passes_per_block * m.rows for m in manifests) / rows}
+            "repetitive": sum(m.repetitive for m in manifests), "unfinished": sum(m.unfinished for m in manifests),
+            "mean_passes_per_block": sum(m.mean_passes_per_block * m.rows for m in manifests) / max(rows, 1)}
 
 
 @dataclass(frozen=True)

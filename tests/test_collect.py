@@ -157,3 +157,36 @@ def test_a_failed_shard_write_leaves_no_file_and_no_manifest(tmp_path):
         store.write(0, pa.Table.from_pylist([], schema=TRAJECTORY_SCHEMA), {"config_hash": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-00000.parquet"]
     assert not store.is_done(0, "x")
+
+
+@pytest.mark.slow  # collects shards
+def test_finished_only_keeps_exactly_the_prompts_whose_response_ends_in_the_budget(tmp_path, teacher, prompts):
+    config = CONFIG.model_copy(update={"jacobi": CONFIG.jacobi.model_copy(update={"max_new_tokens": 24})})
+    teacher = ending_on_a_common_token(teacher, prompts, config, tmp_path / "teacher")
+    everything = collect(config, teacher, prompts, str(tmp_path / "all"), log=quiet)
+    kept = collect(config.model_copy(update={"finished_only": True}), teacher, prompts, str(tmp_path / "kept"),
+                   log=quiet)
+    full = rows(tmp_path / "all", [0, 1, 2])
+    finished = [r for r in full if r["finished"]]
+    assert 0 < len(finished) < len(full)  # both kinds are present, so the filter is tested
+    assert rows(tmp_path / "kept", [0, 1, 2]) == finished  # the same trajectories, the rest left out
+    assert [m.unfinished for m in kept] == [m.rows - k.rows for m, k in zip(everything, kept)]
+    assert ShardStore(str(tmp_path / "all")).collection()["config_hash"] != \
+        ShardStore(str(tmp_path / "kept")).collection()["config_hash"]
+
+
+def ending_on_a_common_token(teacher, prompts, config, out):
+    """A copy of the (random) tiny teacher whose EOS is a token that some greedy responses reach within the
+    budget and others do not: the random model never emits its real EOS."""
+    model, tokenizer = load_model(teacher), load_tokenizer(teacher)
+    texts = read_prompt_table(prompts, config.limit)[0].column("prompt").to_pylist()
+    responses = []
+    for text in texts:
+        ids, mask = encode(tokenizer, [text], chat=False)
+        out_ids = ar_generate(model, ids, mask, max_new_tokens=config.jacobi.max_new_tokens, eos_token_id=[])
+        responses.append(set(out_ids.sequences[0, ids.shape[1]:].tolist()))
+    common = next(t for t in sorted(set().union(*responses)) if 0 < sum(t in r for r in responses) < len(texts))
+    model.generation_config.eos_token_id = common
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return ModelConfig(name_or_path=str(out))
