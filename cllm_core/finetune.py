@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from cllm_core.checkpoints import Checkpoints, rng_state
@@ -86,6 +86,7 @@ class Training:
     lm: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    head: torch.nn.Module | None = None  # the LM head, to compute logits only where losses read them
     history: list = field(default_factory=list)
     start_step: int = 0
     spent: float = 0.0
@@ -119,11 +120,13 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     lm = load_model(model.model_copy(update={"device": "cpu"})).train()  # fp32 weights; autocast computes
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # its head is only whole inside its forward
+    head = None if sharded else logits_head(lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
     run = Training(config, model, store, out_dir, resolved.name, fingerprint, tokenizer, data, labels, checkpoints,
-                   accelerator, lm, optimizer, scheduler)
+                   accelerator, lm, optimizer, scheduler, head)
     if resume is not None:
         state = checkpoints.load(resume, accelerator.unwrap_model(lm), optimizer, scheduler, accelerator.scaler,
                                  accelerator.process_index)
@@ -153,7 +156,8 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         step += 1
         batch = sampler.batch(step)
         with accelerator.autocast():
-            loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None)
+            loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None,
+                                    head=run.head)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()
@@ -251,32 +255,59 @@ def read_probe(path: str | Path) -> tuple[list[str], bool]:
     return table.column("prompt").to_pylist(), chat
 
 
-def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool) -> tuple[torch.Tensor, dict]:
+def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: torch.nn.Module | None = None
+              ) -> tuple[torch.Tensor, dict]:
     """The weighted loss of one batch and its terms (floats) for logging.
 
     The AR sequences and the states go through the model in one forward; with `reuse_ar` (global loss and
-    the teacher's response as AR labels) the fixed point's logits are read off the AR half, detached.
+    the teacher's response as AR labels) the fixed point's logits are read off the AR half, detached. With
+    `head` (the model's output embedding, when `logits_head` vouches that it alone turns the last hidden state
+    into logits), logits are computed only where a loss reads them: the AR labels and the state blocks, a few
+    hundred of a step's thousands of positions, instead of a (rows, T, vocabulary) tensor.
     """
     ar_ids, state_ids = batch.ar_ids, batch.state_ids
     width = max(ar_ids.shape[1], state_ids.shape[1])
     both = torch.cat([_widen(ar_ids, width), _widen(state_ids, width)])  # (B + S, T)
-    logits = lm(input_ids=both).logits  # (B + S, T, V)
-    ar_logits, state_logits = logits[: len(ar_ids), : ar_ids.shape[1]], logits[len(ar_ids):]
+    at = _logits_at(lm, both, head)  # (rows, index) -> logits there
+    rows = torch.arange(len(both), device=both.device)[:, None]
     index = _block_positions(batch)  # (S, n)
-    student = _gather(state_logits, index)  # (S, n, V)
+    student = at(rows[len(ar_ids):], index)  # (S, n, V)
     if reuse_ar and config.consistency == "global":  # one AR row per block serves its k states
         k = batch.states_per_block
-        target = _gather(ar_logits, index[::k]).detach().repeat_interleave(k, 0)  # (S, n, V)
+        target = at(rows[: len(ar_ids)], index[::k]).detach().repeat_interleave(k, 0)  # (S, n, V)
     else:
         with torch.no_grad():
-            target = _gather(lm(input_ids=batch.target_ids).logits, index)
+            target = _logits_at(lm, batch.target_ids, head)(rows[: len(batch.target_ids)], index)
     mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (S, n)
     consistency = consistency_kl(student, target, mask)
-    ar = ar_loss(ar_logits, batch.ar_targets, batch.ar_mask, config.label_smoothing)
+    labelled = batch.ar_mask.nonzero(as_tuple=True)  # (rows, positions) of the AR labels
+    ar = ar_loss(at(*labelled), batch.ar_targets[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
+                 config.label_smoothing)
     loss = config.consistency_weight * consistency + config.ar_weight * ar
     agreement = (student.argmax(-1) == batch.fixed_points)[mask].float().mean() if mask.any() else torch.tensor(1.0)
     return loss, {"loss": loss.item(), "consistency": consistency.item(), "ar": ar.item(),
                   "agreement": agreement.item()}
+
+
+def logits_head(lm) -> torch.nn.Module | None:
+    """The output embedding, if applying it to the last hidden state gives the model's logits exactly (a plain
+    LM head: Llama, Qwen, SmolLM2); None for a model that transforms logits after it (soft-capping, scaling)."""
+    head = lm.get_output_embeddings()
+    probe = torch.arange(4, device=lm.device)[None] % lm.config.vocab_size
+    with torch.no_grad():
+        out = lm(input_ids=probe, output_hidden_states=True)
+        exact = head is not None and torch.equal(head(out.hidden_states[-1]), out.logits)
+    return head if exact else None
+
+
+def _logits_at(lm, ids: torch.Tensor, head: torch.nn.Module | None):
+    """A function (rows, positions) -> the logits there (index tensors of one shape, the result that shape + V):
+    the last hidden states through `head` only there, or (no head) read off the full logits."""
+    if head is None:
+        logits = lm(input_ids=ids).logits
+        return lambda rows, positions: logits[rows, positions]
+    hidden = lm(input_ids=ids, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]  # (R, T, H)
+    return lambda rows, positions: head(hidden[rows, positions])
 
 
 def lr_factor(config: FinetuneConfig, step: int) -> float:
@@ -351,11 +382,6 @@ def _block_positions(batch: Batch) -> torch.Tensor:
     n = batch.states.shape[1]
     positions = batch.block_start[:, None] - 1 + torch.arange(n, device=batch.block_start.device)
     return positions.clamp(max=batch.state_ids.shape[1] - 1)
-
-
-def _gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, V) at index (B, n) -> (B, n, V)."""
-    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 def _widen(ids: torch.Tensor, width: int) -> torch.Tensor:

@@ -264,6 +264,30 @@ def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_eq
     assert read_off.item() == pytest.approx(forwarded.item(), rel=1e-4)
 
 
+def test_logits_only_where_the_losses_read_them_give_the_same_loss_and_gradient(store, tiny_model_dir):
+    from cllm_core import load_model
+    from cllm_core.finetune import logits_head, step_loss
+
+    data = load_trajectories(store)
+    batch = make_batch(data, draw_items(4, 1, 0, len(data.items), seed=0), 1, 0, seed=0, local=False, augment=0.5,
+                       labels=None, ar_on_prompt=False, pad=0, states_per_block=2)
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    config = FAST.model_copy(update={"states_per_block": 2})
+    head = logits_head(model)
+    assert head is model.get_output_embeddings()
+    results = []
+    for used in (None, head):
+        model.zero_grad()
+        loss, terms = step_loss(model, batch, config, reuse_ar=True, head=used)
+        loss.backward()
+        results.append((terms, [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (sparse, sparse_grads) = results
+    assert sparse == pytest.approx(full, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(full_grads, sparse_grads))
+    model.register_forward_hook(lambda module, args, out: out.__setitem__("logits", out.logits * 2))
+    assert logits_head(model) is None  # logits transformed after the head (soft-capping, scaling): full logits
+
+
 def test_gradient_checkpointing_trades_memory_for_time_without_changing_the_losses(tmp_path, teacher, store):
     config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 100})
     plain = finetune(config, teacher, store, tmp_path / "plain", log=quiet)
