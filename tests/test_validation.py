@@ -85,3 +85,4 @@ def test_every_shipped_profile_and_deployment_parameter_set_validates():
     assert {d["name"] for d in pipeline} == {"local", "gpu"}
     local = next(d for d in pipeline if d["name"] == "local")
     assert Profile.model_validate(local["parameters"]["profile"]) == load_profile(root / "configs/demo.yaml")
+    assert load_profile(root / "configs/smollm2-gsm8k.yaml").model.device == "auto"  # `gpu` runs it unchanged
