@@ -58,14 +58,23 @@ def main() -> None:
             print(f"round {round_} {name}: {time.perf_counter() - start:.2f} s", flush=True)
             lm.gradient_checkpointing_disable()
     medians = {name: statistics.median(values) for name, values in seconds.items()}
+    batch = sampler.batch(1)
+    rows, width = len(batch.ar_ids) + len(batch.state_ids), max(batch.ar_ids.shape[1], batch.state_ids.shape[1])
+    read = int(batch.ar_mask.sum()) + 2 * batch.states.numel()  # AR labels, the states' blocks and their targets
+    element = torch.finfo(DTYPES[precision.name]).bits // 8
     result = {"config": str(args.config), "precision": precision.name, "cpu": torch.backends.cpu.get_cpu_capability(),
               "batch_size": config.batch_size, "states_per_block": config.states_per_block,
-              "tokens_per_step": sampler.batch(1).tokens, "median_s": medians, "seconds": seconds,
+              "tokens_per_step": batch.tokens, "median_s": medians, "seconds": seconds,
+              "logit_positions": {"full": rows * width, "read": read},
+              "full_logits_mib": rows * width * lm.config.vocab_size * element / 2**20,
               "ratio_to_full": {name: medians[name] / medians["full logits"] for name in VARIANTS}}
     for name in VARIANTS:
         print(f"{name:36s} {medians[name]:6.2f} s per step (median of {args.rounds}), "
               f"{result['ratio_to_full'][name]:.2f}x the full-logits step")
-    print(f"{precision.name}, CPU {result['cpu']}, batch {config.batch_size} blocks x {config.states_per_block} states")
+    print(f"{precision.name}, CPU {result['cpu']}, batch {config.batch_size} blocks x {config.states_per_block} "
+          "states; "
+          f"logits at {read:,} of {rows * width:,} positions: a {result['full_logits_mib']:.0f} MiB logits tensor "
+          "(and its gradient) not made")
     write_json(args.json, result)
 
 
