@@ -83,6 +83,8 @@ def curve(work_dir: Path) -> list[dict]:
     points: dict[int, dict] = {}
     for key, name in (("loss", "loss"), ("agreement", "agreement"), ("sample_tokens_per_forward", "jacobi_tpf")):
         for metric in client.get_metric_history(trained.info.run_id, key):
+            if metric.step == 0:  # the run's final figures are logged once more without a step
+                continue
             points.setdefault(metric.step, {"step": metric.step})[name] = metric.value
     return [points[step] for step in sorted(points)]
 
