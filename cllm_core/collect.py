@@ -17,10 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cllm_core.baselines import ar_generate
 from cllm_core.config import CollectConfig, ModelConfig
 from cllm_core.files import parquet_schema
 from cllm_core.identity import digest, file_digest, model_identity
-from cllm_core.inputs import resolve_eos, resolve_pad
+from cllm_core.inputs import resolve_eos
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.prompts import encode
 from cllm_core.records import CollectionPlan, ShardManifest
@@ -130,26 +131,22 @@ def ending_within_budget(lm, tokenizer, prompts: list[dict], chat: bool, config:
                          eos: frozenset[int]) -> list[dict]:
     """The prompts whose greedy response ends with EOS inside `max_new_tokens`, shortest response first.
 
-    One batched AR pass (KV-cached `generate`, far cheaper than Jacobi from random guesses) finds them; a
+    One batched AR pass (`ar_generate`, far cheaper than Jacobi from random guesses) finds them; a
     response that runs to the budget would cost the most passes and teach a truncated answer. Sorting by length
     puts responses of similar length in a batch, so no batch waits long on one straggler. Each prompt's
     trajectory does not depend on its batch (its guesses are seeded by its id; in fp32 not a token changes)."""
-    import torch
-
     if not eos:
         raise ValueError("collect.finished_only needs the teacher's EOS token (its generation config names none); "
                          "set finished_only: false")
-    budget, lengths, pad = config.jacobi.max_new_tokens, {}, resolve_pad(lm, None, eos)
+    lengths = {}
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]
         ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
-        with torch.no_grad():
-            out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
-                              eos_token_id=sorted(eos), pad_token_id=pad)
-        for prompt, response in zip(batch, out[:, ids.shape[1]:].tolist()):
-            ends = [i for i, token in enumerate(response) if token in eos]
-            if ends:
-                lengths[prompt["prompt_id"]] = ends[0] + 1
+        out = ar_generate(lm, ids, mask, max_new_tokens=config.jacobi.max_new_tokens, eos_token_id=sorted(eos))
+        for r, prompt in enumerate(batch):
+            response = out.response(r, ids.shape[1])
+            if response and response[-1] in eos:
+                lengths[prompt["prompt_id"]] = len(response)
     return sorted((p for p in prompts if p["prompt_id"] in lengths), key=lambda p: lengths[p["prompt_id"]])
 
 
