@@ -27,7 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The fast tiers while you work (under a minute): no servers, subprocess pipelines, DDP or SmolLM2.
 test-fast: $(STAMP)

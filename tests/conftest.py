@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ SLOW_FIXTURES = {"prefect_server", "smollm2", "auth_server",  # real servers, th
                  "tiny_trajectories", "teacher_dir"}  # stage runs: trajectories collected, a teacher trained
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """A test that boots a server, loads SmolLM2 or runs a stage on what another stage made is slow, whether or
     not it says so (`make test-fast` leaves them out: the algorithm on fake and tiny models, configs, CLI)."""
@@ -17,9 +19,13 @@ def pytest_collection_modifyitems(items):
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
     # modules that use the session's Prefect server last, whole (their module fixtures set up once): the server
-    # boots meanwhile (pytest_collection_finish)
+    # boots meanwhile (pytest_collection_finish). Under pytest-xdist (`make test`: -n 2 --dist loadgroup) they are
+    # one group, run by one worker, while the other takes the rest: they mostly wait on servers and subprocesses.
     served = {item.module.__name__ for item in items if "prefect_server" in item.fixturenames}
     items.sort(key=lambda item: item.module.__name__ in served)
+    for item in items:
+        if item.module.__name__ in served:
+            item.add_marker(pytest.mark.xdist_group("prefect"))
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -33,7 +39,8 @@ def pytest_ignore_collect(collection_path, config):
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(2)
+    """Both cores for one process; one each for pytest-xdist's two workers (oversubscribed threads spin)."""
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
@@ -72,16 +79,31 @@ def tiny_trajectories(tmp_path_factory, tiny_model_dir):
 def pytest_collection_finish(session):
     """Start the session's Prefect server as soon as the tests are known, if any of them needs it: it boots in its
     own process (20-45 s on 2 cores) while the tests before the first that uses it run."""
-    if any("prefect_server" in item.fixturenames for item in session.items):
+    if not os.environ.get("PYTEST_XDIST_WORKER") \
+            and any("prefect_server" in item.fixturenames for item in session.items):
         PREFECT["server"] = _start_prefect_server()
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the controller, which collects nothing, starts the server before its workers exist and
+    hands them its URL: whichever worker draws the Prefect group finds it booted (or booting)."""
+    distributed = getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER")
+    if distributed and config.getoption("markexpr") != "not slow":
+        PREFECT["server"] = _start_prefect_server()
+        os.environ[SHARED_SERVER] = PREFECT["server"].url
+
+
+def pytest_unconfigure(config):
+    if SHARED_SERVER in os.environ and not os.environ.get("PYTEST_XDIST_WORKER"):
+        PREFECT.pop("server").stop()
+
+
 PREFECT: dict = {}
+SHARED_SERVER = "CLLM_TESTS_PREFECT_API_URL"
 
 
 def _start_prefect_server():
     """The API server `cllm` starts for itself (flows/server.py), its database in a temporary $PREFECT_HOME."""
-    import os
     import tempfile
 
     from flows.server import TemporaryServer
@@ -103,6 +125,13 @@ def prefect_server():
     `cllm` subprocesses that should use it too. Tests that need a server of their own start one."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    if os.environ.get(SHARED_SERVER):  # a pytest-xdist worker: the controller's server
+        from tests.servers import wait_healthy
+
+        wait_healthy(f"{os.environ[SHARED_SERVER]}/health", seconds=180)
+        with temporary_settings({PREFECT_API_URL: os.environ[SHARED_SERVER]}):
+            yield os.environ[SHARED_SERVER]
+        return
     server = PREFECT.pop("server", None) or _start_prefect_server()
     try:
         server.wait(timeout=180)
