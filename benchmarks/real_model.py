@@ -10,6 +10,12 @@ records: shard manifests (collection seconds, prompts kept and left out), `cllm.
 history), the evaluation's `summary.json` (teacher and CLLM x AR, Jacobi, prompt lookup on the held-out
 prompts) and the fine-tuning run's MLflow metrics (Jacobi tokens per forward on held-out prompts by step).
 Goals are checked and printed (MET / NOT MET), never asserted: a missed goal is a figure to read.
+
+`--compare WORK_DIR` adds the table of another evaluation of the same models and prompts, e.g. in fp32 where bf16
+matmuls are slow (a CPU without AMX; batch 1):
+
+    cllm eval --config configs/smollm2-gsm8k.yaml --work-dir runs/smollm2-gsm8k-fp32 --precision fp32
+    (with runs/smollm2-gsm8k-fp32/prompts and /cllm linked to the run's)
 """
 
 from __future__ import annotations
@@ -68,9 +74,9 @@ def budget(work_dir: Path) -> dict:
                         "evaluate (decoding)": sum(row["seconds"] for row in summary) / 60}}
 
 
-def curve(work_dir: Path) -> list[dict]:
+def curve(work_dir: Path, blocks_per_step: int) -> list[dict]:
     """Per logged step of the last fine-tuning run: loss, fixed-point agreement and (where sampled) Jacobi tokens
-    per forward on held-out prompts, from MLflow."""
+    per forward on held-out prompts, from MLflow; with the data it had seen (blocks, `blocks_per_step` a step)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{(work_dir / 'mlflow.db').resolve()}")
@@ -85,8 +91,22 @@ def curve(work_dir: Path) -> list[dict]:
         for metric in client.get_metric_history(trained.info.run_id, key):
             if metric.step == 0:  # the run's final figures are logged once more without a step
                 continue
-            points.setdefault(metric.step, {"step": metric.step})[name] = metric.value
+            points.setdefault(metric.step, {"step": metric.step, "blocks_seen": metric.step * blocks_per_step}
+                              )[name] = metric.value
     return [points[step] for step in sorted(points)]
+
+
+def evaluation(work_dir: Path) -> tuple[list[SummaryRow], dict, str]:
+    """An evaluation's table, its outputs' share identical to the teacher's AR output, and its precision (the
+    evaluate run's `cllm.precision` tag in the work dir's MLflow store)."""
+    from mlflow.tracking import MlflowClient
+
+    rows = [SummaryRow.from_json(row) for row in json.loads((work_dir / "eval/summary.json").read_text())]
+    client = MlflowClient(f"sqlite:///{(work_dir / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("cllm").experiment_id],
+                              "tags.`cllm.stage` = 'evaluate'", order_by=["attributes.start_time DESC"])
+    precision = runs[0].data.tags.get("cllm.precision", "?") if runs else "?"
+    return rows, same_as_teacher(work_dir), precision
 
 
 def same_as_teacher(work_dir: Path) -> dict[tuple[str, str], float]:
@@ -114,6 +134,15 @@ def verdicts(rows: list[SummaryRow]) -> dict[str, dict]:
             "speedup": {"value": cllm.speedup, "goal": "> 1.0", "met": cllm.speedup > GOALS["speedup"]}}
 
 
+def print_table(rows: list[SummaryRow], same: dict, heading: str) -> None:
+    print(f"\n{heading}\n\n| model | method | tokens/forward | tokens/s | speedup vs teacher AR | accuracy | "
+          "same as teacher AR | same as own AR |\n|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row.model} | {row.method} | {row.tokens_per_forward:.2f} | {row.tokens_per_s:.1f} | "
+              f"{row.speedup:.2f}x | {row.accuracy:.1%} | {same[(row.model, row.method)]:.0%} | "
+              f"{row.exact_match:.0%} |")
+
+
 def print_report(spent: dict, rows: list[SummaryRow], same: dict, points: list[dict], goals: dict, cpu: str
                  ) -> None:
     minutes = ", ".join(f"{stage} {value:.1f}" for stage, value in spent["minutes"].items())
@@ -122,19 +151,16 @@ def print_report(spent: dict, rows: list[SummaryRow], same: dict, points: list[d
           f"{spent['response_tokens']:,} response tokens, {spent['train_blocks']:,} blocks of {spent['n_tokens']}; "
           f"{spent['steps']} steps of {spent['batch_size']} blocks x {spent['states_per_block']} states; "
           f"minutes: {minutes}; {spent['precision']}, CPU {cpu}")
-    print(f"\n{spent['eval_prompts']} held-out prompts, batch 1\n\n| model | method | tokens/forward | tokens/s | "
-          "speedup vs teacher AR | accuracy | same as teacher AR | same as own AR |\n|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row.model} | {row.method} | {row.tokens_per_forward:.2f} | {row.tokens_per_s:.1f} | "
-              f"{row.speedup:.2f}x | {row.accuracy:.1%} | {same[(row.model, row.method)]:.0%} | "
-              f"{row.exact_match:.0%} |")
+    print_table(rows, same, f"{spent['eval_prompts']} held-out prompts, batch 1, {spent['precision']}")
     if points:
-        print("\n| step | loss | fixed-point agreement | Jacobi tokens/forward (held-out) |\n|---|---|---|---|")
+        print("\n| step | blocks seen (share of the data) | loss | fixed-point agreement | Jacobi tokens/forward "
+              "(held-out) |\n|---|---|---|---|---|")
         for point in points:
             if "jacobi_tpf" in point or point["step"] % 40 == 0:
                 tpf = f"{point['jacobi_tpf']:.2f}" if "jacobi_tpf" in point else ""
-                print(f"| {point['step']} | {point.get('loss', float('nan')):.3f} | "
-                      f"{point.get('agreement', float('nan')):.3f} | {tpf} |")
+                seen = point["blocks_seen"]
+                print(f"| {point['step']} | {seen:,} ({seen / spent['train_blocks']:.0%}) "
+                      f"| {point.get('loss', float('nan')):.3f} | {point.get('agreement', float('nan')):.3f} | {tpf} |")
     print()
     for name, goal in goals.items():
         print(f"{'MET' if goal['met'] else 'NOT MET':8s} {name}: {goal['value']:.2f} (goal {goal['goal']})")
@@ -147,6 +173,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/smollm2-gsm8k.yaml"))
     parser.add_argument("--set", dest="set_", action="append", default=[], help="SECTION.FIELD=VALUE, as cllm run")
     parser.add_argument("--report-only", action="store_true", help="read the finished run's records, run nothing")
+    parser.add_argument("--compare", type=Path, metavar="WORK_DIR",
+                        help="also report this work dir's evaluation of the same models (e.g. in fp32)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     profile = load_profile(args.config)
@@ -161,15 +189,27 @@ def main() -> None:
             sys.exit(f"error: cllm run exited {code} (output in {work_dir / 'real_model.log'}); rerun this command "
                      "to resume where it stopped")
     rows = [SummaryRow.from_json(row) for row in json.loads((work_dir / "eval/summary.json").read_text())]
-    spent, same, points, goals = budget(work_dir), same_as_teacher(work_dir), curve(work_dir), verdicts(rows)
+    spent, same, goals = budget(work_dir), same_as_teacher(work_dir), verdicts(rows)
+    points = curve(work_dir, spent["batch_size"])
     cpu = os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
     print_report(spent, rows, same, points, goals, cpu)
+    compared = None
+    if args.compare:
+        other, other_same, precision = evaluation(args.compare)
+        print_table(other, other_same, f"the same models and prompts evaluated in {precision} ({args.compare})")
+        goals_there = verdicts(other)
+        for name, goal in goals_there.items():
+            print(f"{'MET' if goal['met'] else 'NOT MET':8s} {name}: {goal['value']:.2f} (goal {goal['goal']}), "
+                  f"{precision}")
+        compared = {"work_dir": str(args.compare), "precision": precision, "goals": goals_there,
+                    "summary": [row.to_json() | {"same_as_teacher_ar": other_same[(row.model, row.method)]}
+                                for row in other]}
     write_json(args.json, {"config": str(args.config), "set": args.set_, "wall_s_this_invocation": wall,
                            "cpu": cpu, "precision": resolve(profile.precision, profile.model.device).name,
                            "budget": spent, "curve": points,
                            "summary": [row.to_json() | {"same_as_teacher_ar": same[(row.model, row.method)]}
                                        for row in rows],
-                           "goals": goals})
+                           "goals": goals, "compared": compared})
 
 
 if __name__ == "__main__":
