@@ -4,7 +4,8 @@ prompts with each (AR and Jacobi) beside the teacher, through the product's eval
     python -m benchmarks.finetune --config configs/demo.yaml --variants gc+ar lc+ar gc --json runs/demo/ft.json
 
 Variants (on top of the profile's `finetune` section): `gc+ar` (global consistency + AR, the paper's), `lc+ar`
-(local consistency + AR), `gc` (global consistency only), `profile` (the section as it is, in <work_dir>/cllm
+(local consistency + AR), `gc` (global consistency only), `jf` (Jacobi Forcing's packed noisy/clean blocks,
+cllm_core/forcing.py; `--jf-batch` responses a step), `profile` (the section as it is, in <work_dir>/cllm
 where `cllm train` puts it). The others train into <work_dir>/finetune-bench/<variant>; all are reused when
 unchanged. Reported per model and method: tokens per forward, tokens/s, wall-clock speedup vs the teacher's
 AR, exact-answer accuracy, outputs identical to the teacher's AR output, and the repetition rate. Figures,
@@ -29,13 +30,17 @@ from cllm_core.evaluate import run_evaluation
 from cllm_core.finetune import finetune
 
 VARIANTS = {"gc+ar": {"consistency": "global"}, "lc+ar": {"consistency": "local"},
-            "gc": {"consistency": "global", "ar_weight": 0.0}, "profile": {}}
+            "gc": {"consistency": "global", "ar_weight": 0.0}, "profile": {},
+            "jf": {"objective": "jacobi_forcing"}}
 
 
 def train_variants(args, profile) -> dict[str, dict]:
     records = {}
     for name in args.variants:
-        config = profile.finetune.model_copy(update=VARIANTS[name] | ({"steps": args.steps} if args.steps else {}))
+        update = VARIANTS[name] | ({"steps": args.steps} if args.steps else {})
+        if name == "jf":
+            update |= {"batch_size": args.jf_batch or profile.finetune.batch_size, "noise_window": args.noise_window}
+        config = type(profile.finetune)(**profile.finetune.model_dump() | update)  # validated
         out = profile.work_dir / ("cllm" if name == "profile" else f"finetune-bench/{name.replace('+', '_')}")
         records[name] = finetune(config, profile.model, str(profile.work_dir / "trajectories"), out, log=print)
     return records
@@ -81,6 +86,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["profile"])
     parser.add_argument("--steps", type=int, help="override the profile's finetune.steps")
+    parser.add_argument("--jf-batch", type=int, help="jf: responses a step (default: the profile's batch_size)")
+    parser.add_argument("--noise-window", type=int, default=16, help="jf: blocks over which the noise rises")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up decodes per model and method")
     parser.add_argument("--n-tokens", type=int, default=16)

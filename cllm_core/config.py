@@ -224,6 +224,12 @@ class CollectConfig(Section):
 class FinetuneConfig(Section):
     """Consistency fine-tuning: losses, samples, schedule, checkpoints (notes/cllm_reference.md §2)."""
 
+    objective: Literal["cllm", "jacobi_forcing"] = Field(
+        "cllm", description="cllm: the paper's loss on sampled blocks (states against their fixed point in a clean "
+        "context). jacobi_forcing: whole responses packed as noisy state + fixed point per block under a "
+        "noise-conditioned attention mask (arXiv 2512.14681; cllm_core/forcing.py); batch_size counts responses.")
+    noise_window: int = Field(16, ge=2, description="jacobi_forcing: blocks over which the noise schedule rises "
+                              "from clean to the trajectory's first state.")
     consistency: Literal["global", "local"] = Field(
         "global", description="Consistency target: the fixed point (global, the paper's main loss) or the next "
         "state of the trajectory (local).")
@@ -263,11 +269,23 @@ class FinetuneConfig(Section):
         _moved(data, "mixed_precision", "finetune.mixed_precision")
         return data
 
+    @model_validator(mode="after")
+    def _forcing_reads_the_teacher(self) -> FinetuneConfig:
+        if self.objective == "jacobi_forcing" and (self.consistency, self.ar_labels) != ("global", "teacher"):
+            raise ValueError("objective jacobi_forcing trains each noisy block towards its fixed point with the "
+                             "teacher's response as AR labels; set consistency: global and ar_labels: teacher")
+        return self
+
     def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed (logging knobs and the time budget excluded)."""
-        decisive = self.model_dump(exclude={"max_minutes", "log_every", "checkpoint_every", "sample_every",
-                                            "sample_prompts", "registered_model"})
-        return digest(decisive)
+        """What a checkpoint must match to be resumed (logging knobs and the time budget excluded; the objective's
+        fields only when they decide something, so CLLMs trained before they existed stay valid)."""
+        excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
+                    "registered_model"}
+        if self.objective == "cllm":
+            excluded |= {"objective", "noise_window"}
+        else:
+            excluded |= {"states_per_block", "augment", "consistency", "ar_labels"}
+        return digest(self.model_dump(exclude=excluded))
 
 
 class EvalConfig(Section):

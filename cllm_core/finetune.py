@@ -1,7 +1,9 @@
 """Stage 3: consistency fine-tuning, teacher + trajectories -> a CLLM in an ordinary HF model directory.
 
-A plain loop over `accelerate` (CPU, one GPU, or `accelerate launch` for DDP/FSDP from the same code). Each
-step runs one forward over the AR sequences and the sampled states together: the AR loss on the responses,
+A plain loop over `accelerate` (CPU, one GPU, or `accelerate launch` for DDP/FSDP from the same code). Two
+objectives: Jacobi Forcing (`objective: jacobi_forcing`, `forcing_loss`: whole responses packed with a noisy
+state per block under a noise-conditioned mask, cllm_core/forcing.py) and the paper's (`step_loss`). Each
+paper step runs one forward over the AR sequences and the sampled states together: the AR loss on the responses,
 and the consistency loss of each state against the target block's distribution (for the global loss with the
 teacher's response as AR labels, that target is read off the AR forward itself: the fixed point is a prefix
 of the response). Checkpoints (weights as safetensors, the rest read back with `weights_only=True`) let a
@@ -26,6 +28,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, gather_object
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from cllm_core import forcing
 from cllm_core.checkpoints import Checkpoints, rng_state
 from cllm_core.collect import read_prompt_table
 from cllm_core.config import FinetuneConfig, ModelConfig
@@ -38,7 +41,7 @@ from cllm_core.models import load_model, load_tokenizer, resolve_device, tokeniz
 from cllm_core.precision import resolve
 from cllm_core.prompts import encode
 from cllm_core.records import CllmRecord
-from cllm_core.samples import Batch, Sampler, TrajectoryData, label_ids, load_trajectories
+from cllm_core.samples import Batch, PackedBatch, Sampler, TrajectoryData, label_ids, load_trajectories
 from cllm_core.schedule import warmup_cosine
 from cllm_core.stopping import raise_if_stopped
 from cllm_core.trajectories import repetitive
@@ -132,9 +135,10 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
                                  accelerator.process_index)
         run.history, run.start_step, run.spent = state["history"], state["step"], state["seconds"]
         log(f"resuming from {resume} at step {run.start_step}")
+    batch = (f"batch {config.batch_size} responses packed as Jacobi Forcing (noise window {config.noise_window})"
+             if config.objective == "jacobi_forcing" else f"batch {config.batch_size}")
     log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
-        f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, batch {config.batch_size}, "
-        f"{resolved.name}")
+        f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, {batch}, {resolved.name}")
     return run
 
 
@@ -156,8 +160,11 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         step += 1
         batch = sampler.batch(step)
         with accelerator.autocast():
-            loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None,
-                                    head=run.head)
+            if isinstance(batch, PackedBatch):
+                loss, terms = forcing_loss(lm, _to(batch, accelerator.device), config, head=run.head)
+            else:
+                loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None,
+                                        head=run.head)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()
@@ -289,6 +296,33 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
                   "agreement": agreement.item()}
 
 
+def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None
+                 ) -> tuple[torch.Tensor, dict]:
+    """Jacobi Forcing's weighted loss of one packed batch and its terms, from one forward (cllm_core/forcing.py).
+
+    The AR loss reads the clean stream (the AR forward of prompt + response under the mask); the consistency loss
+    is KL(clean ‖ noisy) at each counted noisy position against the detached logits of its clean twin (the same
+    block offset, so the same position id); agreement: the noisy position's argmax equals the fixed point's next
+    token (the label of its clean twin).
+    """
+    device = batch.ids.device.type  # the mask in the autocast dtype: fp32's minimum is -inf in fp16
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    at = _logits_at(lm, batch.ids, head, attention_mask=forcing.attention_bias(batch.kind, compute),
+                    position_ids=batch.positions)
+    row, noisy, clean = batch.pairs.unbind(1)  # (K,) each
+    student = at(row, noisy)[None]  # (1, K, V)
+    target = at(row, clean).detach()[None]
+    counted = torch.ones_like(row, dtype=torch.bool)[None]
+    consistency = consistency_kl(student, target, counted)
+    labelled = batch.ar_mask.nonzero(as_tuple=True)
+    ar = ar_loss(at(*labelled), batch.labels[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
+                 config.label_smoothing)
+    loss = config.consistency_weight * consistency + config.ar_weight * ar
+    agreement = (student[0].argmax(-1) == batch.labels[row, clean]).float().mean() if len(row) else torch.tensor(1.0)
+    return loss, {"loss": loss.item(), "consistency": consistency.item(), "ar": ar.item(),
+                  "agreement": agreement.item()}
+
+
 def logits_head(lm) -> torch.nn.Module | None:
     """The output embedding, if applying it to the last hidden state gives the model's logits exactly (a plain
     LM head: Llama, Qwen, SmolLM2); None for a model that transforms logits after it (soft-capping, scaling)."""
@@ -300,13 +334,14 @@ def logits_head(lm) -> torch.nn.Module | None:
     return head if exact else None
 
 
-def _logits_at(lm, ids: torch.Tensor, head: torch.nn.Module | None):
+def _logits_at(lm, ids: torch.Tensor, head: torch.nn.Module | None, **inputs):
     """A function (rows, positions) -> the logits there (index tensors of one shape, the result that shape + V):
-    the last hidden states through `head` only there, or (no head) read off the full logits."""
+    the last hidden states through `head` only there, or (no head) read off the full logits. `inputs`: more
+    arguments of the forward (a 4-D attention mask, position ids)."""
     if head is None:
-        logits = lm(input_ids=ids).logits
+        logits = lm(input_ids=ids, **inputs).logits
         return lambda rows, positions: logits[rows, positions]
-    hidden = lm(input_ids=ids, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]  # (R, T, H)
+    hidden = lm(input_ids=ids, logits_to_keep=1, output_hidden_states=True, **inputs).hidden_states[-1]  # (R, T, H)
     return lambda rows, positions: head(hidden[rows, positions])
 
 
@@ -388,7 +423,7 @@ def _widen(ids: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=0)
 
 
-def _to(batch: Batch, device) -> Batch:
-    return Batch(**{name: getattr(batch, name).to(device) for name in Batch.__dataclass_fields__})
+def _to(batch: Batch | PackedBatch, device) -> Batch | PackedBatch:
+    return type(batch)(**{name: getattr(batch, name).to(device) for name in type(batch).__dataclass_fields__})
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 
 import datasets
 import pyarrow.compute as pc
 import torch
 
+from cllm_core import forcing
 from cllm_core.config import JACOBI_FIELDS, FinetuneConfig
 from cllm_core.identity import digest, seed_of
 from cllm_core.shards import ShardStore
@@ -37,6 +39,11 @@ class TrajectoryData:
     fingerprint: str  # the collection's config hash and the shards' checksums
     excluded_repetitive: int
     decoding: dict  # how the teacher decoded them: the collection's Jacobi settings (n_tokens, init, carry, ...)
+
+    @cached_property
+    def trained_rows(self) -> list[int]:
+        """The rows with at least one block to train consistency on (Jacobi Forcing draws whole rows)."""
+        return sorted({row for row, _ in self.items})
 
 
 def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_size: int | None = None,
@@ -131,8 +138,14 @@ class Sampler:
     pad: int = 0
     process: int = 0
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int) -> Batch | PackedBatch:
         size, offset = self.config.batch_size, self.process * self.config.batch_size
+        if self.config.objective == "jacobi_forcing":  # whole responses, packed
+            rows = self.data.trained_rows
+            indices = draw_items(size, step, offset, len(rows), self.config.seed)
+            return make_packed_batch(self.data, [rows[i] for i in indices], step, offset, seed=self.config.seed,
+                                     window=self.config.noise_window, ar_on_prompt=self.config.ar_on_prompt,
+                                     pad=self.pad)
         indices = draw_items(size, step, offset, len(self.data.items), self.config.seed)
         return make_batch(self.data, indices, step, offset, seed=self.config.seed,
                           local=self.config.consistency == "local", augment=self.config.augment, labels=self.labels,
@@ -182,6 +195,52 @@ def make_batch(data: TrajectoryData, indices: list[int], step: int, slot_offset:
                  ar_mask=_pad(ar_masks, False, torch.bool, ar_ids.shape[1]), state_ids=_pad(states_seq, pad),
                  target_ids=_pad(targets_seq, pad), block_start=torch.tensor(starts), block_len=torch.tensor(lens),
                  states=_pad(states, pad, width=n), fixed_points=_pad(fixed, pad, width=n))
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """One step of Jacobi Forcing: B packed rows (cllm_core.forcing), right-padded to L.
+
+    ids, positions, kind (B, L): tokens, position ids (noisy and clean blocks share theirs), PROMPT/NOISY/CLEAN/
+    PADDING; labels (B, L): the clean-stream token each position predicts (pad where none); ar_mask (B, L) bool:
+    where the AR loss counts (response labels, with the prompt's under ar_on_prompt); pairs (K, 3): (row, noisy
+    index, clean index) of the counted consistency terms.
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    kind: torch.Tensor
+    labels: torch.Tensor
+    ar_mask: torch.Tensor
+    pairs: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+def make_packed_batch(data: TrajectoryData, rows: list[int], step: int, slot_offset: int, *, seed: int,
+                      window: int, ar_on_prompt: bool, pad: int) -> PackedBatch:
+    """Tensors for the trajectory rows `rows`, each packed whole; its noise phase drawn from (seed, step, slot)."""
+    packed, ar_masks = [], []
+    for slot, row_index in enumerate(rows):
+        row = data.rows[row_index]
+        rng = _rng(seed, step, slot_offset + slot, "noise")
+        one = forcing.packed_row(row["prompt_ids"], row["response_ids"], row["block_states"], data.n_tokens, window,
+                                 rng)
+        last_prompt = len(row["prompt_ids"]) - 1
+        ar_masks.append([label >= 0 and (kind == forcing.CLEAN or i == last_prompt or ar_on_prompt)
+                         for i, (label, kind) in enumerate(zip(one.labels, one.kind))])
+        packed.append(one)
+    ids = _pad([p.ids for p in packed], pad)
+    width = ids.shape[1]
+    return PackedBatch(ids=ids, positions=_pad([p.positions for p in packed], 0, width=width),
+                       kind=_pad([p.kind for p in packed], forcing.PADDING, width=width),
+                       labels=_pad([[pad if label < 0 else label for label in p.labels] for p in packed], pad,
+                                   width=width),
+                       ar_mask=_pad(ar_masks, False, torch.bool, width),
+                       pairs=torch.tensor([(b, k, f) for b, p in enumerate(packed) for k, f in p.pairs],
+                                          dtype=torch.long).reshape(-1, 3))
 
 
 def augment_state(state: list[int], fixed_point: list[int], rng: random.Random) -> list[int]:

@@ -40,12 +40,15 @@ def history(record):
     return [(h["step"], h["loss"]) for h in record.history]
 
 
+@pytest.mark.parametrize("objective", ["cllm", "jacobi_forcing"])
 def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(tmp_path, teacher, store,
-                                                                               tiny_trajectories):
+                                                                               tiny_trajectories, objective):
     probe = pq.read_table(tiny_trajectories / "prompts/eval.parquet").column("prompt").to_pylist()
     samples = []
-    record = finetune(FAST.model_copy(update={"steps": 30, "log_every": 5}), teacher, store, tmp_path / "cllm",
-                      probe=(probe, False), log=quiet, on_samples=lambda step, s: samples.append((step, s)))
+    config = FinetuneConfig(**FAST.model_dump() | {"steps": 30, "log_every": 5, "objective": objective})
+    record = finetune(config, teacher, store, tmp_path / "cllm", probe=(probe, False), log=quiet,
+                      on_samples=lambda step, s: samples.append((step, s)))
+    assert record.config["objective"] == objective
     losses = [loss for _, loss in history(record)]
     assert losses[-1] < 0.8 * losses[0]
     assert [step for step, _ in samples] == [6, 12, 18, 24, 30] and all(len(s["texts"]) == 2 for _, s in samples)
