@@ -47,9 +47,9 @@ def train_variants(args, profile) -> dict[str, dict]:
 
 
 def evaluate(args, profile, records: dict[str, dict]) -> dict:
-    """The product's evaluation (cllm_core.evaluate) of the teacher and every variant, AR and Jacobi, plus how
+    """The product's evaluation (cllm_core.evaluate) of the teacher and every variant with `--methods`, plus how
     many of each pair's outputs equal the teacher's AR output."""
-    config = EvalConfig(methods=["ar", "jacobi"], limit=args.limit, warmup=args.warmup,
+    config = EvalConfig(methods=args.methods, limit=args.limit, warmup=args.warmup,
                         jacobi=JacobiConfig(n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens))
     models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r.path) for name, r in records.items()}
     result = run_evaluation(config, models, profile.work_dir / "prompts/eval.parquet",
@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the profile's finetune.steps")
     parser.add_argument("--jf-batch", type=int, help="jf: responses a step (default: the profile's batch_size)")
     parser.add_argument("--noise-window", type=int, default=16, help="jf: blocks over which the noise rises")
+    parser.add_argument("--methods", nargs="+", default=["ar", "jacobi"],
+                        choices=["ar", "jacobi", "lookup", "jacobi_lookup"])
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up decodes per model and method")
     parser.add_argument("--n-tokens", type=int, default=16)

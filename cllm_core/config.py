@@ -291,9 +291,10 @@ class FinetuneConfig(Section):
 class EvalConfig(Section):
     """Speed and quality evaluation: which methods, how they decode, how answers are judged."""
 
-    methods: list[Literal["ar", "jacobi", "lookup"]] = Field(
+    methods: list[Literal["ar", "jacobi", "lookup", "jacobi_lookup"]] = Field(
         ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy `generate` (ar), "
-        "Jacobi, prompt-lookup decoding.")
+        "Jacobi, prompt-lookup decoding, Jacobi with each new block's guess drafted from the context as prompt "
+        "lookup drafts (jacobi_lookup; exact like Jacobi).")
     jacobi: JacobiConfig = Field(JacobiConfig(), description="How Jacobi decodes (max_new_tokens: the budget of "
                                  "every method). In a profile the block size defaults to the one the CLLM was "
                                  "trained for, the budget to collection's.")

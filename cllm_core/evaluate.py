@@ -30,6 +30,7 @@ from cllm_core.records import Evaluation, SummaryRow
 from cllm_core.trajectories import repetitive
 
 Pair = tuple[str, str]  # (model name, method)
+LOOKUP_NGRAM = 2  # the longest n-gram Jacobi's drafts are matched on: transformers' prompt-lookup default
 
 
 def decoders(config: EvalConfig) -> dict[str, Callable]:
@@ -37,6 +38,7 @@ def decoders(config: EvalConfig) -> dict[str, Callable]:
     common = {"max_new_tokens": config.jacobi.max_new_tokens}
     table = {"ar": partial(ar_generate, **common),
              "jacobi": partial(jacobi_generate, **config.jacobi.arguments()),
+             "jacobi_lookup": partial(jacobi_generate, **config.jacobi.arguments(), lookup=LOOKUP_NGRAM),
              "lookup": partial(lookup_generate, prompt_lookup_num_tokens=config.lookup_tokens, **common)}
     return {method: table[method] for method in config.methods}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cllm_core import jacobi_generate, jacobi_steps
-from tests.fakes import by_position, constant, noisy, successor
+from tests.fakes import FakeLM, by_position, constant, noisy, successor
 
 PROMPT = torch.tensor([[1, 2, 3]])
 
@@ -108,3 +108,27 @@ def test_a_stop_request_ends_decoding_before_the_next_pass():
     finally:
         clear_stop()
     assert len(model.calls) == 2  # no forward after the request
+
+
+def test_lookup_drafts_turn_a_cycle_the_successor_model_walks_token_by_token_into_whole_blocks():
+    """next = token % 8 + 1 after the prompt 1..8: plain Jacobi is wrong until each predecessor is fixed (one
+    token a pass); the context already holds the cycle, so a new block's draft from it is right whole."""
+    prompt, expected = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), [1, 2, 3, 4, 5, 6, 7, 8] * 2
+    cycle = lambda: FakeLM(lambda ids, pos: ids % 8 + 1)  # noqa: E731
+    plain = jacobi_generate(cycle(), prompt, n_tokens=4, max_new_tokens=16, eos_token_id=[])
+    drafted = jacobi_generate(cycle(), prompt, n_tokens=4, max_new_tokens=16, eos_token_id=[], lookup=2)
+    assert plain.sequences[0, 8:].tolist() == drafted.sequences[0, 8:].tolist() == expected
+    assert plain.stats.forwards == 16
+    assert drafted.stats.forwards == 5  # the prefill's token, then 4 + 4 + 4 + 3 a pass
+
+
+def test_a_lookup_draft_continues_the_latest_earlier_occurrence_of_the_longest_matching_tail():
+    from cllm_core.jacobi import lookup_draft
+
+    context = [5, 1, 2, 9, 7, 1, 2, 3, 4, 1, 2]
+    assert lookup_draft(context, 3, ngram=2) == [3, 4, 1]  # "1 2" last seen at 5..6
+    assert lookup_draft(context, 3, ngram=3) == [3, 4, 1]  # "4 1 2" never occurred before: falls back to "1 2"
+    assert lookup_draft([4, 8, 9, 3, 8], 5, ngram=1) == [9, 3, 8]  # what there is, up to the context's end
+    assert lookup_draft([1, 2, 3], 2, ngram=2) == []  # no earlier occurrence of any tail
+    with pytest.raises(ValueError, match="lookup must be >= 0"):
+        jacobi_generate(constant(), PROMPT, lookup=-1)

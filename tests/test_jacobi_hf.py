@@ -49,6 +49,16 @@ def test_jacobi_equals_greedy_generate(model, n_tokens, batch, with_eos, carry):
         assert (out.sequences[0, ids.shape[1]:] == eos[0]).any()
 
 
+@pytest.mark.parametrize("lookup", [1, 3])
+@pytest.mark.parametrize(("n_tokens", "batch"), [(4, 1), (16, 4)])
+def test_jacobi_with_lookup_drafts_equals_greedy_generate(model, n_tokens, batch, lookup):
+    ids, mask = prompts(batch)
+    eos = [eos_from_output(model, ids, mask)]
+    out = jacobi_generate(model, ids, mask, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                          pad_token_id=PAD, lookup=lookup)
+    assert out.sequences.tolist() == greedy(model, ids, mask, eos=eos).tolist()
+
+
 def test_random_initialisation_reaches_the_same_fixed_points(model):
     ids, mask = prompts(4)
     expected = greedy(model, ids, mask, eos=None)
