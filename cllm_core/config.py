@@ -329,6 +329,21 @@ class TrackingConfig(Section):
         return self
 
 
+class SecondRound(Section):
+    """Jacobi Forcing's second round: trajectories collected from the round-1 CLLM (often at a larger block size)
+    and that CLLM fine-tuned again on them, into <work_dir>/cllm-round2, evaluated beside the teacher and round 1.
+    In a profile each section says only what differs from round 1's."""
+
+    collect: CollectConfig = Field(CollectConfig(), description="Collection from the round-1 CLLM.")
+    finetune: FinetuneConfig = Field(FinetuneConfig(), description="Fine-tuning of the round-1 CLLM.")
+
+
+def _over(base: dict, part: dict) -> dict:
+    """`part` over `base`, nested sections merged key by key."""
+    return base | {key: _over(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict)
+                   else value for key, value in part.items()}
+
+
 class Profile(Section):
     """A YAML profile in configs/: only what differs from the defaults."""
 
@@ -346,7 +361,21 @@ class Profile(Section):
     collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
     finetune: FinetuneConfig = Field(FinetuneConfig(), description="Consistency fine-tuning.")
     evaluate: EvalConfig = Field(EvalConfig(), description="Speed and quality evaluation.")
+    second_round: SecondRound | None = Field(None, description="Collect from the CLLM and fine-tune it again "
+                                             "(Jacobi Forcing's second round); sections: what differs from round 1.")
     tracking: TrackingConfig = Field(TrackingConfig(), description="MLflow tracking.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _second_round_over_the_first(cls, data):
+        if not isinstance(data, dict) or not isinstance(data.get("second_round"), dict):
+            return data
+        second = dict(data["second_round"])
+        for section in ("collect", "finetune"):
+            first, own = (s.model_dump(exclude_unset=True) if isinstance(s, BaseModel) else dict(s or {})
+                          for s in (data.get(section), second.get(section)))
+            second[section] = _over(first, own)
+        return data | {"second_round": second}
 
     @model_validator(mode="before")
     @classmethod
@@ -366,6 +395,12 @@ class Profile(Section):
         """Evaluation decodes within the budget the CLLM learned: blocks past collection's budget were never in its
         training data, and their speed would be counted as the CLLM's."""
         trained, asked = self.collect.jacobi.max_new_tokens, self.evaluate.jacobi.max_new_tokens
+        if self.second_round is not None:
+            trained = min(trained, self.second_round.collect.jacobi.max_new_tokens)
+            blocks = (self.collect.jacobi.n_tokens, self.second_round.collect.jacobi.n_tokens)
+            if self.evaluate.jacobi.n_tokens is None and blocks[0] != blocks[1]:
+                raise ValueError(f"second_round collects at n_tokens {blocks[1]}, round 1 at {blocks[0]}: both CLLMs "
+                                 "are evaluated at one block size; set evaluate.jacobi.n_tokens")
         if asked > trained:
             raise ValueError(f"evaluate.jacobi.max_new_tokens ({asked}) is over collect.jacobi.max_new_tokens "
                              f"({trained}): the CLLM learns responses up to collection's budget; evaluate within it "

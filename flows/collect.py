@@ -55,13 +55,15 @@ def collect_shard_flow(collect: CollectConfig, model: ModelConfig, prompts: Path
 @flow(name="collect-trajectories")
 def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: Path = Path("runs/demo"),
                          store: str | None = None, deployment: str | None = None,
-                         tracking: TrackingConfig = TrackingConfig(), precision: Precision = "auto") -> dict:
+                         tracking: TrackingConfig = TrackingConfig(), precision: Precision = "auto",
+                         stage: str = "collect") -> dict:
     """Collect every shard of `<work_dir>/prompts/train.parquet` not already done in the store; with
     `deployment` (e.g. collect-shard/collect-shard), as one flow run per shard on that deployment's pool. The
     teacher decodes in the resolved `precision`, recorded with the store. A store whose responses are mostly
-    degenerate repetition (above `collect.max_repetitive`) fails the flow, so nothing is fine-tuned on it."""
+    degenerate repetition (above `collect.max_repetitive`) fails the flow, so nothing is fine-tuned on it.
+    `stage`: the MLflow run's `cllm.stage` tag (collect-round2 for a second round)."""
     prompts, store = work_dir / "prompts" / "train.parquet", store or str(work_dir / "trajectories")
-    with mlflow_run(tracking, work_dir, "collect", {"collect": collect.model_dump(), "model": model.model_dump(),
+    with mlflow_run(tracking, work_dir, stage, {"collect": collect.model_dump(), "model": model.model_dump(),
                                                     "store": store, "deployment": deployment,
                                                     "precision": precision}):
         work = plan_collection(collect, model, prompts, store, precision)

@@ -25,10 +25,12 @@ from tasks.tracking import mlflow_run
 @flow(name="consistency-finetune")
 def consistency_finetune(finetune: FinetuneConfig, model: ModelConfig, work_dir: Path = Path("runs/demo"),
                          store: str | None = None, tracking: TrackingConfig = TrackingConfig(),
-                         precision: Precision = "auto") -> CllmRecord:
-    """Fine-tune the teacher on `<work_dir>/trajectories` (or `store`) into `<work_dir>/cllm`, or reuse it."""
-    store, out_dir = store or str(work_dir / "trajectories"), work_dir / "cllm"
-    with mlflow_run(tracking, work_dir, "finetune", {"finetune": finetune.model_dump(), "model": model.model_dump(),
+                         precision: Precision = "auto", out_dir: Path | None = None,
+                         stage: str = "finetune") -> CllmRecord:
+    """Fine-tune the teacher on `<work_dir>/trajectories` (or `store`) into `<work_dir>/cllm` (or `out_dir`), or
+    reuse it. `stage`: the MLflow run's `cllm.stage` tag (finetune-round2 for a second round)."""
+    store, out_dir = store or str(work_dir / "trajectories"), out_dir or work_dir / "cllm"
+    with mlflow_run(tracking, work_dir, stage, {"finetune": finetune.model_dump(), "model": model.model_dump(),
                                                      "store": store, "precision": precision}) as run:
         record = train_cllm(finetune, model, store, out_dir, work_dir / "prompts", run.info.run_id, precision)
         data = record.trajectories["fingerprint"]

@@ -1,4 +1,5 @@
-"""The pipeline: (demo teacher) -> ingest -> collect -> fine-tune -> evaluate, one profile, one MLflow record.
+"""The pipeline: (demo teacher) -> ingest -> collect -> fine-tune -> (collect from the CLLM -> fine-tune it again)
+-> evaluate, one profile, one MLflow record.
 
 A stage whose result cannot be trusted stops it in one line before anything downstream starts: a teacher below
 its quality floor, a collection of mostly degenerate repetition (cllm_core/guards.py).
@@ -15,7 +16,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from cllm_core.config import ModelConfig, Profile, masked
-from cllm_core.records import headline_metrics
+from cllm_core.records import CllmRecord, headline_metrics
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
 from flows.finetune import consistency_finetune
@@ -40,6 +41,10 @@ def cllm_pipeline(profile: Profile) -> dict:
         cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking,
                                     precision=precision)
         models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm.path)}
+        if profile.second_round is not None:
+            cllm = second_round(profile, models["cllm"], precision)
+            models = {"teacher": profile.model, "cllm-round1": models["cllm"],
+                      "cllm": ModelConfig(name_or_path=cllm.path)}
         result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, precision)
         mlflow.set_tag("cllm.precision", result.precision)
         mlflow.log_metrics(headline_metrics(result.summary))
@@ -47,6 +52,17 @@ def cllm_pipeline(profile: Profile) -> dict:
     create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
     return {"summary": result.summary, "cllm": cllm.path, "mlflow_run_id": run.info.run_id,
             "registered": cllm.logged}
+
+
+def second_round(profile: Profile, round1: ModelConfig, precision: str) -> CllmRecord:
+    """Jacobi Forcing's second round: the round-1 CLLM's own trajectories (<work_dir>/trajectories-round2), then
+    that CLLM fine-tuned on them into <work_dir>/cllm-round2; each stage its own MLflow run (`-round2`)."""
+    work_dir, second = profile.work_dir, profile.second_round
+    store = str(work_dir / "trajectories-round2")
+    collect_trajectories(second.collect, round1, work_dir, store=store, tracking=profile.tracking,
+                         precision=precision, stage="collect-round2")
+    return consistency_finetune(second.finetune, round1, work_dir, store=store, tracking=profile.tracking,
+                                precision=precision, out_dir=work_dir / "cllm-round2", stage="finetune-round2")
 
 
 def _run_link(run) -> str:

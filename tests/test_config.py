@@ -38,3 +38,19 @@ def test_a_misplaced_or_inconsistent_jacobi_setting_is_one_line_naming_it(data, 
     with pytest.raises(ValidationError) as error:
         Profile.model_validate(data)
     assert expected in describe(error.value)
+
+
+def test_a_second_round_says_only_what_differs_from_the_first():
+    data = {"collect": {"jacobi": {"n_tokens": 8, "max_new_tokens": 64}, "batch_size": 4},
+            "finetune": {"steps": 50, "lr": 1e-3}, "evaluate": {"jacobi": {"n_tokens": 16}}}
+    set_value(data, "second_round.collect.jacobi.n_tokens=16")
+    set_value(data, "second_round.finetune.steps=20")
+    second = Profile.model_validate(data).second_round
+    assert second.collect.jacobi == JacobiConfig(n_tokens=16, max_new_tokens=64, init="random", carry=False)
+    assert second.collect.batch_size == 4 and (second.finetune.steps, second.finetune.lr) == (20, 1e-3)
+    assert Profile.model_validate(Profile.model_validate(data).model_dump()).second_round == second  # stable
+    del data["evaluate"]
+    with pytest.raises(ValidationError) as error:
+        Profile.model_validate(data)
+    assert "second_round collects at n_tokens 16, round 1 at 8: both CLLMs are evaluated at one block size; set " \
+           "evaluate.jacobi.n_tokens" in describe(error.value)

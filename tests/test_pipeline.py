@@ -153,3 +153,32 @@ def test_a_mostly_repetitive_collection_stops_the_pipeline_before_fine_tuning(pr
            "50%" in result.output
     work = tiny_profile.parent / "work"
     assert (work / "trajectories").is_dir() and not (work / "cllm").exists() and not (work / "eval").exists()
+
+
+def test_a_second_round_collects_from_the_cllm_and_trains_it_again_with_records_of_its_own(
+        prefect_server, tmp_path, tiny_pipeline_profile, tracking):
+    import json
+
+    profile = tmp_path / "two-rounds.yaml"
+    profile.write_text(yaml.safe_dump(tiny_pipeline_profile | {"precision": "fp32", "second_round": {
+        "collect": {"jacobi": {"n_tokens": 6}}, "finetune": {"steps": 2, "objective": "jacobi_forcing"}}}))
+    result = runner.invoke(app, ["run", "--config", str(profile)])
+    assert result.exit_code == 0, result.output
+
+    work = tmp_path / "work"
+    second = json.loads((work / "cllm-round2/cllm.json").read_text())
+    assert second["teacher"]["name_or_path"] == str(work / "cllm")  # round 2 starts from round 1's CLLM
+    assert second["trajectories"]["store"] == str(work / "trajectories-round2") and second["n_tokens"] == 6
+    assert second["config"]["objective"] == "jacobi_forcing" and second["config"]["steps"] == 2
+    assert second["config"]["batch_size"] == 4  # what the profile's round 1 says, where round 2 is silent
+    collected = json.loads((work / "trajectories-round2/collection.json").read_text())
+    assert collected["config"]["n_tokens"] == 6
+
+    runs = mlflow.search_runs(experiment_names=["cllm"], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]
+    stages = {r.data.tags["cllm.stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert stages == {"ingest", "collect", "finetune", "collect-round2", "finetune-round2", "evaluate"}
+    for model in ("teacher", "cllm-round1", "cllm"):  # the final CLLM keeps the headline names
+        assert parent.data.metrics[f"{model}.jacobi.exact_match"] == 1.0
+    versions = mlflow.MlflowClient().search_model_versions("name = 'cllm'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
