@@ -63,16 +63,21 @@ def stage_times(work_dir: Path) -> dict[str, dict]:
     task_flow = {task.id: task.flow_run_id for task in task_runs}
     parent = {run.id: task_flow.get(run.parent_task_run_id) for run in flow_runs}
 
+    # a stage flow run's stage: its `stage` parameter where it was given one (collect-round2), else its flow's
+    stage_run = {run.id: (run.parameters or {}).get("stage") or STAGES[names[run.id]] for run in flow_runs
+                 if names[run.id] in STAGES}
+
     def stage_of(flow_run_id) -> str | None:
-        while flow_run_id is not None and names.get(flow_run_id) not in STAGES:
+        while flow_run_id is not None and flow_run_id not in stage_run:
             flow_run_id = parent.get(flow_run_id)
-        return STAGES.get(names.get(flow_run_id))
+        return stage_run.get(flow_run_id)
 
     stages = {}
     for run in flow_runs:
-        if names[run.id] in STAGES:
-            stages[STAGES[names[run.id]]] = {"wall_s": (run.end_time - run.start_time).total_seconds(),
-                                             "work_s": 0.0, "mlflow_tasks_s": 0.0, "tasks": 0}
+        if run.id in stage_run:
+            stages[stage_run[run.id]] = {"wall_s": (run.end_time - run.start_time).total_seconds(),
+                                         "work_s": 0.0, "mlflow_tasks_s": 0.0, "tasks": 0,
+                                         "started": run.start_time.isoformat()}
     stand_ins = {run.parent_task_run_id for run in flow_runs}  # the task run a parent flow keeps per subflow
     for task in task_runs:
         stage = stage_of(task.flow_run_id)
@@ -130,10 +135,9 @@ def main() -> None:
     work = sum(stage["work_s"] for stage in stages.values())
     outside = wall - sum(stage["wall_s"] for stage in stages.values())
     print("\n| stage | wall s | work s | overhead s |\n|---|---|---|---|")
-    for name in STAGES.values():
-        if name in stages:
-            wall_s, work_s = stages[name]["wall_s"], stages[name]["work_s"]
-            print(f"| {name} | {wall_s:.1f} | {work_s:.1f} | {wall_s - work_s:.1f} |")
+    for name in sorted(stages, key=lambda name: stages[name]["started"]):  # in the order they ran
+        wall_s, work_s = stages[name]["wall_s"], stages[name]["work_s"]
+        print(f"| {name} | {wall_s:.1f} | {work_s:.1f} | {wall_s - work_s:.1f} |")
     print(f"| outside the stages (start, imports, Prefect server) | {outside:.1f} | 0.0 | {outside:.1f} |")
     print(f"| **total** | **{wall:.1f}** | **{work:.1f}** | **{wall - work:.1f}** ({(wall - work) / wall:.1%}) |")
 
