@@ -135,3 +135,30 @@ def test_the_loss_under_bf16_autocast_is_the_fp32_loss_to_rounding():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, rounded = forcing_loss(model, batch, config)
     assert torch.isfinite(loss) and rounded["loss"] == pytest.approx(exact["loss"], rel=0.05)
+
+
+def test_a_packed_batch_pads_rows_and_counts_the_ar_labels_of_each_response():
+    import datasets
+
+    from cllm_core.samples import TrajectoryData, make_packed_batch
+
+    rows = datasets.Dataset.from_list([
+        {"prompt_ids": [5, 6, 7], "response_ids": [10, 11, 12, 2],
+         "block_states": [[[40, 41], [10, 41], [10, 11]], [[43, 44], [12, 2]]]},
+        {"prompt_ids": [8], "response_ids": [20, 2], "block_states": [[[30, 31], [20, 2]]]},
+    ])
+    data = TrajectoryData(rows, [(0, 0), (0, 1), (1, 0)], 2, "f", 0, {})
+    batch = make_packed_batch(data, [0, 1], step=1, slot_offset=0, seed=0, window=2, ar_on_prompt=False, pad=0)
+    assert batch.ids.shape == (2, 3 + 2 * 4) and batch.tokens == 22
+    assert batch.kind[1].tolist() == [PROMPT, NOISY, NOISY, CLEAN, CLEAN] + [PADDING] * 6
+    # the AR loss reads each response: the bridge from the prompt's last token, then every token but the last
+    assert batch.ar_mask.sum(1).tolist() == [4, 2]
+    assert batch.labels[0][batch.ar_mask[0]].tolist() == [10, 11, 12, 2]
+    assert batch.labels[1][batch.ar_mask[1]].tolist() == [20, 2]
+    row, noisy, clean = batch.pairs.unbind(1)
+    assert (batch.kind[row, noisy] == NOISY).all() and (batch.kind[row, clean] == CLEAN).all()
+    assert (batch.positions[row, noisy] == batch.positions[row, clean]).all()  # twins share their position
+    again = make_packed_batch(data, [0, 1], step=1, slot_offset=0, seed=0, window=2, ar_on_prompt=False, pad=0)
+    assert torch.equal(again.ids, batch.ids)  # a step's batch depends only on the step: resumable
+    with_prompt = make_packed_batch(data, [0], step=1, slot_offset=0, seed=0, window=2, ar_on_prompt=True, pad=0)
+    assert with_prompt.ar_mask.sum().item() == 4 + 2  # and the prompt's own next tokens
