@@ -143,6 +143,15 @@ def print_table(rows: list[SummaryRow], same: dict, heading: str) -> None:
               f"{row.exact_match:.0%} |")
 
 
+def print_goals(goals: dict, where: str = "") -> None:
+    for name, goal in goals.items():
+        print(f"{'MET' if goal['met'] else 'NOT MET':8s} {name}: {goal['value']:.2f} (goal {goal['goal']}){where}")
+
+
+def summary_json(rows: list[SummaryRow], same: dict) -> list[dict]:
+    return [row.to_json() | {"same_as_teacher_ar": same[(row.model, row.method)]} for row in rows]
+
+
 def print_report(spent: dict, rows: list[SummaryRow], same: dict, points: list[dict], goals: dict, cpu: str
                  ) -> None:
     minutes = ", ".join(f"{stage} {value:.1f}" for stage, value in spent["minutes"].items())
@@ -162,8 +171,7 @@ def print_report(spent: dict, rows: list[SummaryRow], same: dict, points: list[d
                 print(f"| {point['step']} | {seen:,} ({seen / spent['train_blocks']:.0%}) "
                       f"| {point.get('loss', float('nan')):.3f} | {point.get('agreement', float('nan')):.3f} | {tpf} |")
     print()
-    for name, goal in goals.items():
-        print(f"{'MET' if goal['met'] else 'NOT MET':8s} {name}: {goal['value']:.2f} (goal {goal['goal']})")
+    print_goals(goals)
     if spent["stopped_early"]:
         print("WARNING  training stopped early at its finetune.max_minutes guard: the CLLM is under-trained")
 
@@ -188,8 +196,8 @@ def main() -> None:
         if code != 0:
             sys.exit(f"error: cllm run exited {code} (output in {work_dir / 'real_model.log'}); rerun this command "
                      "to resume where it stopped")
-    rows = [SummaryRow.from_json(row) for row in json.loads((work_dir / "eval/summary.json").read_text())]
-    spent, same, goals = budget(work_dir), same_as_teacher(work_dir), verdicts(rows)
+    rows, same, _ = evaluation(work_dir)
+    spent, goals = budget(work_dir), verdicts(rows)
     points = curve(work_dir, spent["batch_size"])
     cpu = os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
     print_report(spent, rows, same, points, goals, cpu)
@@ -197,18 +205,12 @@ def main() -> None:
     if args.compare:
         other, other_same, precision = evaluation(args.compare)
         print_table(other, other_same, f"the same models and prompts evaluated in {precision} ({args.compare})")
-        goals_there = verdicts(other)
-        for name, goal in goals_there.items():
-            print(f"{'MET' if goal['met'] else 'NOT MET':8s} {name}: {goal['value']:.2f} (goal {goal['goal']}), "
-                  f"{precision}")
-        compared = {"work_dir": str(args.compare), "precision": precision, "goals": goals_there,
-                    "summary": [row.to_json() | {"same_as_teacher_ar": other_same[(row.model, row.method)]}
-                                for row in other]}
+        print_goals(verdicts(other), f", {precision}")
+        compared = {"work_dir": str(args.compare), "precision": precision, "goals": verdicts(other),
+                    "summary": summary_json(other, other_same)}
     write_json(args.json, {"config": str(args.config), "set": args.set_, "wall_s_this_invocation": wall,
                            "cpu": cpu, "precision": resolve(profile.precision, profile.model.device).name,
-                           "budget": spent, "curve": points,
-                           "summary": [row.to_json() | {"same_as_teacher_ar": same[(row.model, row.method)]}
-                                       for row in rows],
+                           "budget": spent, "curve": points, "summary": summary_json(rows, same),
                            "goals": goals, "compared": compared})
 
 

@@ -21,10 +21,14 @@ import torch
 PROMPT, NOISY, CLEAN, PADDING = 0, 1, 2, 3
 
 
+def first_wrong(state: list[int], fixed_point: list[int]) -> int:
+    """Index of the state's first token that differs from the fixed point (the block's length if none)."""
+    return next((i for i, (s, f) in enumerate(zip(state, fixed_point)) if s != f), len(fixed_point))
+
+
 def noise(state: list[int], fixed_point: list[int]) -> float:
     """The share of the block from the state's first wrong token to its end (0: the fixed point itself)."""
-    wrong = next((i for i, (s, f) in enumerate(zip(state, fixed_point)) if s != f), len(fixed_point))
-    return (len(fixed_point) - wrong) / len(fixed_point)
+    return (len(fixed_point) - first_wrong(state, fixed_point)) / len(fixed_point)
 
 
 def noisy_state(trajectory: list[list[int]], fixed_point: list[int], target: float) -> list[int]:
@@ -68,8 +72,7 @@ def pack(prompt: list[int], noisy: list[list[int]], clean: list[list[int]]) -> P
         positions += 2 * list(range(offset, offset + size))
         kind += [NOISY] * size + [CLEAN] * size
         stream += range(f, f + size)
-        wrong = next((i for i in range(size) if state[i] != fixed_point[i]), size)
-        pairs += [(k + i, f + i) for i in range(wrong, size)]
+        pairs += [(k + i, f + i) for i in range(first_wrong(state, fixed_point), size)]
         offset += size
     labels = [-1] * len(ids)
     for here, after in zip(stream, stream[1:]):
