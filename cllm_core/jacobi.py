@@ -11,12 +11,23 @@ Invariant: the cache holds K/V for the prompt and every committed token except t
 Rows of a batch keep their own progress: the surplus slots of a row that committed less stay in the
 cache masked out (holes), trailing slots no row needs are cropped, and finished rows leave the batch.
 With exact arithmetic the result is the greedy (`generate(do_sample=False)`) output.
+
+Two options recycle work, as Jacobi Forcing's decoder does (notes/jacobi_forcing.md §1, inference), and keep that
+guarantee: every token they propose is checked against the greedy prediction before it is committed.
+- *Multi-block* (`blocks` > 1): once the current block is mostly solved (`open_at` of it committed or unchanged
+  since the pass before), the guess reaches into the next block, which starts converging early.
+- *Rejection recycling* (`pool` > 0): the guesses a pass rejected, with their predicted tails, go into a small pool;
+  next pass, each entry that holds the newly committed token proposes what followed it there as an extra branch,
+  fed in the same forward under a 4-D mask (a branch sees the cache, the last token and itself). The branch that
+  confirms most tokens wins; the losers' slots leave the cache.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
+import math
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -65,6 +76,7 @@ class _Row:
     guess: list[int] = field(default_factory=list)
     age: list[int] = field(default_factory=list)  # how many passes in a row each guess token was fed unchanged
     finished: bool = False
+    pool: deque = field(default_factory=deque)  # rejected guesses with their predicted tails (recycling)
 
     @property
     def response(self) -> list[int]:
@@ -84,6 +96,9 @@ def jacobi_steps(
     seed: int | Sequence[int] = 0,
     carry: bool = True,
     lookup: int = 0,
+    blocks: int = 1,
+    open_at: float = 0.85,
+    pool: int = 0,
 ) -> Iterator[JacobiStep]:
     """Yield one `JacobiStep` per forward pass until every row has its EOS or `max_new_tokens` tokens.
 
@@ -95,14 +110,19 @@ def jacobi_steps(
     the latest earlier occurrence of the context's last `lookup`..1 tokens, where there is one, and `init` fills
     the rest. Drafts are verified like any guess, so the output stays the greedy output. (Drafting after every
     pass too, over Jacobi's own update, was measured and dropped: a CLLM's updates are the better guesses, 2.48
-    against 3.40 tokens per forward on the demo.) Arguments are checked here, before the first step is asked for.
+    against 3.40 tokens per forward on the demo.)
+    `blocks` > 1 lets the guess span up to that many blocks: the next one opens once `open_at` of the last open
+    block is committed or unchanged since the pass before (Jacobi Forcing's multi-block decoding, its K and r).
+    `pool` > 0 keeps that many rejected guesses and feeds what they hold after the newly committed token as extra
+    branches of the next pass (its rejection recycling). A `RowStep.state` is then the current block's part of the
+    main branch. Arguments are checked here, before the first step is asked for.
     """
     return _steps(_setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id,
-                         init, seed, carry, lookup))
+                         init, seed, carry, lookup, blocks, open_at, pool))
 
 
 def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
-           carry=True, lookup=0):
+           carry=True, lookup=0, blocks=1, open_at=0.85, pool=0):
     """Check the arguments and build the loop's state."""
     check_model(model)
     check_positive("n_tokens", n_tokens)
@@ -111,6 +131,11 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         raise ValueError(f"init must be 'repeat' or 'random', got {init!r}")
     if lookup < 0:
         raise ValueError(f"lookup must be >= 0 (the longest n-gram drafts are matched on; 0: none), got {lookup}")
+    check_positive("blocks", blocks)
+    if not 0 < open_at <= 1:
+        raise ValueError(f"open_at must be in (0, 1] (the share of a block solved before the next opens), got {open_at}")
+    if pool < 0:
+        raise ValueError(f"pool must be >= 0 (rejected guesses kept for recycling; 0: none), got {pool}")
     eos = resolve_eos(model, eos_token_id)
     pad = resolve_pad(model, pad_token_id, eos)
     kv_mask = check_prompt(input_ids, attention_mask, pad)
@@ -118,10 +143,10 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
     if len(seeds) != len(input_ids):
         raise ValueError(f"seed has {len(seeds)} entries for {len(input_ids)} rows; give one per row or an int")
     rows = [
-        _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)))
+        _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)), pool=deque(maxlen=pool))
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
-    rule = _Rule(n_tokens, max_new_tokens, eos, init, carry, lookup)
+    rule = _Rule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool)
     return _Loop(_Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule)
 
 
@@ -133,6 +158,9 @@ class _Rule:
     init: Init
     carry: bool = True
     lookup: int = 0  # the longest n-gram a new block's draft is matched on (0: no drafts)
+    blocks: int = 1  # the most blocks the guess spans
+    open_after: int = 1  # solved tokens of the last open block before the next opens (ceil(open_at * n_tokens))
+    pool: int = 0  # rejected guesses kept for recycling
 
 
 @dataclass(frozen=True)
@@ -174,34 +202,97 @@ def _steps(loop: _Loop) -> Iterator[JacobiStep]:
 
 
 def _pass(forward, rows, kv_mask, pad, rule):
-    """Feed every row its last token and guess, commit what the predictions confirm, trim the cache."""
+    """Feed every row its last token, its guess and any recycled branches; commit what the predictions confirm on
+    the branch that confirms most; keep in the cache only the slots of committed tokens."""
     device = kv_mask.device
-    width = 1 + max(len(row.guess) for row in rows)
+    branches = [[row.guess, *_recycled(row)] if rule.pool else [row.guess] for row in rows]
+    layouts = [_layout(bs) for bs in branches]  # per row: (branch of each slot, position offset of each slot)
+    width = max(len(kinds) for kinds, _ in layouts)
     fed = torch.full((len(rows), width), pad, dtype=torch.long)
-    new_mask = torch.zeros((len(rows), width), dtype=kv_mask.dtype)
-    for b, row in enumerate(rows):
-        fed[b, : 1 + len(row.guess)] = torch.tensor([row.context[-1], *row.guess])
-        new_mask[b, : 1 + len(row.guess)] = 1
-    new_mask = new_mask.to(device)
-    positions = kv_mask.sum(-1, keepdim=True) + torch.arange(width, device=device)  # (B, q)
-    logits = forward(fed.to(device), torch.cat([kv_mask, new_mask], 1), positions)  # (B, q, V)
-    predictions = logits.argmax(-1).tolist()  # predictions[b][i] is the greedy token after fed[b, : i + 1]
+    kind = torch.full((len(rows), width), -1, dtype=torch.long)  # 0 the last token, j + 1 branch j, -1 padding
+    offset = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (row, bs, (kinds, offsets)) in enumerate(zip(rows, branches, layouts)):
+        fed[b, : len(kinds)] = torch.tensor([row.context[-1], *(tok for branch in bs for tok in branch)])
+        kind[b, : len(kinds)], offset[b, : len(kinds)] = torch.tensor(kinds), torch.tensor(offsets)
+    new_mask = (kind >= 0).to(kv_mask.dtype)
+    positions = kv_mask.sum(-1, keepdim=True) + offset.to(device)  # (B, q)
+    branched = any(len(bs) > 1 for bs in branches)
+    mask = _branch_mask(kv_mask, kind.to(device), forward.dtype) if branched else torch.cat([kv_mask, new_mask.to(device)], 1)
+    logits = forward(fed.to(device), mask, positions)  # (B, q, V)
+    predictions = logits.argmax(-1).tolist()  # predictions[b][i]: the greedy token after slot i on its branch
 
     steps = []
-    for b, (row, pred) in enumerate(zip(rows, predictions)):
-        guess, age = row.guess, row.age
-        state = (*row.response[row.block * rule.n_tokens :], *guess)
-        matched = next((i for i, (g, p) in enumerate(zip(guess, pred)) if g != p), len(guess))
+    for b, (row, pred, bs) in enumerate(zip(rows, predictions, branches)):
+        # each branch's chain of predictions: after the last token, then after each of its tokens
+        candidates = []
+        start = 1
+        for j, branch in enumerate(bs):
+            chain = [pred[0], *pred[start : start + len(branch)]]
+            matched = next((i for i, (g, p) in enumerate(zip(branch, chain)) if g != p), len(branch))
+            candidates.append((matched, -j, start, branch, chain))
+            start += len(branch)
+        matched, j, start, branch, chain = max(candidates)  # most confirmed; the main branch wins ties
+        age = row.age if j == 0 else [1] * len(branch)
+        n_block = row.block_end - row.block * rule.n_tokens
+        state = (*row.response[row.block * rule.n_tokens :], *row.guess)[:n_block]
+        prefix = len(row.response) - row.block * rule.n_tokens
         # commit the confirmed prefix and the token after it, unless that token would open the next block uncarried
-        take = matched + 1 if rule.carry or matched < len(guess) else matched
-        row.guess = pred[matched + 1 : len(guess)]  # the Jacobi update of the unconfirmed tail
-        row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], guess[matched + 1 :], row.guess)]
-        steps.append(_commit(row, pred[:take], age[:matched], rule, state, len(state) - len(guess)))
-        new_mask[b, take:] = 0  # the cache keeps every committed token but the last; the rest become holes
-    live = [int(m.sum()) for m, row in zip(new_mask, rows) if not row.finished]
-    surplus = width - max(live, default=width)
+        take = matched + 1 if rule.carry or matched < len(branch) else matched
+        if rule.pool and matched < len(branch):
+            row.pool.append((*branch, *chain[matched + 1 :]))
+        row.guess = chain[matched + 1 : len(branch)]  # the Jacobi update of the unconfirmed tail
+        row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], branch[matched + 1 :], row.guess)]
+        steps.append(_commit(row, chain[:take], age[:matched], rule, state, prefix))
+        new_mask[b] = 0  # the cache keeps every committed token but the last; the rest become holes
+        new_mask[b, 0] = take > 0
+        new_mask[b, start : start + take - 1] = 1
+    live = new_mask[[b for b, row in enumerate(rows) if not row.finished]]
+    if branched:  # drop the slots no unfinished row keeps (the losing branches)
+        keep = torch.cat([torch.ones(kv_mask.shape[1], dtype=torch.bool), live.any(0).bool()])
+        if not keep.all():
+            forward.keep(keep.nonzero().squeeze(1).to(device))
+        return torch.cat([kv_mask, new_mask.to(device)], 1)[:, keep.to(device)], steps
+    surplus = width - max((int(m.nonzero().max()) + 1 for m in live if m.any()), default=width)
     forward.crop(surplus)
-    return torch.cat([kv_mask, new_mask[:, : width - surplus]], 1), steps
+    return torch.cat([kv_mask, new_mask[:, : width - surplus].to(device)], 1), steps
+
+
+def _layout(branches: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Slots of one row's pass: the last token, then each branch; each slot's branch (0: the last token) and its
+    position after the last token (branches share positions)."""
+    kinds, offsets = [0], [0]
+    for j, branch in enumerate(branches):
+        kinds += [j + 1] * len(branch)
+        offsets += range(1, len(branch) + 1)
+    return kinds, offsets
+
+
+def _branch_mask(kv_mask: torch.Tensor, kind: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, q, past + q) additive mask: every slot sees the cache's kept slots, the last token and the earlier
+    slots of its own branch (padding sees only itself and other padding). Additive: eager attention adds a
+    boolean mask (notes/decoding.md §3f)."""
+    q = kind.shape[1]
+    causal = torch.ones(q, q, dtype=torch.bool, device=kind.device).tril()
+    own = causal & ((kind[:, None, :] == 0) | (kind[:, None, :] == kind[:, :, None]))  # (B, q, q)
+    past = kv_mask.bool()[:, None, :].expand(-1, q, -1)  # (B, q, past)
+    allowed = torch.cat([past, own], -1)
+    return torch.zeros(allowed.shape, dtype=dtype, device=kind.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _recycled(row: _Row) -> list[list[int]]:
+    """Extra branches from the pool, newest entry first: what followed the first occurrence of the last committed
+    token there, filled up to the guess's length with the guess's own tokens; none equal to the guess or another."""
+    seed, guess, found = row.context[-1], row.guess, []
+    for entry in reversed(row.pool):
+        if seed not in entry or not guess:
+            continue
+        at = entry.index(seed) + 1
+        tail = list(entry[at : at + len(guess)])
+        branch = tail + guess[len(tail) :]
+        if tail and branch != guess and branch not in found:
+            found.append(branch)
+    return found
 
 
 def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule, state=(), prefix=0) -> RowStep:
@@ -220,16 +311,34 @@ def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule,
     if not row.finished and len(row.response) >= row.block_end:
         row.block = len(row.response) // rule.n_tokens  # blocks start at multiples of n_tokens
         row.block_end = min((row.block + 1) * rule.n_tokens, rule.max_new_tokens)
-        row.guess = _initial_guess(row, row.block_end - len(row.response), rule)
-        row.age = [1] * len(row.guess)
+        if not row.guess:  # with several blocks open, the next one's guess is already there
+            row.guess = _initial_guess(row.context, row.block_end - len(row.response), rule, row.rng)
+            row.age = [1] * len(row.guess)
+    if not row.finished and rule.blocks > 1:
+        _open_blocks(row, rule)
     return RowStep(row.index, block, state, prefix, tuple(committed), fast_forward, stationary, row.finished)
 
 
-def _initial_guess(row: _Row, size: int, rule: _Rule) -> list[int]:
-    draft = lookup_draft(row.context, size, rule.lookup) if rule.lookup else []
+def _open_blocks(row: _Row, rule: _Rule) -> None:
+    """Multi-block: append the next block's guess while the window spans fewer than `rule.blocks` blocks and its
+    last open block has `rule.open_after` tokens solved (committed, or fed unchanged in the last two passes)."""
+    n = rule.n_tokens
+    solved = len(row.response) + next((i for i, a in enumerate(row.age) if a < 2), len(row.age))
+    while True:
+        end = len(row.response) + len(row.guess)  # a block boundary: blocks open whole
+        if end >= min((row.block + rule.blocks) * n, rule.max_new_tokens) or solved - (end - 1) // n * n < rule.open_after:
+            return
+        size = min(end + n, rule.max_new_tokens) - end
+        row.guess = row.guess + _initial_guess(row.context + row.guess, size, rule, row.rng)
+        row.age = row.age + [1] * size
+
+
+def _initial_guess(text: list[int], size: int, rule: _Rule, rng: random.Random) -> list[int]:
+    """A new block's guess after `text`: a lookup draft where there is one, then `rule.init`'s filling."""
+    draft = lookup_draft(text, size, rule.lookup) if rule.lookup else []
     if rule.init == "repeat":
-        return draft + [row.context[-1]] * (size - len(draft))
-    return draft + row.rng.choices(row.context, k=size - len(draft))  # the reference code's draw when no draft
+        return draft + [text[-1]] * (size - len(draft))
+    return draft + rng.choices(text, k=size - len(draft))  # the reference code's draw when no draft
 
 
 def lookup_draft(context: list[int], size: int, ngram: int) -> list[int]:
@@ -253,6 +362,7 @@ class _Forward:
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model, self.device = model, device
+        self.dtype = getattr(model, "dtype", torch.float32)  # of a 4-D attention mask
         self.cache = DynamicCache(config=getattr(model, "config", None))
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -261,7 +371,8 @@ class _Forward:
         kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
         out = self.model(
             input_ids=ids,
-            attention_mask=None if bool(mask.all()) else mask,  # no holes: let the kernel use its causal path
+            # no holes: let the kernel use its causal path; a 4-D mask is the branches' own
+            attention_mask=mask if mask.dim() == 4 else None if bool(mask.all()) else mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
@@ -273,6 +384,13 @@ class _Forward:
     def crop(self, surplus: int) -> None:
         if surplus:
             self.cache.crop(-surplus)
+
+    @torch.inference_mode()
+    def keep(self, slots: torch.Tensor) -> None:
+        """Keep only these cache slots, in order (notes/decoding.md §3b: `index_select` on every layer)."""
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, slots)
+            layer.values = layer.values.index_select(-2, slots)
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
@@ -292,13 +410,16 @@ def jacobi_generate(
     seed: int | Sequence[int] = 0,
     carry: bool = True,
     lookup: int = 0,
+    blocks: int = 1,
+    open_at: float = 0.85,
+    pool: int = 0,
     return_trajectories: bool = False,
 ) -> DecodeOutput:
     """Greedy Jacobi decoding shaped like `model.generate`: `out.sequences` is (B, L + T), rows that
     stopped early are padded; `out.stats` counts forwards, tokens, fast-forward and stationary tokens.
-    `lookup` > 0: a new block's guess drafted from the context (`jacobi_steps`)."""
+    `lookup`, `blocks`, `open_at`, `pool`: drafts, multi-block and recycling, as in `jacobi_steps`."""
     loop = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
-                  carry, lookup)
+                  carry, lookup, blocks, open_at, pool)
     batch = len(input_ids)
     stats = DecodeStats.empty(batch)
     responses: list[list[int]] = [[] for _ in range(batch)]

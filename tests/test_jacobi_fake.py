@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cllm_core import jacobi_generate, jacobi_steps
-from tests.fakes import FakeLM, by_position, constant, noisy, successor
+from tests.fakes import FakeLM, by_position, constant, noisy, scripted, successor
 
 PROMPT = torch.tensor([[1, 2, 3]])
 
@@ -132,3 +132,48 @@ def test_a_lookup_draft_continues_the_latest_earlier_occurrence_of_the_longest_m
     assert lookup_draft([1, 2, 3], 2, ngram=2) == []  # no earlier occurrence of any tail
     with pytest.raises(ValueError, match="lookup must be >= 0"):
         jacobi_generate(constant(), PROMPT, lookup=-1)
+
+
+# a prompt that holds the answer's run 3..8 behind a wrong token: the lookup draft after "2" is "9 3 4 5 6 7 8"
+SHIFTED_PROMPT = [1, 2, 9, 3, 4, 5, 6, 7, 8, 1]
+SHIFTED_TRUTH = [2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+
+
+@pytest.mark.parametrize("pool", [0, 1, 4])
+def test_recycling_recovers_a_rejected_draft_behind_its_one_wrong_token(pool):
+    """Pass 1 rejects the draft at its first token "9" and commits "3"; the scripted model then sees only wrong
+    contexts past it, so plain Jacobi walks token by token. The pool still holds the draft: after "3" it says
+    "4 5 6 7 8", which pass 2 feeds as a second branch and confirms whole, with the bonus token."""
+    model = scripted(SHIFTED_PROMPT, SHIFTED_TRUTH)
+    out = jacobi_generate(model, torch.tensor([SHIFTED_PROMPT]), n_tokens=8, max_new_tokens=16, eos_token_id=[],
+                          lookup=1, pool=pool)
+    assert out.sequences[0, len(SHIFTED_PROMPT):].tolist() == SHIFTED_TRUTH
+    if pool == 0:
+        assert out.stats.forwards == 16  # the prefill's token, then one a pass
+    else:  # the prefill, "3", "4 5 6 7 8 10", then block 1 one token a pass
+        assert out.stats.forwards == 11
+        assert model.calls[2] == (1, 1 + 6 + 6)  # the last token, the guess, the recycled branch
+
+
+def test_multi_block_opens_the_next_block_once_the_share_is_solved():
+    """by_position: a pass makes every guess token right, so a block takes two passes; with the next block
+    opened at half of the current one, its guess converges in the same passes and a block pair takes three."""
+    sequence = [0, 0, 0, *range(10, 40)]
+    runs = {}
+    for blocks, open_at in [(1, 0.5), (2, 1.0), (2, 0.5), (3, 0.5)]:
+        model = by_position(sequence)
+        out = jacobi_generate(model, PROMPT, n_tokens=4, max_new_tokens=16, eos_token_id=[], blocks=blocks,
+                              open_at=open_at)
+        assert out.sequences[0, 3:].tolist() == sequence[3:19]
+        runs[blocks, open_at] = (out.stats.forwards, [q for _, q in model.calls])
+    assert runs[1, 0.5] == runs[2, 1.0] == (9, [3, 4, 3, 4, 3, 4, 3, 4, 3])  # open_at 1: never before a block ends
+    # block 1 opens after pass 1 (2 of block 0 committed): 1 + 2 + 4 slots; its tail is right a pass later
+    assert runs[2, 0.5] == (7, [3, 4, 7, 4, 4, 7, 4])
+    assert runs[3, 0.5] == runs[2, 0.5]  # a third block opens only once the second is half solved
+
+
+def test_recycling_and_multi_block_arguments_are_checked():
+    for bad, message in [({"blocks": 0}, "blocks"), ({"open_at": 0.0}, "open_at"), ({"open_at": 1.5}, "open_at"),
+                         ({"pool": -1}, "pool")]:
+        with pytest.raises(ValueError, match=message):
+            jacobi_generate(constant(), PROMPT, **bad)

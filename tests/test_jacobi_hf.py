@@ -93,3 +93,21 @@ def test_uncarried_random_trajectories_equal_the_reference_codes_state_for_state
                                            pad_token_id=PAD, seed=5 + row, return_trajectories=True)
         assert [b.states for b in ours.trajectories[row]] == [b.states for b in theirs.trajectories[0]]
         assert all(0 <= b.passes - a.passes <= 1 for a, b in zip(ours.trajectories[row], theirs.trajectories[0]))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize(("blocks", "pool"), [(2, 0), (1, 4), (3, 4)])
+@pytest.mark.parametrize(("n_tokens", "batch"), [(4, 1), (16, 4)])
+def test_multi_block_and_recycling_equal_greedy_generate(model, n_tokens, batch, blocks, pool, attention):
+    """Recycled branches go through a 4-D additive mask (eager adds it to the scores) and leave the cache
+    compacted; random models repeat themselves, so the pool has branches to feed."""
+    ids, mask = prompts(batch)
+    eos = [eos_from_output(model, ids, mask)]
+    expected = greedy(model, ids, mask, eos=eos).tolist()
+    model.set_attn_implementation(attention)
+    try:
+        out = jacobi_generate(model, ids, mask, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                              pad_token_id=PAD, blocks=blocks, open_at=0.5, pool=pool, lookup=1)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert out.sequences.tolist() == expected
