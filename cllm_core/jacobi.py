@@ -25,8 +25,8 @@ guarantee: every token they propose is checked against the greedy prediction bef
 from __future__ import annotations
 
 import inspect
-import random
 import math
+import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -133,7 +133,8 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         raise ValueError(f"lookup must be >= 0 (the longest n-gram drafts are matched on; 0: none), got {lookup}")
     check_positive("blocks", blocks)
     if not 0 < open_at <= 1:
-        raise ValueError(f"open_at must be in (0, 1] (the share of a block solved before the next opens), got {open_at}")
+        raise ValueError(f"open_at must be in (0, 1] (the share of a block solved before the next opens), "
+                         f"got {open_at}")
     if pool < 0:
         raise ValueError(f"pool must be >= 0 (rejected guesses kept for recycling; 0: none), got {pool}")
     eos = resolve_eos(model, eos_token_id)
@@ -217,7 +218,10 @@ def _pass(forward, rows, kv_mask, pad, rule):
     new_mask = (kind >= 0).to(kv_mask.dtype)
     positions = kv_mask.sum(-1, keepdim=True) + offset.to(device)  # (B, q)
     branched = any(len(bs) > 1 for bs in branches)
-    mask = _branch_mask(kv_mask, kind.to(device), forward.dtype) if branched else torch.cat([kv_mask, new_mask.to(device)], 1)
+    if branched:
+        mask = _branch_mask(kv_mask, kind.to(device), forward.dtype)
+    else:
+        mask = torch.cat([kv_mask, new_mask.to(device)], 1)
     logits = forward(fed.to(device), mask, positions)  # (B, q, V)
     predictions = logits.argmax(-1).tolist()  # predictions[b][i]: the greedy token after slot i on its branch
 
@@ -326,7 +330,8 @@ def _open_blocks(row: _Row, rule: _Rule) -> None:
     solved = len(row.response) + next((i for i, a in enumerate(row.age) if a < 2), len(row.age))
     while True:
         end = len(row.response) + len(row.guess)  # a block boundary: blocks open whole
-        if end >= min((row.block + rule.blocks) * n, rule.max_new_tokens) or solved - (end - 1) // n * n < rule.open_after:
+        last_open = (end - 1) // n * n  # where the last open block starts
+        if end >= min((row.block + rule.blocks) * n, rule.max_new_tokens) or solved - last_open < rule.open_after:
             return
         size = min(end + n, rule.max_new_tokens) - end
         row.guess = row.guess + _initial_guess(row.context + row.guess, size, rule, row.rng)

@@ -96,7 +96,8 @@ class ContextLM(nn.Module):
 def scripted(prompt: list[int], truth: list[int], wrong: int = 63) -> ContextLM:
     """Continues `prompt` with `truth` (then `wrong` forever); any other context gets `wrong`."""
     def rule(context):
-        if context is None or context[: len(prompt)] != prompt or context[len(prompt):] != truth[: len(context) - len(prompt)]:
+        done = len(context or []) - len(prompt)
+        if context is None or context[: len(prompt)] != prompt or context[len(prompt):] != truth[:done]:
             return wrong
-        return truth[len(context) - len(prompt)] if len(context) - len(prompt) < len(truth) else wrong
+        return truth[done] if done < len(truth) else wrong
     return ContextLM(rule)
