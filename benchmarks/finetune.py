@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--jf-batch", type=int, help="jf: responses a step (default: the profile's batch_size)")
     parser.add_argument("--noise-window", type=int, default=16, help="jf: blocks over which the noise rises")
     parser.add_argument("--methods", nargs="+", default=["ar", "jacobi"],
-                        choices=["ar", "jacobi", "lookup", "jacobi_lookup"])
+                        choices=["ar", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"])
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up decodes per model and method")
     parser.add_argument("--n-tokens", type=int, default=16)

@@ -288,13 +288,26 @@ class FinetuneConfig(Section):
         return digest(self.model_dump(exclude=excluded))
 
 
+class MultiBlockConfig(Section):
+    """Jacobi Forcing's multi-block decoding and rejection recycling (`jacobi_steps`: blocks, open_at, pool)."""
+
+    blocks: int = Field(2, ge=1, description="Blocks the guess may span (Jacobi Forcing's K).")
+    open_at: float = Field(0.85, gt=0, le=1, description="Share of the last open block solved before the next "
+                           "opens (its r).")
+    pool: int = Field(4, ge=1, description="jacobi_recycling: rejected drafts kept; each that holds the newly "
+                      "committed token proposes a branch of the next pass.")
+
+
 class EvalConfig(Section):
     """Speed and quality evaluation: which methods, how they decode, how answers are judged."""
 
-    methods: list[Literal["ar", "jacobi", "lookup", "jacobi_lookup"]] = Field(
+    methods: list[Literal["ar", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"]] = Field(
         ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy `generate` (ar), "
         "Jacobi, prompt-lookup decoding, Jacobi with each new block's guess drafted from the context as prompt "
-        "lookup drafts (jacobi_lookup; exact like Jacobi).")
+        "lookup drafts (jacobi_lookup), Jacobi Forcing's multi-block decoding (jacobi_multiblock) and the same "
+        "with rejection recycling (jacobi_recycling); all but lookup are exact like Jacobi.")
+    multiblock: MultiBlockConfig = Field(MultiBlockConfig(), description="jacobi_multiblock and "
+                                         "jacobi_recycling's settings.")
     jacobi: JacobiConfig = Field(JacobiConfig(), description="How Jacobi decodes (max_new_tokens: the budget of "
                                  "every method). In a profile the block size defaults to the one the CLLM was "
                                  "trained for, the budget to collection's.")

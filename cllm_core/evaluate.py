@@ -35,10 +35,13 @@ LOOKUP_NGRAM = 2  # the longest n-gram Jacobi's drafts are matched on: transform
 
 def decoders(config: EvalConfig) -> dict[str, Callable]:
     """The compared decoders, each `decode(model, ids, mask)`; Jacobi at `config.jacobi`'s block size (or 16)."""
-    common = {"max_new_tokens": config.jacobi.max_new_tokens}
+    common, jacobi = {"max_new_tokens": config.jacobi.max_new_tokens}, config.jacobi.arguments()
+    multiblock = {"blocks": config.multiblock.blocks, "open_at": config.multiblock.open_at}
     table = {"ar": partial(ar_generate, **common),
-             "jacobi": partial(jacobi_generate, **config.jacobi.arguments()),
-             "jacobi_lookup": partial(jacobi_generate, **config.jacobi.arguments(), lookup=LOOKUP_NGRAM),
+             "jacobi": partial(jacobi_generate, **jacobi),
+             "jacobi_lookup": partial(jacobi_generate, **jacobi, lookup=LOOKUP_NGRAM),
+             "jacobi_multiblock": partial(jacobi_generate, **jacobi, **multiblock),
+             "jacobi_recycling": partial(jacobi_generate, **jacobi, **multiblock, pool=config.multiblock.pool),
              "lookup": partial(lookup_generate, prompt_lookup_num_tokens=config.lookup_tokens, **common)}
     return {method: table[method] for method in config.methods}
 

@@ -41,15 +41,15 @@ def work(tmp_path, tiny_trajectories):
 def test_jacobi_matches_ar_on_every_prompt_and_every_figure_is_written(work, tiny_model_dir):
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
     config = EvalConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, check="exact", warmup=1,
-                        methods=["ar", "jacobi", "lookup", "jacobi_lookup"])
+                        methods=["ar", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"])
     result = run_evaluation(config, {"teacher": teacher}, work / "prompts/eval.parquet", work / "eval",
                             log=lambda line: None)
     rows = {r.method: r.to_json() for r in result.summary}
-    assert set(rows) == {"ar", "jacobi", "lookup", "jacobi_lookup"}
+    assert set(rows) == {"ar", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"}
     assert {row["exact_match"] for row in rows.values()} == {1.0}
     assert rows["ar"]["tokens_per_forward"] == 1.0 and rows["ar"]["speedup"] == 1.0
     samples = pq.read_table(work / "eval/samples.parquet")
-    assert samples.num_rows == 4 * result.prompts and set(samples.column("method").to_pylist()) == set(rows)
+    assert samples.num_rows == 6 * result.prompts and set(samples.column("method").to_pylist()) == set(rows)
     assert json.loads((work / "eval/summary.json").read_text())[0]["model"] == "teacher"
     assert sorted(p.rsplit("/", 1)[-1] for p in result.pictures) == [
         "accuracy_vs_speed.png", "speedup.png", "tokens_per_forward.png", "trajectory-teacher.png"]
