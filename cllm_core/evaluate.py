@@ -47,30 +47,33 @@ def decoders(config: EvalConfig) -> dict[str, Callable]:
 
 
 def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict], chat: bool, config: EvalConfig,
-             log: Callable[[str], None] = print) -> list[dict]:
-    """Decode `prompts` (dicts with prompt_id, prompt, answer) with every model x method; one sample each (a
-    dict: a row of samples.parquet).
+             log: Callable[[str], None] = print, pairs: dict[Pair, Callable] | None = None) -> list[dict]:
+    """Decode `prompts` (dicts with prompt_id, prompt, answer) with every model x method, or with the given
+    `pairs` ((model, method) -> its `decode(model, ids, mask)`; a model's "ar" pair, if any, is what its exact
+    match compares with); one sample each (a dict: a row of samples.parquet).
 
     Batches of `config.batch_size` prompts are decoded together; a sample's seconds are then its batch's
     time shared equally among the rows.
     """
-    if config.jacobi.n_tokens is None:
-        config = with_block_size(config, models, log)
-    methods, check = decoders(config), CHECKS["exact" if config.check == "auto" else config.check]
-    pairs: list[Pair] = [(model, method) for model in models for method in methods]
+    if pairs is None:
+        if config.jacobi.n_tokens is None:
+            config = with_block_size(config, models, log)
+        pairs = {(model, method): decode for model in models for method, decode in decoders(config).items()}
+    order: list[Pair] = list(pairs)
+    check = CHECKS["exact" if config.check == "auto" else config.check]
     warm = prompts[: config.batch_size]
-    for model, method in pairs:  # kernels, allocator and caches settle before anything is timed
+    for model, method in order:  # kernels, allocator and caches settle before anything is timed
         ids, mask = encode(tokenizer, [p["prompt"] for p in warm], _device(models[model]), chat)
         for _ in range(config.warmup):
-            methods[method](models[model], ids, mask)
+            pairs[model, method](models[model], ids, mask)
     samples = []
     for start in range(0, len(prompts), config.batch_size):
         batch = prompts[start:start + config.batch_size]
         chunk = start // config.batch_size
-        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], _device(models[pairs[0][0]]), chat)
+        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], _device(models[order[0][0]]), chat)
         outputs = {}
-        for model, method in pairs[chunk % len(pairs):] + pairs[: chunk % len(pairs)]:  # rotating order
-            outputs[model, method] = _timed(methods[method], models[model], ids, mask)
+        for model, method in order[chunk % len(order):] + order[: chunk % len(order)]:  # rotating order
+            outputs[model, method] = _timed(pairs[model, method], models[model], ids, mask)
         for row, prompt in enumerate(batch):
             for (model, method), (seconds, out) in outputs.items():
                 samples.append(_sample(prompt, model, method, row, ids.shape[1], seconds / len(batch), out,
@@ -84,14 +87,11 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     """Evaluate the named models (the first is the baseline: the teacher) on the eval prompts, their weights in
     the resolved `precision`; writes `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the
     summary, the file paths and the precision."""
-    from cllm_core.collect import read_prompt_table
     from cllm_core.models import load_model, load_tokenizer, tokenizer_fingerprint
     from cllm_core.precision import resolve
 
     config = config.model_copy(update={"check": resolve_check(config, prompts_path)})
-    table, chat = read_prompt_table(prompts_path, config.limit)
-    answers = pq.read_table(prompts_path, columns=["answer"]).column("answer").slice(0, len(table)).to_pylist()
-    prompts = [row | {"answer": answer} for row, answer in zip(table.to_pylist(), answers)]
+    prompts, chat = eval_prompts(prompts_path, config.limit)
     baseline = next(iter(models))
     tokenizer = load_tokenizer(models[baseline])
     vocabulary, loaded = tokenizer_fingerprint(tokenizer), {}
@@ -125,6 +125,16 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
     return Evaluation(summary, str(out_dir / "samples.parquet"), [str(p) for p in pictures], len(prompts),
                       (baseline, "ar"), config.check, used, config.jacobi.model_dump())
+
+
+def eval_prompts(prompts_path: str | Path, limit: int | None = None) -> tuple[list[dict], bool]:
+    """The first `limit` prompts of an ingested prompts Parquet as dicts (prompt_id, prompt, answer), and
+    whether they go through the chat template."""
+    from cllm_core.collect import read_prompt_table
+
+    table, chat = read_prompt_table(prompts_path, limit)
+    answers = pq.read_table(prompts_path, columns=["answer"]).column("answer").slice(0, len(table)).to_pylist()
+    return [row | {"answer": answer} for row, answer in zip(table.to_pylist(), answers)], chat
 
 
 def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log: Callable[[str], None] = print,
