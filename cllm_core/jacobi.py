@@ -227,16 +227,8 @@ def _pass(forward, rows, kv_mask, pad, rule):
 
     steps = []
     for b, (row, pred, bs) in enumerate(zip(rows, predictions, branches)):
-        # each branch's chain of predictions: after the last token, then after each of its tokens
-        candidates = []
-        start = 1
-        for j, branch in enumerate(bs):
-            chain = [pred[0], *pred[start : start + len(branch)]]
-            matched = next((i for i, (g, p) in enumerate(zip(branch, chain)) if g != p), len(branch))
-            candidates.append((matched, -j, start, branch, chain))
-            start += len(branch)
-        matched, j, start, branch, chain = max(candidates)  # most confirmed; the main branch wins ties
-        age = row.age if j == 0 else [1] * len(branch)
+        matched, main, start, branch, chain = _best_branch(pred, bs)
+        age = row.age if main else [1] * len(branch)
         n_block = row.block_end - row.block * rule.n_tokens
         state = (*row.response[row.block * rule.n_tokens :], *row.guess)[:n_block]
         prefix = len(row.response) - row.block * rule.n_tokens
@@ -259,6 +251,20 @@ def _pass(forward, rows, kv_mask, pad, rule):
     surplus = width - max((int(m.nonzero().max()) + 1 for m in live if m.any()), default=width)
     forward.crop(surplus)
     return torch.cat([kv_mask, new_mask[:, : width - surplus].to(device)], 1), steps
+
+
+def _best_branch(pred: list[int], branches: list[list[int]]) -> tuple[int, bool, int, list[int], list[int]]:
+    """The branch that confirms most (the main one, first, on a tie): how many of its tokens the predictions
+    confirm, whether it is the main branch, its first slot, its tokens, and its chain of predictions (after the last
+    token, then after each of its tokens)."""
+    found, start = [], 1
+    for j, branch in enumerate(branches):
+        chain = [pred[0], *pred[start : start + len(branch)]]
+        matched = next((i for i, (g, p) in enumerate(zip(branch, chain)) if g != p), len(branch))
+        found.append((matched, -j, start, branch, chain))
+        start += len(branch)
+    matched, j, start, branch, chain = max(found)
+    return matched, j == 0, start, branch, chain
 
 
 def _layout(branches: list[list[int]]) -> tuple[list[int], list[int]]:
