@@ -113,14 +113,10 @@ def same_as_teacher(work_dir: Path) -> dict[tuple[str, str], float]:
     """Per (model, method): the share of its outputs identical to the teacher's greedy (AR) output."""
     import pyarrow.parquet as pq
 
-    samples = pq.read_table(work_dir / "eval/samples.parquet", columns=["prompt_id", "model", "method",
-                                                                      "response"]).to_pylist()
-    teacher = {s["prompt_id"]: s["response"] for s in samples if (s["model"], s["method"]) == ("teacher", "ar")}
-    pairs: dict[tuple[str, str], list[bool]] = {}
-    for sample in samples:
-        pairs.setdefault((sample["model"], sample["method"]), []).append(
-            sample["response"] == teacher[sample["prompt_id"]])
-    return {pair: sum(same) / len(same) for pair, same in pairs.items()}
+    from cllm_core.evaluate import identical_to
+
+    return identical_to(pq.read_table(work_dir / "eval/samples.parquet",
+                                      columns=["prompt_id", "model", "method", "response"]).to_pylist())
 
 
 def verdicts(rows: list[SummaryRow]) -> dict[str, dict]:

@@ -38,7 +38,7 @@ from benchmarks import write_json
 from cllm_core import ModelConfig, load_model, load_tokenizer
 from cllm_core.baselines import ar_generate, lookup_generate
 from cllm_core.config import EvalConfig, JacobiConfig
-from cllm_core.evaluate import decoders, eval_prompts, evaluate, resolve_check, summarize
+from cllm_core.evaluate import decoders, eval_prompts, evaluate, identical_to, resolve_check, summarize
 from cllm_core.jacobi import jacobi_generate
 from cllm_core.prompts import encode
 
@@ -116,14 +116,6 @@ def pairs_for(models: dict, best: dict[str, int], args) -> dict:
                             jacobi=JacobiConfig(n_tokens=best[name], max_new_tokens=args.max_new_tokens))
         table |= {(name, method): decode for method, decode in decoders(config).items()}
     return table
-
-
-def identical_to_teacher(samples: list[dict]) -> dict[tuple[str, str], float]:
-    teacher = {s["prompt_id"]: s["response"] for s in samples if (s["model"], s["method"]) == ("teacher", "ar")}
-    same: dict[tuple[str, str], list[bool]] = {}
-    for s in samples:
-        same.setdefault((s["model"], s["method"]), []).append(s["response"] == teacher[s["prompt_id"]])
-    return {pair: sum(flags) / len(flags) for pair, flags in same.items()}
 
 
 def goals(rows: list[dict]) -> dict:
@@ -221,7 +213,7 @@ def main() -> None:
     started = time.perf_counter()
     samples = evaluate(models, tokenizer, prompts, chat, config, log=lambda line: None,
                        pairs=pairs_for(models, best, args))
-    same = identical_to_teacher(samples)
+    same = identical_to(samples, ("teacher", "ar"))
     rows = []
     for row in summarize(samples, ("teacher", "ar")):
         spent = training_seconds(records[row.model]) if row.model in records else {}

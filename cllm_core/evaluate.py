@@ -209,6 +209,16 @@ def summarize(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> list[S
     return rows
 
 
+def identical_to(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> dict[Pair, float]:
+    """Per (model, method): the share of its outputs identical to the baseline pair's output on the same prompt."""
+    reference = {s["prompt_id"]: s["response"] for s in samples if (s["model"], s["method"]) == baseline}
+    same: dict[Pair, list[bool]] = {}
+    for sample in samples:
+        same.setdefault((sample["model"], sample["method"]), []).append(
+            sample["response"] == reference[sample["prompt_id"]])
+    return {pair: sum(flags) / len(flags) for pair, flags in same.items()}
+
+
 def _timed(decode, model, ids, mask):
     device = _device(model)
     if device.type == "cuda":
