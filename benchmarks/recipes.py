@@ -183,6 +183,9 @@ def main() -> None:
         if not Path(directory).is_dir():
             raise SystemExit(f"recipe {name}: {directory} does not exist; train it first (see --help)")
         roots[name], records[name] = lineage(Path(directory))
+        if any(record["metrics"].get("stopped_early") for record in records[name]):
+            print(f"WARNING: recipe {name}: a round stopped at its max_minutes guard before its last step; its "
+                  "figures are of an unfinished schedule")
     if len({root.resolve() for root in roots.values()}) > 1 and len({_weights(r) for r in roots.values()}) > 1:
         raise SystemExit("the recipes come from different teachers (" + ", ".join(
             f"{k}: {v}" for k, v in roots.items()) + "); compare CLLMs of one teacher")
