@@ -235,6 +235,10 @@ class FinetuneConfig(Section):
         "state of the trajectory (local).")
     consistency_weight: float = Field(1.0, ge=0, description="Weight of the consistency loss (0: AR loss only).")
     ar_weight: float = Field(10.0, ge=0, description="Weight of the AR loss (the reference code's 10).")
+    anchor_weight: float = Field(0.0, ge=0, description="Weight of KL(starting model ‖ CLLM) at the AR positions: "
+                                 "the frozen starting model's whole next-token distribution, not only its greedy "
+                                 "token, so near-ties keep their order and the CLLM's greedy output stays the "
+                                 "teacher's (0: off; on, a frozen copy of the model and one no-grad forward a step).")
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the AR loss (reference: 0.1).")
     ar_labels: Literal["teacher", "ground_truth"] = Field(
         "teacher", description="AR target: the teacher's greedy response, or the dataset's answer.")
@@ -280,7 +284,7 @@ class FinetuneConfig(Section):
         """What a checkpoint must match to be resumed (logging knobs and the time budget excluded; the objective's
         fields only when they decide something, so CLLMs trained before they existed stay valid)."""
         excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
-                    "registered_model"}
+                    "registered_model"} | ({"anchor_weight"} if self.anchor_weight == 0 else set())
         if self.objective == "cllm":
             excluded |= {"objective", "noise_window"}
         else:

@@ -90,6 +90,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     head: torch.nn.Module | None = None  # the LM head, to compute logits only where losses read them
+    anchor: Anchor | None = None  # the frozen starting model's logits, when finetune.anchor_weight asks for them
     history: list = field(default_factory=list)
     start_step: int = 0
     spent: float = 0.0
@@ -128,8 +129,9 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
+    anchor = frozen_anchor(model, accelerator.device) if config.anchor_weight > 0 else None
     run = Training(config, model, store, out_dir, resolved.name, fingerprint, tokenizer, data, labels, checkpoints,
-                   accelerator, lm, optimizer, scheduler, head)
+                   accelerator, lm, optimizer, scheduler, head, anchor)
     if resume is not None:
         state = checkpoints.load(resume, accelerator.unwrap_model(lm), optimizer, scheduler, accelerator.scaler,
                                  accelerator.process_index)
@@ -161,10 +163,11 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         batch = sampler.batch(step)
         with accelerator.autocast():
             if isinstance(batch, PackedBatch):
-                loss, terms = forcing_loss(lm, _to(batch, accelerator.device), config, head=run.head)
+                loss, terms = forcing_loss(lm, _to(batch, accelerator.device), config, head=run.head,
+                                           anchor=run.anchor)
             else:
                 loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None,
-                                        head=run.head)
+                                        head=run.head, anchor=run.anchor)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()
@@ -262,15 +265,16 @@ def read_probe(path: str | Path) -> tuple[list[str], bool]:
     return table.column("prompt").to_pylist(), chat
 
 
-def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: torch.nn.Module | None = None
-              ) -> tuple[torch.Tensor, dict]:
+def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: torch.nn.Module | None = None,
+              anchor: Anchor | None = None) -> tuple[torch.Tensor, dict]:
     """The weighted loss of one batch and its terms (floats) for logging.
 
     The AR sequences and the states go through the model in one forward; with `reuse_ar` (global loss and
     the teacher's response as AR labels) the fixed point's logits are read off the AR half, detached. With
     `head` (the model's output embedding, when `logits_head` vouches that it alone turns the last hidden state
     into logits), logits are computed only where a loss reads them: the AR labels and the state blocks, a few
-    hundred of a step's thousands of positions, instead of a (rows, T, vocabulary) tensor.
+    hundred of a step's thousands of positions, instead of a (rows, T, vocabulary) tensor. With `anchor`, the
+    frozen starting model reads the AR sequences too, and its distributions at the AR labels are the anchor term's.
     """
     ar_ids, state_ids = batch.ar_ids, batch.state_ids
     width = max(ar_ids.shape[1], state_ids.shape[1])
@@ -288,39 +292,68 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
     mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (S, n)
     consistency = consistency_kl(student, target, mask)
     labelled = batch.ar_mask.nonzero(as_tuple=True)  # (rows, positions) of the AR labels
-    ar = ar_loss(at(*labelled), batch.ar_targets[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
+    at_labels = at(*labelled)
+    ar = ar_loss(at_labels, batch.ar_targets[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
                  config.label_smoothing)
     loss = config.consistency_weight * consistency + config.ar_weight * ar
     agreement = (student.argmax(-1) == batch.fixed_points)[mask].float().mean() if mask.any() else torch.tensor(1.0)
-    return loss, {"loss": loss.item(), "consistency": consistency.item(), "ar": ar.item(),
-                  "agreement": agreement.item()}
+    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item()}
+    if anchor is not None:
+        loss, terms = _anchored(loss, terms, at_labels, anchor(ar_ids)(*labelled), config)
+    return loss, {"loss": loss.item(), **terms}
 
 
-def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None
-                 ) -> tuple[torch.Tensor, dict]:
+def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None,
+                 anchor: Anchor | None = None) -> tuple[torch.Tensor, dict]:
     """Jacobi Forcing's weighted loss of one packed batch and its terms, from one forward (cllm_core/forcing.py).
 
     The AR loss reads the clean stream (the AR forward of prompt + response under the mask); the consistency loss
     is KL(clean ‖ noisy) at each counted noisy position against the detached logits of its clean twin (the same
     block offset, so the same position id); agreement: the noisy position's argmax equals the fixed point's next
-    token (the label of its clean twin).
+    token (the label of its clean twin). With `anchor`, the frozen starting model reads the same packed batch, and
+    its clean-stream distributions at the AR labels are the anchor term's.
     """
     device = batch.ids.device.type  # the mask in the autocast dtype: fp32's minimum is -inf in fp16
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-    at = _logits_at(lm, batch.ids, head, attention_mask=forcing.attention_bias(batch.kind, compute),
-                    position_ids=batch.positions)
+    inputs = {"attention_mask": forcing.attention_bias(batch.kind, compute), "position_ids": batch.positions}
+    at = _logits_at(lm, batch.ids, head, **inputs)
     row, noisy, clean = batch.pairs.unbind(1)  # (K,) each
     student = at(row, noisy)[None]  # (1, K, V)
     target = at(row, clean).detach()[None]
     counted = torch.ones_like(row, dtype=torch.bool)[None]
     consistency = consistency_kl(student, target, counted)
     labelled = batch.ar_mask.nonzero(as_tuple=True)
-    ar = ar_loss(at(*labelled), batch.labels[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
+    at_labels = at(*labelled)
+    ar = ar_loss(at_labels, batch.labels[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
                  config.label_smoothing)
     loss = config.consistency_weight * consistency + config.ar_weight * ar
     agreement = (student[0].argmax(-1) == batch.labels[row, clean]).float().mean() if len(row) else torch.tensor(1.0)
-    return loss, {"loss": loss.item(), "consistency": consistency.item(), "ar": ar.item(),
-                  "agreement": agreement.item()}
+    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item()}
+    if anchor is not None:
+        loss, terms = _anchored(loss, terms, at_labels, anchor(batch.ids, **inputs)(*labelled), config)
+    return loss, {"loss": loss.item(), **terms}
+
+
+Anchor = Callable[..., Callable[..., torch.Tensor]]  # (ids, **forward inputs) -> (rows, positions) -> logits
+
+
+def frozen_anchor(model: ModelConfig, device: torch.device) -> Anchor:
+    """The starting model, frozen on `device`, as `_logits_at` without gradients: what the anchor term keeps."""
+    frozen = load_model(model.model_copy(update={"device": "cpu"})).eval().requires_grad_(False).to(device)
+    head = logits_head(frozen)
+
+    def logits_at(ids: torch.Tensor, **inputs) -> Callable[..., torch.Tensor]:
+        with torch.no_grad():  # and its weights need no gradient, so the head applied later builds no graph either
+            return _logits_at(frozen, ids, head, **inputs)
+    return logits_at
+
+
+def _anchored(loss: torch.Tensor, terms: dict, student: torch.Tensor, start: torch.Tensor, config: FinetuneConfig
+              ) -> tuple[torch.Tensor, dict]:
+    """The loss plus the anchor term: KL(starting model ‖ student) at the AR labels (student, start: (P, V))."""
+    anchor = consistency_kl(student[None], start[None], torch.ones(student.shape[:1], dtype=torch.bool,
+                                                                   device=student.device)[None])
+    return loss + config.anchor_weight * anchor, terms | {"anchor": anchor.item()}
 
 
 def logits_head(lm) -> torch.nn.Module | None:

@@ -291,6 +291,52 @@ def test_logits_only_where_the_losses_read_them_give_the_same_loss_and_gradient(
     assert logits_head(model) is None  # logits transformed after the head (soft-capping, scaling): full logits
 
 
+@pytest.mark.parametrize("objective", ["cllm", "jacobi_forcing"])
+def test_the_anchor_term_is_the_kl_from_the_frozen_starting_model_at_the_ar_labels(teacher, store, objective):
+    from cllm_core import forcing, load_model
+    from cllm_core.finetune import forcing_loss, frozen_anchor, step_loss
+    from cllm_core.samples import Sampler
+
+    config = FAST.model_copy(update={"objective": objective, "anchor_weight": 3.0, "label_smoothing": 0.0})
+    batch = Sampler(load_trajectories(store), config).batch(1)
+    start, model = frozen_anchor(teacher, torch.device("cpu")), load_model(teacher).train()
+
+    def loss_of(anchor):
+        if objective == "cllm":
+            return step_loss(model, batch, config, reuse_ar=True, anchor=anchor)
+        return forcing_loss(model, batch, config, anchor=anchor)
+
+    def logits_at_labels(lm):
+        if objective == "cllm":
+            return lm(input_ids=batch.ar_ids).logits[batch.ar_mask]
+        return lm(input_ids=batch.ids, attention_mask=forcing.attention_bias(batch.kind),
+                  position_ids=batch.positions).logits[batch.ar_mask]
+
+    assert loss_of(start)[1]["anchor"] == pytest.approx(0.0, abs=1e-6)  # the student still is the start
+    with torch.no_grad():
+        expected_start = logits_at_labels(model)
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        student = logits_at_labels(model)
+    plain, plain_terms = loss_of(None)
+    anchored, terms = loss_of(start)
+    kl = torch.nn.functional.kl_div(student.log_softmax(-1), expected_start.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    assert "anchor" not in plain_terms and kl > 1e-3
+    assert terms["anchor"] == pytest.approx(kl.item(), rel=1e-4)
+    assert anchored.item() == pytest.approx(plain.item() + 3.0 * kl.item(), rel=1e-5)
+    anchored.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_an_anchored_run_records_its_term_and_is_not_an_unanchored_run(tmp_path, teacher, store):
+    config = FAST.model_copy(update={"steps": 4, "anchor_weight": 1.0})
+    assert config.fingerprint() != FAST.model_copy(update={"steps": 4}).fingerprint()
+    record = finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
+    assert record.config["anchor_weight"] == 1.0
+    assert all(h["anchor"] > 0 for h in record.history)
+
+
 def test_gradient_checkpointing_trades_memory_for_time_without_changing_the_losses(tmp_path, teacher, store):
     config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 100})
     plain = finetune(config, teacher, store, tmp_path / "plain", log=quiet)
