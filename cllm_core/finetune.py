@@ -43,6 +43,7 @@ from cllm_core.prompts import encode
 from cllm_core.records import CllmRecord
 from cllm_core.samples import Batch, PackedBatch, Sampler, TrajectoryData, label_ids, load_trajectories
 from cllm_core.schedule import warmup_cosine
+from cllm_core.shipping import ship_generate
 from cllm_core.stopping import raise_if_stopped
 from cllm_core.trajectories import repetitive
 
@@ -110,6 +111,7 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
         log(f"the CLLM in {out_dir} was stopped by its guard at step {held['metrics']['train_steps']}; training again")
     elif held.get("fingerprint") == fingerprint:
         log(f"reusing the CLLM in {out_dir} (same config, precision, teacher and trajectories)")
+        ship_generate(out_dir)  # the decoding it ships follows the engine installed now
         return CllmRecord.from_json(held, path=str(out_dir), reused=True)
     _check_writable(out_dir)
     labels = None
@@ -399,12 +401,14 @@ def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: 
 
 
 def save_cllm(lm, tokenizer, directory: Path, record: CllmRecord) -> None:
-    """An HF directory `from_pretrained` loads as is, with `cllm_n_tokens` in its config and `cllm.json`."""
+    """An HF directory `from_pretrained` loads as is, with `cllm_n_tokens` in its config, `cllm.json`, and the
+    engine as `custom_generate/generate.py` (transformers' `generate(custom_generate=dir)` decodes with Jacobi)."""
     lm.config.cllm_n_tokens = record.n_tokens
     lm.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=tokenizer.pad_token_id, do_sample=False)
     lm.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    ship_generate(directory)
     (directory / "cllm.json").write_text(json.dumps(record.stored(), indent=2, sort_keys=True, default=str) + "\n")
 
 

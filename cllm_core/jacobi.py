@@ -425,13 +425,20 @@ def jacobi_generate(
     open_at: float = 0.85,
     pool: int = 0,
     return_trajectories: bool = False,
+    streamer=None,
 ) -> DecodeOutput:
     """Greedy Jacobi decoding shaped like `model.generate`: `out.sequences` is (B, L + T), rows that
     stopped early are padded; `out.stats` counts forwards, tokens, fast-forward and stationary tokens.
-    `lookup`, `blocks`, `open_at`, `pool`: drafts, multi-block and recycling, as in `jacobi_steps`."""
+    `lookup`, `blocks`, `open_at`, `pool`: drafts, multi-block and recycling, as in `jacobi_steps`.
+    `streamer` (a transformers streamer, one row as theirs take) gets the prompt, then each pass's committed tokens
+    as one `put`, then `end()`: text arrives in bursts of several tokens."""
     loop = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
                   carry, lookup, blocks, open_at, pool)
     batch = len(input_ids)
+    if streamer is not None:
+        if batch != 1:
+            raise ValueError(f"streamer: streams one row; got a batch of {batch} (decode them one by one)")
+        streamer.put(input_ids.cpu())
     stats = DecodeStats.empty(batch)
     responses: list[list[int]] = [[] for _ in range(batch)]
     states: list[dict[int, list[tuple[int, ...]]]] = [{} for _ in range(batch)]
@@ -445,6 +452,10 @@ def jacobi_generate(
             responses[r.row].extend(r.committed)
             if return_trajectories and r.state:
                 states[r.row].setdefault(r.block, []).append(r.state)
+            if streamer is not None:
+                streamer.put(torch.tensor(r.committed))
+    if streamer is not None:
+        streamer.end()
     sequences = pad_sequences(input_ids, responses, loop.pad)
     trajectories = None
     if return_trajectories:

@@ -15,6 +15,7 @@ from cllm_core.config import FinetuneConfig
 from cllm_core.finetune import finetune
 from cllm_core.prompts import encode
 from cllm_core.samples import draw_items, load_trajectories, make_batch
+from cllm_core.shipping import bundle
 
 FAST = FinetuneConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2, checkpoint_every=4,
                       sample_every=6, sample_prompts=2, ar_weight=1.0)
@@ -53,6 +54,7 @@ def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(
     assert losses[-1] < 0.8 * losses[0]
     assert [step for step, _ in samples] == [6, 12, 18, 24, 30] and all(len(s["texts"]) == 2 for _, s in samples)
     assert not (tmp_path / "cllm.checkpoints").exists()  # the finished model replaces its checkpoints
+    assert (tmp_path / "cllm/custom_generate/generate.py").read_text() == bundle()  # generate(custom_generate=)
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").eval()
     assert model.config.cllm_n_tokens == 4 == record.n_tokens
@@ -123,9 +125,11 @@ def test_a_killed_fp16_run_resumes_with_its_grad_scaler(tmp_path, teacher, store
 
 def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_retrains(tmp_path, teacher, store):
     first = finetune(FAST.model_copy(update={"steps": 4}), teacher, store, tmp_path / "cllm", log=quiet)
+    (tmp_path / "cllm/custom_generate/generate.py").write_text("# from an older engine\n")
     again = finetune(FAST.model_copy(update={"steps": 4, "log_every": 1}), teacher, store, tmp_path / "cllm",
                      log=quiet)
     assert not first.reused and again.reused
+    assert (tmp_path / "cllm/custom_generate/generate.py").read_text() == bundle()  # reshipped from this engine
     other = finetune(FAST.model_copy(update={"steps": 4, "ar_weight": 2.0}), teacher, store, tmp_path / "cllm",
                      log=quiet)
     assert not other.reused and json.loads((tmp_path / "cllm/cllm.json").read_text())["config"]["ar_weight"] == 2

@@ -1,0 +1,137 @@
+"""A CLLM directory decodes with Jacobi through transformers' own `generate(custom_generate=dir)`: the shipped file
+is the engine's modules bundled (regenerated here and compared), it needs neither this project nor anything but
+torch and transformers, and its output is greedy `generate`'s, token for token (fp32)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+from cllm_core import jacobi_generate
+from cllm_core.shipping import SHIPPED, bundle, ship_generate
+from tests.tiny import PAD, prompts, tiny_model
+
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def cllm_dir(tmp_path_factory):
+    """A tiny Llama saved as a CLLM directory would be: `cllm_n_tokens` in its config, the shipped generate."""
+    directory = tmp_path_factory.mktemp("shipped") / "cllm"
+    model = tiny_model("llama")
+    model.config.cllm_n_tokens = 6
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    model.save_pretrained(directory)
+    ship_generate(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def model(cllm_dir):
+    return AutoModelForCausalLM.from_pretrained(cllm_dir).eval()
+
+
+def test_the_shipped_file_is_the_engine_bundled(cllm_dir):
+    assert (cllm_dir / SHIPPED).read_text() == bundle()  # an engine change without reshipping fails here
+    assert "def jacobi_generate(" in bundle() and "from cllm_core" not in bundle()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_generate_with_the_shipped_method_equals_greedy_generate(model, cllm_dir, batch, with_eos):
+    ids, mask = prompts(batch)
+    plain = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=PAD)
+    eos = int(plain[0, ids.shape[1] + 5]) if with_eos else None  # a token row 0 really emits: rows stop apart
+    expected = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                              pad_token_id=PAD)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                         custom_generate=str(cllm_dir), trust_remote_code=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    engine = jacobi_generate(model, ids, mask, n_tokens=6, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                             pad_token_id=PAD)
+    assert out.forwards == engine.stats.forwards  # at the trained block size (config.cllm_n_tokens)
+    assert out.tokens_per_forward == pytest.approx(sum(engine.stats.row_new_tokens) / engine.stats.forwards)
+    assert out.tokens_per_forward > 1 or batch == 1
+    bare = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=eos, n_tokens=3,
+                          custom_generate=str(cllm_dir), trust_remote_code=True)
+    assert torch.equal(bare, expected)  # a plain tensor, as generate returns; n_tokens chosen by the caller
+
+
+def test_from_pretrained_with_trust_remote_code_makes_the_shipped_method_the_models_generate(cllm_dir):
+    model = AutoModelForCausalLM.from_pretrained(cllm_dir, trust_remote_code=True).eval()
+    ids, mask = prompts(1)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True)
+    assert out.forwards is not None and out.forwards < MAX_NEW
+
+
+def test_a_streamer_receives_each_pass_in_the_order_of_the_sequences(model, cllm_dir):
+    class Recorder:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    ids, mask = prompts(1)
+    recorder = Recorder()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, streamer=recorder,
+                         custom_generate=str(cllm_dir), trust_remote_code=True)
+    assert recorder.puts[0] == ids[0].tolist() and recorder.ended
+    assert sum(recorder.puts[1:], []) == out[0, ids.shape[1]:].tolist()
+    assert max(len(p) for p in recorder.puts[1:]) > 1  # several tokens arrive in one burst
+    with pytest.raises(ValueError, match="streamer: streams one row; got a batch of 3"):
+        three, three_mask = prompts(3)
+        model.generate(three, attention_mask=three_mask, streamer=recorder, custom_generate=str(cllm_dir),
+                       trust_remote_code=True)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"do_sample": True}, "do_sample/num_beams: Jacobi decoding is greedy"),
+    ({"num_beams": 2}, "do_sample/num_beams: Jacobi decoding is greedy"),
+    ({"repetition_penalty": 1.3}, "repetition_penalty: set in the generation config"),
+    ({"logits_processor": [lambda ids, scores: scores]}, "logits_processor: not supported by Jacobi decoding"),
+])
+def test_what_jacobi_cannot_honour_is_refused_in_one_line(model, cllm_dir, setting, message):
+    ids, mask = prompts(1)
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, custom_generate=str(cllm_dir),
+                       trust_remote_code=True, **setting)
+
+
+def test_the_shipped_method_needs_only_torch_and_transformers(cllm_dir):
+    """A fresh interpreter where importing cllm_core fails decodes the directory as a user without it would."""
+    script = f"""
+import json, sys
+sys.modules["cllm_core"] = None  # any import of this project raises ImportError
+from transformers import AutoModelForCausalLM
+import torch
+model = AutoModelForCausalLM.from_pretrained({str(cllm_dir)!r}).eval()
+ids = torch.tensor([[5, 9, 13, 17]])
+out = model.generate(ids, max_new_tokens=12, custom_generate={str(cllm_dir)!r}, trust_remote_code=True,
+                     return_dict_in_generate=True)
+print(json.dumps({{"sequence": out.sequences[0].tolist(), "forwards": out.forwards}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    model = AutoModelForCausalLM.from_pretrained(cllm_dir).eval()
+    expected = model.generate(torch.tensor([[5, 9, 13, 17]]), max_new_tokens=12, do_sample=False)
+    assert result["sequence"] == expected[0].tolist() and result["forwards"] <= 12
+
+
+def test_a_text_streamer_prints_the_decoded_text(model, cllm_dir, tiny_model_dir):
+    from cllm_core import ModelConfig, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    ids, mask = prompts(1)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, streamer=streamer,
+                         custom_generate=str(cllm_dir), trust_remote_code=True)
+    assert "".join(streamer) == tokenizer.decode(out[0, ids.shape[1]:])
