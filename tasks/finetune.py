@@ -32,20 +32,52 @@ def train_cllm(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: 
 
 @task(name="log-cllm")
 def log_cllm(directory: Path, registered_model: str | None) -> dict:
-    """Log the CLLM directory as an MLflow transformers model in the active run; register it when named."""
-    import os
+    """Log the CLLM as an MLflow pyfunc that decodes with Jacobi (tasks/cllm_pyfunc.py, with the model directory
+    as its artifact) in the active run; register it when named, with how to serve it on the version's page."""
+    import json
 
     import mlflow
     import torch
     import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    from cllm_core import load_model, load_tokenizer
+    n_tokens = json.loads((directory / "config.json").read_text()).get("cllm_n_tokens") or 16
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "text"), ColSpec("long", "new_tokens"), ColSpec("long", "forwards"),
+                        ColSpec("double", "tokens_per_forward"), ColSpec("double", "seconds")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 256), ParamSpec("n_tokens", "long", n_tokens),
+                            ParamSpec("chat", "boolean", _has_chat_template(directory))]))
+    info = mlflow.pyfunc.log_model(
+        name="cllm", python_model=str(Path(__file__).with_name("cllm_pyfunc.py")), artifacts={"cllm": str(directory)},
+        signature=signature, registered_model_name=registered_model,
+        pip_requirements=[f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
+                          f"torch=={torch.__version__.split('+')[0]}", "pandas"])
+    version = info.registered_model_version
+    if registered_model and version is not None:
+        mlflow.MlflowClient().update_model_version(registered_model, version, description=serving_note(
+            registered_model, version, n_tokens))
+    return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version}
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # log_model looks for a hub model card; a local model has none
-    source = ModelConfig(name_or_path=str(directory))
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": load_model(source), "tokenizer": load_tokenizer(source)}, name="cllm",
-        task="text-generation", registered_model_name=registered_model,
-        pip_requirements=[f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"])
-    return {"model_uri": info.model_uri, "registered_model": registered_model,
-            "version": info.registered_model_version}
+
+def serving_note(name: str, version: int | str, n_tokens: int) -> str:
+    """What the registered version's page says: how to load it, serve it and ask it, decoding with Jacobi."""
+    uri = f"models:/{name}/{version}"
+    return (f"A CLLM: it decodes with Jacobi (block size {n_tokens}), several tokens per forward pass, through the "
+            "custom_generate/generate.py its model directory ships.\n\n"
+            f"Python: mlflow.pyfunc.load_model('{uri}').predict(pd.DataFrame({{'prompt': ['...']}}), "
+            "params={'max_new_tokens': 256})\n\n"
+            f"Serve: mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001\n\n"
+            "Ask: curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d "
+            "'{\"dataframe_records\": [{\"prompt\": \"...\"}], \"params\": {\"max_new_tokens\": 256}}'\n\n"
+            "Each answer: text, new_tokens, forwards, tokens_per_forward, seconds. Params: max_new_tokens, n_tokens, "
+            "chat (render with the chat template).\n\n"
+            "Hugging Face, without MLflow: AutoModelForCausalLM.from_pretrained(dir).generate(**inputs, "
+            "custom_generate=dir, trust_remote_code=True)")
+
+
+def _has_chat_template(directory: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    return bool(AutoTokenizer.from_pretrained(directory).chat_template)
