@@ -37,6 +37,35 @@ def test_decode_bad_input_is_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_pa
     assert result.exit_code == 1 and "not installed" in result.output and "Traceback" not in result.output
 
 
+def test_decode_chat_streams_each_turn_and_keeps_the_conversation(tiny_model_dir):
+    from cllm_core import ModelConfig, load_model, load_tokenizer
+    from cllm_core.prompts import encode
+
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--n-tokens", "4",
+                                 "--chat"], input="What is 2 + 3?\nAnd 4 + 4?\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("tokens per forward") == 2  # two turns, then the empty line ends the session
+    source = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, tokenizer = load_model(source), load_tokenizer(source)
+    history = [{"role": "user", "content": "What is 2 + 3?"}]
+    answers = []
+    for follow_up in ("And 4 + 4?", None):  # what greedy decoding answers, the second turn after the first
+        text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        ids, mask = encode(tokenizer, [text], "cpu", True)
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        history += [{"role": "assistant", "content": answers[-1]}, {"role": "user", "content": follow_up}]
+    assert all(answer.strip() and answer.strip() in result.output for answer in answers)
+    assert result.output.index(answers[0].strip()) < result.output.rindex(answers[1].strip())
+
+
+def test_decode_without_a_prompt_or_with_the_old_flag_says_what_to_do(tiny_model_dir):
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "no prompt: pass one" in result.output and "or --chat" in result.output
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--no-chat", "Hi"])
+    assert result.exit_code == 1 and "--no-chat is now --no-template" in result.output
+
+
 def test_decode_reads_a_profile_and_options_override_it(tiny_model_dir, tmp_path):
     profile = tmp_path / "tiny.yaml"
     profile.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndecode:\n  max_new_tokens: 5\n")

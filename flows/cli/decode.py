@@ -1,4 +1,5 @@
-"""`cllm decode`: Jacobi-decode one prompt and watch every pass, the paper's figure in a terminal."""
+"""`cllm decode`: Jacobi-decode one prompt and watch every pass, the paper's figure in a terminal; or, with
+`--chat`, a short interactive session whose answers stream in the bursts Jacobi commits them in."""
 
 from __future__ import annotations
 
@@ -18,19 +19,29 @@ from flows.cli.startup import announce_precision
 @command("model", "decode")
 def decode(
     profile: Profile,
-    prompt: Annotated[str, typer.Argument(help="The user prompt (rendered with the chat template if any).")],
-    chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template.")] = True,
+    prompt: Annotated[str | None, typer.Argument(help="The user prompt (rendered with the chat template if any); "
+                                                 "with --chat, the first turn (optional).")] = None,
+    template: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template.")] = True,
+    chat: Annotated[bool, typer.Option("--chat", help="An interactive session: type a prompt, watch the answer "
+                                       "arrive a pass at a time; an empty line or Ctrl-D ends it.")] = False,
+    no_chat: Annotated[bool, typer.Option("--no-chat", hidden=True)] = False,
     live: Annotated[bool, typer.Option(help="Redraw in place; --no-live prints one line per pass.")] = True,
 ) -> None:
     """Decode one prompt with Jacobi decoding and show every pass: committed tokens highlighted."""
     from cllm_core import jacobi_steps, load_model, load_tokenizer
     from cllm_core.prompts import encode, render
 
+    if no_chat:
+        raise ValueError("--no-chat is now --no-template (skip the chat template); --chat starts a session")
     if profile.model is None:
         raise ValueError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+    if prompt is None and not chat:
+        raise ValueError("no prompt: pass one (cllm decode --model DIR \"What is 3 + 4?\") or --chat for a session")
     lm = load_model(profile.model, announce_precision(profile.precision, profile.model.device).dtype)
     tokenizer = load_tokenizer(profile.model)
-    ids, mask = encode(tokenizer, [render(tokenizer, prompt, chat)], lm.device, chat)
+    if chat:
+        return session(lm, tokenizer, profile, prompt, template)
+    ids, mask = encode(tokenizer, [render(tokenizer, prompt, template)], lm.device, template)
     steps = jacobi_steps(lm, ids, mask, **profile.decode.arguments(lm))
 
     view = TrajectoryView(tokenizer)
@@ -48,6 +59,47 @@ def decode(
     console.print(f"[bold]{view.tokens} tokens in {view.passes} forwards[/]: {view.tokens / view.passes:.2f} "
                   f"tokens per forward, {view.fast_forward} fast-forwarded, {view.stationary} stationary, "
                   f"{seconds:.2f}s ({view.tokens / seconds:.1f} tokens/s)", soft_wrap=True)
+
+
+def session(lm, tokenizer, profile: Profile, first: str | None, template: bool) -> None:
+    """Read a prompt, stream the answer as Jacobi commits it (a pass's tokens at once), say how fast; repeat.
+    With a chat template the conversation is kept, turn by turn; without one each prompt stands alone."""
+    from transformers import TextStreamer
+
+    from cllm_core import jacobi_generate
+    from cllm_core.prompts import encode
+
+    use_template = template and bool(tokenizer.chat_template)
+    arguments = profile.decode.arguments(lm)
+    console.print(f"[dim]Jacobi decoding, block size {arguments['n_tokens']}, at most "
+                  f"{arguments['max_new_tokens']} new tokens; an empty line or Ctrl-D ends the session[/]")
+    history: list[dict] = []
+    while True:
+        text = first if first is not None else _ask()
+        first = None
+        if not text:
+            return
+        if use_template:
+            history.append({"role": "user", "content": text})
+            text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        ids, mask = encode(tokenizer, [text], lm.device, use_template)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        start = time.perf_counter()
+        out = jacobi_generate(lm, ids, mask, streamer=streamer, **arguments)
+        seconds = time.perf_counter() - start
+        new = out.response(0, ids.shape[1])
+        if use_template:
+            history.append({"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)})
+        console.print(f"[dim]{len(new)} tokens in {out.stats.forwards} forwards: "
+                      f"{len(new) / out.stats.forwards:.2f} tokens per forward, {len(new) / seconds:.1f} tokens/s[/]",
+                      soft_wrap=True)
+
+
+def _ask() -> str:
+    try:
+        return console.input("[bold]> [/]").strip()
+    except EOFError:
+        return ""
 
 
 class TrajectoryView:
