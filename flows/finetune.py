@@ -1,7 +1,7 @@
 """Flow of stage 3: teacher + trajectory shards -> `<work_dir>/cllm`, a Hugging Face model directory.
 
 Losses, learning rate, gradient norm, tokens/s and Jacobi samples stream to the stage's MLflow run while it
-trains; the finished model is logged there as an MLflow transformers model and registered.
+trains; the finished model is logged there as an MLflow pyfunc that decodes with Jacobi, and registered.
 """
 
 from __future__ import annotations

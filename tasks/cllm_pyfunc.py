@@ -26,7 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 class CllmPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.directory = context.artifacts["cllm"]
-        self.model = AutoModelForCausalLM.from_pretrained(self.directory).eval()
+        # trust_remote_code binds the directory's own custom_generate/generate.py as `generate`, once: passing
+        # custom_generate=dir to every call would resolve and import the file again each time (about 20 ms)
+        self.model = AutoModelForCausalLM.from_pretrained(self.directory, trust_remote_code=True).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
@@ -44,8 +46,7 @@ class CllmPyfunc(mlflow.pyfunc.PythonModel):
             inputs = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat)
             started = time.perf_counter()
             with torch.inference_mode():
-                out = self.model.generate(**inputs, custom_generate=self.directory, trust_remote_code=True,
-                                          return_dict_in_generate=True, **options)
+                out = self.model.generate(**inputs, return_dict_in_generate=True, **options)
             new = out.sequences[0, inputs["input_ids"].shape[1]:][: out.new_tokens[0]]
             rows.append({"text": self.tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new),
                          "forwards": out.forwards, "tokens_per_forward": out.tokens_per_forward,
@@ -54,14 +55,11 @@ class CllmPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def _prompts(model_input) -> list[str]:
-    """Prompt texts from a DataFrame with a `prompt` column, a list of strings, or one string."""
-    if isinstance(model_input, pd.DataFrame):
-        if "prompt" not in model_input.columns:
-            raise ValueError(f"the input has no 'prompt' column (columns: {', '.join(map(str, model_input.columns))})")
-        return [str(p) for p in model_input["prompt"]]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(p) for p in model_input]
+    """Prompt texts from the `prompt` column (MLflow turns a request's records into this DataFrame)."""
+    if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
+        raise ValueError("the input needs a 'prompt' column: pd.DataFrame({'prompt': [...]}) or, over HTTP, "
+                         '{"dataframe_records": [{"prompt": "..."}]}')
+    return [str(p) for p in model_input["prompt"]]
 
 
 mlflow.models.set_model(CllmPyfunc())
