@@ -55,9 +55,11 @@ def log_cllm(directory: Path, registered_model: str | None) -> dict:
         pip_requirements=[f"mlflow=={mlflow.__version__}", f"transformers=={transformers.__version__}",
                           f"torch=={torch.__version__.split('+')[0]}", "pandas"])
     version = info.registered_model_version
-    if registered_model and version is not None:
-        mlflow.MlflowClient().update_model_version(registered_model, version, description=serving_note(
-            registered_model, version, n_tokens))
+    if registered_model and version is not None:  # the model's page and the version's say how to serve it
+        client, note = mlflow.MlflowClient(), serving_note(registered_model, version, n_tokens)
+        client.update_model_version(registered_model, version, description=note)
+        client.update_registered_model(registered_model, description=note.replace(
+            f"models:/{registered_model}/{version}", f"models:/{registered_model}/<version>"))
     return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version}
 
 

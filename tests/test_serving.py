@@ -65,6 +65,8 @@ def test_the_registered_pyfunc_decodes_as_the_engine_and_its_page_says_how_to_se
     version = mlflow.MlflowClient().get_model_version("cllm", "1")
     assert "mlflow models serve -m models:/cllm/1" in version.description
     assert "custom_generate=dir" in version.description
+    assert "mlflow models serve -m models:/cllm/<version>" in mlflow.MlflowClient().get_registered_model(
+        "cllm").description
 
 
 def test_mlflow_models_serve_answers_on_localhost_with_the_jacobi_output(registered, tracking):
