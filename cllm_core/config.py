@@ -221,6 +221,18 @@ class CollectConfig(Section):
         return self
 
 
+class LoraSection(Section):
+    """LoRA adapters (peft) trained in place of every weight; merged into the saved model, so every later stage
+    and the exported directory see an ordinary model."""
+
+    rank: int = Field(16, ge=1, description="Rank of each adapter.")
+    alpha: float = Field(32.0, gt=0, description="Scale numerator: updates are scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the "
+        "output head.")
+
+
 class FinetuneConfig(Section):
     """Consistency fine-tuning: losses, samples, schedule, checkpoints (notes/cllm_reference.md §2)."""
 
@@ -258,6 +270,8 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm to this.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of every weight (peft); none: "
+                                     "full fine-tuning.")
     seed: int = Field(0, description="Seed of the sample draws and of torch.")
     log_every: int = Field(10, ge=1, description="Log losses, lr, gradient norm and tokens/s every N steps.")
     checkpoint_every: int = Field(200, ge=1, description="Checkpoint every N steps; a rerun resumes from the last.")
@@ -284,7 +298,8 @@ class FinetuneConfig(Section):
         """What a checkpoint must match to be resumed (logging knobs and the time budget excluded; the objective's
         fields only when they decide something, so CLLMs trained before they existed stay valid)."""
         excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
-                    "registered_model"} | ({"anchor_weight"} if self.anchor_weight == 0 else set())
+                    "registered_model"} | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
+            | ({"lora"} if self.lora is None else set())
         if self.objective == "cllm":
             excluded |= {"objective", "noise_window"}
         else:

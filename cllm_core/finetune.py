@@ -126,9 +126,12 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     lm = load_model(model.model_copy(update={"device": "cpu"})).train()  # fp32 weights; autocast computes
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+    if config.lora is not None:
+        lm = with_lora(lm, config)
     sharded = accelerator.distributed_type == DistributedType.FSDP  # its head is only whole inside its forward
     head = None if sharded else logits_head(lm)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    trained = [p for p in lm.parameters() if p.requires_grad]  # every weight, or the adapters alone
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
     anchor = frozen_anchor(model, accelerator.device) if config.anchor_weight > 0 else None
@@ -196,7 +199,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
                 f"{metrics['tokens_per_s']:.0f} tok/s, about {left:.0f} s left")
             window, window_tokens, window_start = [], 0, time.perf_counter()
         if probe_ids is not None and (step % config.sample_every == 0 or last):
-            samples = sample(accelerator.unwrap_model(lm), run.tokenizer, probe_ids, data.n_tokens,
+            samples = sample(plain(accelerator.unwrap_model(lm)), run.tokenizer, probe_ids, data.n_tokens,
                              longest + data.n_tokens)
             if on_samples and accelerator.is_main_process:
                 on_samples(step, samples)
@@ -233,8 +236,9 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
         record = CllmRecord(run.config.model_dump(), run.fingerprint, run.precision, run.model.model_dump(),
                             {"store": run.store, "fingerprint": run.data.fingerprint, "decoding": run.data.decoding},
                             run.data.n_tokens, metrics, run.history)
-        with publish_dir(run.out_dir) as staging:
-            save_cllm(accelerator.unwrap_model(run.lm), run.tokenizer, staging, record)
+        trained = accelerator.unwrap_model(run.lm)
+        with publish_dir(run.out_dir) as staging:  # LoRA adapters merged: an ordinary model for what follows
+            save_cllm(trained.merge_and_unload() if run.config.lora else trained, run.tokenizer, staging, record)
         shutil.rmtree(run.checkpoints.root, ignore_errors=True)
         log(f"saved the CLLM to {run.out_dir} after {metrics['train_steps']} steps in "
             f"{metrics['train_seconds']:.0f} s")
@@ -356,6 +360,22 @@ def _anchored(loss: torch.Tensor, terms: dict, student: torch.Tensor, start: tor
     anchor = consistency_kl(student[None], start[None], torch.ones(student.shape[:1], dtype=torch.bool,
                                                                    device=student.device)[None])
     return loss + config.anchor_weight * anchor, terms | {"anchor": anchor.item()}
+
+
+def with_lora(lm, config: FinetuneConfig):
+    """`lm` with LoRA adapters (peft) on `config.lora`'s modules; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    if config.gradient_checkpointing:
+        lm.enable_input_require_grads()  # recomputed blocks need an input that requires grad, frozen embeddings too
+    return get_peft_model(lm, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                         target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+
+
+def plain(lm):
+    """The transformers model inside a peft wrapper (adapters active), or `lm` itself: what the engine decodes."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def logits_head(lm) -> torch.nn.Module | None:

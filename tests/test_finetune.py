@@ -341,6 +341,34 @@ def test_an_anchored_run_records_its_term_and_is_not_an_unanchored_run(tmp_path,
     assert all(h["anchor"] > 0 for h in record.history)
 
 
+def test_lora_trains_the_adapters_alone_resumes_and_saves_an_ordinary_merged_model(tmp_path, teacher, store):
+    from cllm_core import load_model
+
+    lora = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    config = FinetuneConfig(**FAST.model_dump() | {"steps": 8, "lr": 1e-2, "lora": lora})
+    assert config.fingerprint() != FinetuneConfig(**FAST.model_dump() | {"steps": 8, "lr": 1e-2}).fingerprint()
+    whole = finetune(config, teacher, store, tmp_path / "whole", log=quiet)
+
+    def die_at_step_6(step, metrics):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config, teacher, store, tmp_path / "killed", log=quiet, on_metrics=die_at_step_6)
+    resumed = finetune(config, teacher, store, tmp_path / "killed", log=quiet)  # from step 4's checkpoint
+    assert [loss for _, loss in history(resumed)] == pytest.approx([loss for _, loss in history(whole)], rel=1e-6)
+
+    assert not (tmp_path / "whole/adapter_config.json").exists()  # merged: no adapter files, no peft to load it
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    start = load_model(teacher).state_dict()
+    moved = {name for name in start if not torch.equal(saved[name], start[name])}
+    assert moved and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in moved)
+    assert set(saved) == set(start)  # the teacher's parameter names: every later stage loads it as before
+    recomputed = finetune(config.model_copy(update={"gradient_checkpointing": True}), teacher, store,
+                          tmp_path / "recomputed", log=quiet)  # frozen embeddings still feed recomputed blocks
+    assert [loss for _, loss in history(recomputed)] == pytest.approx([loss for _, loss in history(whole)], rel=1e-5)
+
+
 def test_gradient_checkpointing_trades_memory_for_time_without_changing_the_losses(tmp_path, teacher, store):
     config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 100})
     plain = finetune(config, teacher, store, tmp_path / "plain", log=quiet)
