@@ -228,9 +228,8 @@ class LoraSection(Section):
     rank: int = Field(16, ge=1, description="Rank of each adapter.")
     alpha: float = Field(32.0, gt=0, description="Scale numerator: updates are scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
-    target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the "
-        "output head.")
+    target_modules: list[str] = Field(["all-linear"], min_length=1, description="Module names to adapt (e.g. "
+                                      "[q_proj, v_proj]); all-linear: every linear layer but the output head.")
 
 
 class FinetuneConfig(Section):

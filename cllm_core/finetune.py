@@ -369,8 +369,9 @@ def with_lora(lm, config: FinetuneConfig):
     lora = config.lora
     if config.gradient_checkpointing:
         lm.enable_input_require_grads()  # recomputed blocks need an input that requires grad, frozen embeddings too
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules  # peft's spelling
     return get_peft_model(lm, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                         target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                         target_modules=targets, task_type="CAUSAL_LM"))
 
 
 def plain(lm):

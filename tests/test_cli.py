@@ -123,10 +123,14 @@ def test_every_config_field_is_an_option_of_the_commands_that_read_its_section()
 
 
 def _leaves(path, model):
-    """(dotted path, field info) of every field that is not itself a section: collect.jacobi.n_tokens."""
+    """(dotted path, field info) of every field that is not itself a section (or an optional one):
+    collect.jacobi.n_tokens, finetune.lora.rank."""
+    from flows.cli.base import _bare
+
     for field, info in model.model_fields.items():
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            yield from _leaves(f"{path}.{field}", info.annotation)
+        kind = _bare(info.annotation)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from _leaves(f"{path}.{field}", kind)
         else:
             yield f"{path}.{field}", info
 

@@ -30,7 +30,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
 
 OPTION_NAMES = {"model.name_or_path": "model", "ingest.fields": "field",
-                "evaluate.methods": "method"}
+                "evaluate.methods": "method", "finetune.lora.rank": "lora_rank", "finetune.lora.alpha": "lora_alpha",
+                "finetune.lora.dropout": "lora_dropout", "finetune.lora.target_modules": "lora_target"}
 """Options whose name is not their field's: the usual flags, and the singular of a repeatable option."""
 PAIRS = {"ingest.fields": "ROLE=COLUMN"}
 """How a mapping's items are written (KEY=VALUE unless named here)."""
