@@ -37,6 +37,14 @@ def store(tmp_path, tiny_trajectories):
     return str(tmp_path / "store")
 
 
+def dies_at(last: int):
+    """An `on_metrics` that kills the run (KeyboardInterrupt) when it reports step `last`."""
+    def die(step, metrics):
+        if step == last:
+            raise KeyboardInterrupt
+    return die
+
+
 def history(record):
     return [(h["step"], h["loss"]) for h in record.history]
 
@@ -78,12 +86,8 @@ def test_no_samples_asked_for_means_none_decoded_even_with_prompts_at_hand(tmp_p
 def test_a_killed_run_resumes_at_its_last_checkpoint_with_the_uninterrupted_losses(tmp_path, teacher, store):
     whole = finetune(FAST, teacher, store, tmp_path / "whole", log=quiet)
 
-    def die_at_step_10(step, metrics):
-        if step == 10:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        finetune(FAST, teacher, store, tmp_path / "killed", log=quiet, on_metrics=die_at_step_10)
+        finetune(FAST, teacher, store, tmp_path / "killed", log=quiet, on_metrics=dies_at(10))
     assert not (tmp_path / "killed").exists()  # no model directory until training finished
     assert sorted(p.name for p in (tmp_path / "killed.checkpoints").iterdir()) == ["step-000004", "step-000008"]
     said = []
@@ -111,12 +115,9 @@ def test_a_killed_fp16_run_resumes_with_its_grad_scaler(tmp_path, teacher, store
     monkeypatch.setattr(cllm_core.finetune, "Accelerator", ScaledAccelerator)
     config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 2})
 
-    def die_at_step_4(step, metrics):  # the last step: the resume starts from step 2's checkpoint
-        if step == 4:
-            raise KeyboardInterrupt
-
+    # the last step: the resume starts from step 2's checkpoint
     with pytest.raises(KeyboardInterrupt):
-        finetune(config, teacher, store, tmp_path / "cllm", log=quiet, on_metrics=die_at_step_4)
+        finetune(config, teacher, store, tmp_path / "cllm", log=quiet, on_metrics=dies_at(4))
     state = torch.load(tmp_path / "cllm.checkpoints/step-000002/state.pt", weights_only=True)
     assert state["scaler"]["scale"] == 2.0 ** 12
     finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
@@ -349,12 +350,8 @@ def test_lora_trains_the_adapters_alone_resumes_and_saves_an_ordinary_merged_mod
     assert config.fingerprint() != FinetuneConfig(**FAST.model_dump() | {"steps": 8, "lr": 1e-2}).fingerprint()
     whole = finetune(config, teacher, store, tmp_path / "whole", log=quiet)
 
-    def die_at_step_6(step, metrics):
-        if step == 6:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        finetune(config, teacher, store, tmp_path / "killed", log=quiet, on_metrics=die_at_step_6)
+        finetune(config, teacher, store, tmp_path / "killed", log=quiet, on_metrics=dies_at(6))
     resumed = finetune(config, teacher, store, tmp_path / "killed", log=quiet)  # from step 4's checkpoint
     assert [loss for _, loss in history(resumed)] == pytest.approx([loss for _, loss in history(whole)], rel=1e-6)
 
