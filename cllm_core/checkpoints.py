@@ -7,6 +7,10 @@ history and the elapsed time are a `torch.save` dict of tensors and plain values
 device. Python's `random` and NumPy's RNG are not saved: nothing in training draws from them (the batches come
 from generators seeded by (seed, step, slot)). Each checkpoint is written to a temporary directory and renamed,
 so a kill leaves the previous one intact.
+
+Model and optimizer are stored whole, by parameter name, whatever the strategy trained them: `full_states` gathers
+them on every process (a collective under FSDP, where each process holds a shard) and the main process writes
+them, so a checkpoint made under FSDP resumes under DDP, on one process, or on another machine, and back.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_weights
-from safetensors.torch import save_model as save_weights
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FORMAT = 2  # 1: safetensors of the module and the optimizer's own state_dict (by parameter index)
 
 
 class Checkpoints:
@@ -32,21 +39,26 @@ class Checkpoints:
         if not done:
             return None
         state = torch.load(done[-1], map_location="cpu", weights_only=True)
+        if state.get("format") != FORMAT:
+            raise ValueError(f"the checkpoint {done[-1].parent} was written by an older cllm-pipeline; delete "
+                             f"{self.root} to start over, or resume it with the version that wrote it")
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(f"the checkpoint {done[-1].parent} was made with another config, teacher or data "
                              f"({state['fingerprint']}, now {self.fingerprint}); delete {self.root} to start over, "
                              "or restore the config it was made with")
         return done[-1].parent
 
-    def save(self, step: int, lm, optimizer, scheduler, history: list, seconds: float,
+    def save(self, step: int, states: tuple[dict, dict], scheduler, history: list, seconds: float,
              rng: list[dict] | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
-        """`rng`: every process's `rng_state()`, by process index (default: this process's alone)."""
+        """`states`: `full_states(lm, optimizer)`; `rng`: every process's `rng_state()`, by process index (default:
+        this process's alone)."""
+        weights, optimizer = states
         final = self.root / f"step-{step:06d}"
         staging = self.root / f".step-{step:06d}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        save_weights(lm, str(staging / "model.safetensors"))
-        torch.save({"step": step, "fingerprint": self.fingerprint, "optimizer": optimizer.state_dict(),
+        save_file(_unshared(weights), str(staging / "model.safetensors"))
+        torch.save({"format": FORMAT, "step": step, "fingerprint": self.fingerprint, "optimizer": optimizer,
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "rng": rng or [rng_state()], "history": history, "seconds": seconds}, staging / "state.pt")
         os.replace(staging, final)
@@ -55,19 +67,41 @@ class Checkpoints:
 
     def load(self, path: Path, lm, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None,
              process: int = 0) -> dict:
-        """Restore the states into the objects (on their devices) and this `process`'s RNG; returns the dict.
+        """Restore the states into the objects (on their devices, into each process's shard under FSDP: every
+        process calls it) and this `process`'s RNG; returns the dict.
 
         A scaler state without a scaler now (fp16 then, another precision here) is left out, as are CUDA RNG
         states without CUDA; a process beyond those saved takes process 0's RNG.
         """
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        load_weights(lm, str(path / "model.safetensors"))  # read on the CPU, copied into the parameters
-        optimizer.load_state_dict(state["optimizer"])
+        set_state_dict(lm, _bare(optimizer), model_state_dict=load_file(path / "model.safetensors"),
+                       optim_state_dict=state["optimizer"], options=WHOLE)  # read on the CPU, copied in
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"][process if process < len(state["rng"]) else 0])
         return state
+
+
+def full_states(lm, optimizer) -> tuple[dict, dict]:
+    """The whole model's and optimizer's states by parameter name, on the CPU. Every process must call it."""
+    return get_state_dict(lm, _bare(optimizer), options=WHOLE)
+
+
+def _bare(optimizer):
+    """The torch optimizer inside accelerate's wrapper: torch initialises an empty optimizer's state with a
+    zero-gradient step, which the wrapper would route through an fp16 grad scaler that has scaled nothing."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights (the embedding and the output head) share memory, which safetensors refuses: copy the
+    second name's."""
+    seen, out = set(), {}
+    for name, tensor in weights.items():
+        out[name] = tensor.clone() if tensor.data_ptr() in seen else tensor.contiguous()
+        seen.add(tensor.data_ptr())
+    return out
 
 
 def rng_state() -> dict:

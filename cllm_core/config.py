@@ -232,6 +232,23 @@ class LoraSection(Section):
                                       "[q_proj, v_proj]); all-linear: every linear layer but the output head.")
 
 
+class LaunchSection(Section):
+    """How many processes train and how they share the model. More than one, or FSDP, and fine-tuning runs
+    `accelerate launch` over them from the same call and waits (cllm_core/launch.py)."""
+
+    processes: int = Field(1, ge=1, description="Training processes, one per GPU (on a CPU they share its "
+                           "cores, gloo); batch_size is per process, so the step's batch grows with them.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a whole model per process, gradients averaged. fsdp: weights, gradients and "
+        "optimizer state sharded over the processes (FSDP2, GPUs only), for a model whose training state does "
+        "not fit one device (a 7B teacher).")
+    fsdp_sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard", description="fsdp: full_shard frees each layer's gathered weights after its forward (the "
+        "least memory); shard_grad_op keeps them until backward (less communication, more memory).")
+    cpu_offload: bool = Field(False, description="fsdp: keep weights, gradients and optimizer state in CPU "
+                              "memory and step the optimizer there (the least GPU memory, slower steps).")
+
+
 class FinetuneConfig(Section):
     """Consistency fine-tuning: losses, samples, schedule, checkpoints (notes/cllm_reference.md §2)."""
 
@@ -271,6 +288,8 @@ class FinetuneConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of every weight (peft); none: "
                                      "full fine-tuning.")
+    launch: LaunchSection = Field(LaunchSection(), description="Processes and strategy (DDP, FSDP); gradient_"
+                                  "checkpointing is FSDP's activation checkpointing under fsdp.")
     seed: int = Field(0, description="Seed of the sample draws and of torch.")
     log_every: int = Field(10, ge=1, description="Log losses, lr, gradient norm and tokens/s every N steps.")
     checkpoint_every: int = Field(200, ge=1, description="Checkpoint every N steps; a rerun resumes from the last.")
@@ -285,6 +304,13 @@ class FinetuneConfig(Section):
     def _moved_mixed_precision(cls, data):
         _moved(data, "mixed_precision", "finetune.mixed_precision")
         return data
+
+    @model_validator(mode="after")
+    def _fsdp_trains_every_weight(self) -> FinetuneConfig:
+        if self.launch.strategy == "fsdp" and self.lora is not None:
+            raise ValueError("finetune.lora under finetune.launch.strategy fsdp is not supported (the adapters "
+                             "would be merged into sharded weights); use strategy ddp with LoRA, or drop lora")
+        return self
 
     @model_validator(mode="after")
     def _forcing_reads_the_teacher(self) -> FinetuneConfig:
@@ -303,7 +329,10 @@ class FinetuneConfig(Section):
             excluded |= {"objective", "noise_window"}
         else:
             excluded |= {"states_per_block", "augment", "consistency", "ar_labels"}
-        return digest(self.model_dump(exclude=excluded))
+        decisive = self.model_dump(exclude=excluded | {"launch"})
+        if self.launch.processes > 1:  # the step's batch; how the processes share the model decides nothing
+            decisive["processes"] = self.launch.processes
+        return digest(decisive)
 
 
 class MultiBlockConfig(Section):

@@ -29,13 +29,14 @@ from accelerate.utils import DistributedType, gather_object
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from cllm_core import forcing
-from cllm_core.checkpoints import Checkpoints, rng_state
+from cllm_core.checkpoints import Checkpoints, full_states, rng_state
 from cllm_core.collect import read_prompt_table
 from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.files import publish_dir
 from cllm_core.guards import budget_warning
 from cllm_core.identity import model_identity
 from cllm_core.jacobi import jacobi_generate
+from cllm_core.launch import MIXED_PRECISION, launch_finetune, launched
 from cllm_core.losses import ar_loss, consistency_kl, consistency_mask
 from cllm_core.models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
 from cllm_core.precision import resolve
@@ -48,7 +49,6 @@ from cllm_core.stopping import raise_if_stopped
 from cllm_core.trajectories import repetitive
 
 Callback = Callable[[int, dict], None]
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names
 
 
 def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: str | Path, *,
@@ -65,10 +65,25 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     `progress` (step, steps, figures) too. Training autocasts to the resolved `precision` over fp32 weights; a
     run that its `max_minutes` guard stops is announced through `warn`, published, and retrained by a rerun.
     """
-    run = prepare(config, model, store, Path(out_dir), answers, precision, log)
+    out_dir, warn = Path(out_dir), warn or log
+    if launched(config.launch):  # N processes under `accelerate launch`, their events replayed here
+        held = held_cllm(config, model, store, out_dir, precision, log)
+        return held or launch_finetune(config, model, store, out_dir, answers=answers, probe=probe,
+                                       precision=precision, log=log, warn=warn, on_metrics=on_metrics,
+                                       on_samples=on_samples, progress=progress)
+    return train_here(config, model, store, out_dir, answers=answers, probe=probe, log=log, warn=warn,
+                      on_metrics=on_metrics, on_samples=on_samples, progress=progress, precision=precision)
+
+
+def train_here(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, *,
+               answers: dict[str, str] | None, probe: tuple[list[str], bool], log: Callable[[str], None],
+               warn: Callable[[str], None], on_metrics: Callback | None, on_samples: Callback | None,
+               progress: Callable[[int, int, dict], None] | None, precision: str) -> CllmRecord:
+    """`finetune` in this process: alone, or as one of the processes `accelerate launch` (or torchrun) started."""
+    run = prepare(config, model, store, out_dir, answers, precision, log)
     if isinstance(run, CllmRecord):
         return run
-    fitted = fit(run, probe, log, warn or log, on_metrics, on_samples, progress)
+    fitted = fit(run, probe, log, warn, on_metrics, on_samples, progress)
     return publish(run, fitted, log)
 
 
@@ -101,18 +116,9 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
             precision: str, log: Callable[[str], None]) -> Training | CllmRecord:
     """The reuse check (the held CLLM's record when it is the same run), then data, labels, the accelerator,
     the model and optimizer, and the checkpoint to resume from (checked against this config before any step)."""
-    resolved = resolve(precision, model.device)
-    tokenizer = load_tokenizer(model)
-    data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
-    fingerprint = f"{config.fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
-    record_path = out_dir / "cllm.json"
-    held = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if held.get("fingerprint") == fingerprint and held["metrics"]["stopped_early"]:
-        log(f"the CLLM in {out_dir} was stopped by its guard at step {held['metrics']['train_steps']}; training again")
-    elif held.get("fingerprint") == fingerprint:
-        log(f"reusing the CLLM in {out_dir} (same config, precision, teacher and trajectories)")
-        ship_generate(out_dir)  # the decoding it ships follows the engine installed now
-        return CllmRecord.from_json(held, path=str(out_dir), reused=True)
+    held, (resolved, tokenizer, data, fingerprint) = _held(config, model, store, out_dir, precision, log)
+    if held is not None:
+        return held
     _check_writable(out_dir)
     labels = None
     if config.ar_labels == "ground_truth":
@@ -122,18 +128,26 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     resume = checkpoints.latest()
 
     accelerator = _accelerator(MIXED_PRECISION[resolved.name], cpu=resolve_device(model.device).type == "cpu")
+    sharded = accelerator.distributed_type == DistributedType.FSDP  # its head is only whole inside its forward
+    if config.launch.processes > 1 and accelerator.num_processes != config.launch.processes:
+        raise ValueError(f"finetune.launch.processes is {config.launch.processes} but {accelerator.num_processes} "
+                         "process(es) started: train through finetune() (it launches them), not by hand")
+    if (config.launch.strategy == "fsdp") != sharded:
+        raise ValueError(f"finetune.launch.strategy is {config.launch.strategy} but accelerate runs "
+                         f"{accelerator.distributed_type.value}: train through finetune() (it launches the "
+                         "processes), not by hand")
     torch.manual_seed(config.seed)
     lm = load_model(model.model_copy(update={"device": "cpu"})).train()  # fp32 weights; autocast computes
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing and not sharded:  # under FSDP, its own activation checkpointing
         lm.gradient_checkpointing_enable()
     if config.lora is not None:
         lm = with_lora(lm, config)
-    sharded = accelerator.distributed_type == DistributedType.FSDP  # its head is only whole inside its forward
     head = None if sharded else logits_head(lm)
     trained = [p for p in lm.parameters() if p.requires_grad]  # every weight, or the adapters alone
     optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
-    lm, optimizer, scheduler = accelerator.prepare(lm, optimizer, scheduler)
+    lm, optimizer = accelerator.prepare(lm, optimizer)  # not the scheduler: accelerate would step it once per
+    # process each step (it assumes each process sees 1/N of the batches), decaying N times too fast here
     anchor = frozen_anchor(model, accelerator.device) if config.anchor_weight > 0 else None
     run = Training(config, model, store, out_dir, resolved.name, fingerprint, tokenizer, data, labels, checkpoints,
                    accelerator, lm, optimizer, scheduler, head, anchor)
@@ -147,6 +161,31 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
         f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, {batch}, {resolved.name}")
     return run
+
+
+def held_cllm(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, precision: str,
+              log: Callable[[str], None]) -> CllmRecord | None:
+    """The CLLM in `out_dir` when it was trained with this config, precision, teacher and trajectories."""
+    return _held(config, model, store, out_dir, precision, log)[0]
+
+
+def _held(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, precision: str,
+          log: Callable[[str], None]) -> tuple[CllmRecord | None, tuple]:
+    """The reusable record, if any, and what identifies this run: (precision, tokenizer, data, fingerprint)."""
+    resolved = resolve(precision, model.device)
+    tokenizer = load_tokenizer(model)
+    data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
+    fingerprint = f"{config.fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
+    identity = (resolved, tokenizer, data, fingerprint)
+    record_path = out_dir / "cllm.json"
+    held = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if held.get("fingerprint") == fingerprint and held["metrics"]["stopped_early"]:
+        log(f"the CLLM in {out_dir} was stopped by its guard at step {held['metrics']['train_steps']}; training again")
+    elif held.get("fingerprint") == fingerprint:
+        log(f"reusing the CLLM in {out_dir} (same config, precision, teacher and trajectories)")
+        ship_generate(out_dir)  # the decoding it ships follows the engine installed now
+        return CllmRecord.from_json(held, path=str(out_dir), reused=True), identity
+    return None, identity
 
 
 def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None], warn: Callable[[str], None],
@@ -166,13 +205,14 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         raise_if_stopped()
         step += 1
         batch = sampler.batch(step)
+        share = shares(accelerator, batch)
         with accelerator.autocast():
             if isinstance(batch, PackedBatch):
                 loss, terms = forcing_loss(lm, _to(batch, accelerator.device), config, head=run.head,
-                                           anchor=run.anchor)
+                                           anchor=run.anchor, share=share)
             else:
                 loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None,
-                                        head=run.head, anchor=run.anchor)
+                                        head=run.head, anchor=run.anchor, share=share)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()
@@ -208,8 +248,9 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
                 f"{samples['repetitive']} of {len(samples['texts'])} repetitive{warning}")
         if step % config.checkpoint_every == 0 and not last:
             rng = gather_object([rng_state()])  # every process's own RNG (a collective: all wait here)
+            states = full_states(accelerator.unwrap_model(lm), run.optimizer)  # whole, gathered under FSDP
             if accelerator.is_main_process:
-                run.checkpoints.save(step, accelerator.unwrap_model(lm), run.optimizer, run.scheduler, history,
+                run.checkpoints.save(step, states, run.scheduler, history,
                                      time.perf_counter() - began, rng, accelerator.scaler)
         if out_of_time:
             stopped_early = True
@@ -232,13 +273,17 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
     checkpoints. Every process returns the published record."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(run.lm)  # whole on the main process (a collective under FSDP)
     if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
         record = CllmRecord(run.config.model_dump(), run.fingerprint, run.precision, run.model.model_dump(),
                             {"store": run.store, "fingerprint": run.data.fingerprint, "decoding": run.data.decoding},
                             run.data.n_tokens, metrics, run.history)
         trained = accelerator.unwrap_model(run.lm)
         with publish_dir(run.out_dir) as staging:  # LoRA adapters merged: an ordinary model for what follows
-            save_cllm(trained.merge_and_unload() if run.config.lora else trained, run.tokenizer, staging, record)
+            if run.config.lora:
+                save_cllm(trained.merge_and_unload(), run.tokenizer, staging, record)
+            else:
+                save_cllm(trained, run.tokenizer, staging, record, weights)
         shutil.rmtree(run.checkpoints.root, ignore_errors=True)
         log(f"saved the CLLM to {run.out_dir} after {metrics['train_steps']} steps in "
             f"{metrics['train_seconds']:.0f} s")
@@ -272,8 +317,12 @@ def read_probe(path: str | Path) -> tuple[list[str], bool]:
 
 
 def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: torch.nn.Module | None = None,
-              anchor: Anchor | None = None) -> tuple[torch.Tensor, dict]:
+              anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict]:
     """The weighted loss of one batch and its terms (floats) for logging.
+
+    `share` (consistency, AR): each mean's factor from this process's positions to the whole step's across
+    processes (`shares`), so that the processes' mean is the mean over every position of the step, and their
+    averaged gradient the one process's of the same samples; (1, 1) alone.
 
     The AR sequences and the states go through the model in one forward; with `reuse_ar` (global loss and
     the teacher's response as AR labels) the fixed point's logits are read off the AR half, detached. With
@@ -296,28 +345,28 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
         with torch.no_grad():
             target = _logits_at(lm, batch.target_ids, head)(rows[: len(batch.target_ids)], index)
     mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (S, n)
-    consistency = consistency_kl(student, target, mask)
+    consistency = consistency_kl(student, target, mask) * share[0]
     labelled = batch.ar_mask.nonzero(as_tuple=True)  # (rows, positions) of the AR labels
     at_labels = at(*labelled)
     ar = ar_loss(at_labels, batch.ar_targets[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
-                 config.label_smoothing)
+                 config.label_smoothing) * share[1]
     loss = config.consistency_weight * consistency + config.ar_weight * ar
     agreement = (student.argmax(-1) == batch.fixed_points)[mask].float().mean() if mask.any() else torch.tensor(1.0)
-    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item()}
+    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item() * share[0]}
     if anchor is not None:
-        loss, terms = _anchored(loss, terms, at_labels, anchor(ar_ids)(*labelled), config)
+        loss, terms = _anchored(loss, terms, at_labels, anchor(ar_ids)(*labelled), config, share[1])
     return loss, {"loss": loss.item(), **terms}
 
 
 def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None,
-                 anchor: Anchor | None = None) -> tuple[torch.Tensor, dict]:
+                 anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict]:
     """Jacobi Forcing's weighted loss of one packed batch and its terms, from one forward (cllm_core/forcing.py).
 
     The AR loss reads the clean stream (the AR forward of prompt + response under the mask); the consistency loss
     is KL(clean ‖ noisy) at each counted noisy position against the detached logits of its clean twin (the same
     block offset, so the same position id); agreement: the noisy position's argmax equals the fixed point's next
     token (the label of its clean twin). With `anchor`, the frozen starting model reads the same packed batch, and
-    its clean-stream distributions at the AR labels are the anchor term's.
+    its clean-stream distributions at the AR labels are the anchor term's. `share`: as in `step_loss`.
     """
     device = batch.ids.device.type  # the mask in the autocast dtype: fp32's minimum is -inf in fp16
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
@@ -327,16 +376,16 @@ def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.
     student = at(row, noisy)[None]  # (1, K, V)
     target = at(row, clean).detach()[None]
     counted = torch.ones_like(row, dtype=torch.bool)[None]
-    consistency = consistency_kl(student, target, counted)
+    consistency = consistency_kl(student, target, counted) * share[0]
     labelled = batch.ar_mask.nonzero(as_tuple=True)
     at_labels = at(*labelled)
     ar = ar_loss(at_labels, batch.labels[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
-                 config.label_smoothing)
+                 config.label_smoothing) * share[1]
     loss = config.consistency_weight * consistency + config.ar_weight * ar
     agreement = (student[0].argmax(-1) == batch.labels[row, clean]).float().mean() if len(row) else torch.tensor(1.0)
-    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item()}
+    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item() * share[0]}
     if anchor is not None:
-        loss, terms = _anchored(loss, terms, at_labels, anchor(batch.ids, **inputs)(*labelled), config)
+        loss, terms = _anchored(loss, terms, at_labels, anchor(batch.ids, **inputs)(*labelled), config, share[1])
     return loss, {"loss": loss.item(), **terms}
 
 
@@ -354,11 +403,11 @@ def frozen_anchor(model: ModelConfig, device: torch.device) -> Anchor:
     return logits_at
 
 
-def _anchored(loss: torch.Tensor, terms: dict, student: torch.Tensor, start: torch.Tensor, config: FinetuneConfig
-              ) -> tuple[torch.Tensor, dict]:
+def _anchored(loss: torch.Tensor, terms: dict, student: torch.Tensor, start: torch.Tensor, config: FinetuneConfig,
+              share: float = 1.0) -> tuple[torch.Tensor, dict]:
     """The loss plus the anchor term: KL(starting model ‖ student) at the AR labels (student, start: (P, V))."""
     anchor = consistency_kl(student[None], start[None], torch.ones(student.shape[:1], dtype=torch.bool,
-                                                                   device=student.device)[None])
+                                                                   device=student.device)[None]) * share
     return loss + config.anchor_weight * anchor, terms | {"anchor": anchor.item()}
 
 
@@ -421,13 +470,13 @@ def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: 
             "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
 
 
-def save_cllm(lm, tokenizer, directory: Path, record: CllmRecord) -> None:
+def save_cllm(lm, tokenizer, directory: Path, record: CllmRecord, weights: dict | None = None) -> None:
     """An HF directory `from_pretrained` loads as is, with `cllm_n_tokens` in its config, `cllm.json`, and the
     engine as `custom_generate/generate.py` (transformers' `generate(custom_generate=dir)` decodes with Jacobi)."""
     lm.config.cllm_n_tokens = record.n_tokens
     lm.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    lm.save_pretrained(directory)
+    lm.save_pretrained(directory, state_dict=weights)  # weights: gathered from FSDP's shards
     tokenizer.save_pretrained(directory)
     ship_generate(directory)
     (directory / "cllm.json").write_text(json.dumps(record.stored(), indent=2, sort_keys=True, default=str) + "\n")
@@ -440,6 +489,21 @@ def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def shares(accelerator: Accelerator, batch: Batch | PackedBatch) -> tuple[float, float]:
+    """(consistency, AR): N x this process's counted positions / the step's across its N processes. A loss's
+    mean times its share, averaged over the processes (as DDP averages gradients), is the mean over the step's
+    positions: the processes train as one process would on their samples together. One small all-reduce."""
+    if accelerator.num_processes == 1:
+        return 1.0, 1.0
+    if isinstance(batch, PackedBatch):
+        counts = [len(batch.pairs), int(batch.ar_mask.sum())]
+    else:
+        counts = [int(consistency_mask(batch.states, batch.fixed_points, batch.block_len).sum()),
+                  int(batch.ar_mask.sum())]
+    total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return tuple(accelerator.num_processes * count / whole if whole else 1.0 for count, whole in zip(counts, total))
 
 
 def _anyone(accelerator: Accelerator, flag: bool) -> bool:

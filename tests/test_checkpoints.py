@@ -5,7 +5,7 @@ import zipfile
 
 import torch
 
-from cllm_core.checkpoints import Checkpoints
+from cllm_core.checkpoints import Checkpoints, full_states
 
 
 def as_if_written_on_a_gpu(path):
@@ -39,7 +39,7 @@ def test_a_gpu_fp16_checkpoint_resumes_on_a_cpu_with_its_scaler_and_each_process
     rng = [{"torch": torch.get_rng_state(), "cuda": cuda},
            {"torch": torch.manual_seed(7).get_state(), "cuda": cuda}]
     checkpoints = Checkpoints(tmp_path, "same")
-    checkpoints.save(1, lm, optimizer, scheduler, [{"step": 1}], 2.5, rng, scaler)
+    checkpoints.save(1, full_states(lm, optimizer), scheduler, [{"step": 1}], 2.5, rng, scaler)
     as_if_written_on_a_gpu(tmp_path / "step-000001/state.pt")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,6 +1,7 @@
 """`cllm train` through Prefect (temporary server) into a SQLite MLflow store: the run holds the loss curve per
 step, the Jacobi samples, the trajectories as its dataset input, and the registered CLLM."""
 
+import json
 import shutil
 
 import mlflow
@@ -44,6 +45,24 @@ def test_cllm_train_streams_the_curve_and_registers_the_model(prefect_server, wo
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "(reused)" in again.output, again.output
 
+
+def test_cllm_train_over_two_processes_is_one_flow_run_one_mlflow_run_and_the_one_process_record(
+        prefect_server, work, tiny_model_dir):
+    """`--processes 2`: the task launches 2 gloo processes with `accelerate launch`; the losses they agree on
+    stream into the stage's one MLflow run, and equal one process's on the same samples (batch 2 x 2 = 4)."""
+    args = ["train", "--model", str(tiny_model_dir), "--work-dir", str(work), "--steps", "4", "--ar-weight", "1",
+            "--log-every", "1", "--warmup-steps", "0", "--sample-prompts", "0",
+            "--precision", "fp32"]  # bf16 sums in another order differ by ~1e-3
+    launched = runner.invoke(app, [*args, "--processes", "2", "--batch-size", "2"])
+    assert launched.exit_code == 0, launched.output
+    (run,) = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'finetune'",
+                                output_format="list")
+    assert run.data.params["finetune.launch.processes"] == "2"
+    streamed = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")]
+    alone = runner.invoke(app, [*args, "--batch-size", "4"])  # another fingerprint: trained again, in place
+    assert alone.exit_code == 0 and "(trained)" in alone.output, alone.output
+    single = json.loads((work / "cllm" / "cllm.json").read_text())
+    assert len(streamed) == 4 and streamed == pytest.approx([h["loss"] for h in single["history"]], rel=1e-4)
 
 
 def test_cllm_eval_records_stable_metric_names_the_table_and_pictures(prefect_server, work, tiny_model_dir):

@@ -1,0 +1,21 @@
+"""Imported by every Python process started with this folder on PYTHONPATH (tests/test_launch.py): with
+CLLM_TEST_FAIL set, the launched training process of rank 1 fails when it draws step 3's batch, by raising
+(`raise`) or by a SIGKILL as from the out-of-memory killer (`kill`)."""
+
+import os
+
+if os.environ.get("RANK") == "1" and os.environ.get("CLLM_TEST_FAIL"):
+    import signal
+
+    from cllm_core.samples import Sampler
+
+    real_batch = Sampler.batch
+
+    def batch(self, step):
+        if step == 3:
+            if os.environ["CLLM_TEST_FAIL"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure at step 3")
+        return real_batch(self, step)
+
+    Sampler.batch = batch

@@ -1,0 +1,142 @@
+"""One call trains over N processes: `finetune` runs `accelerate launch` (gloo on the CPU here), relays the main
+process's events, names a failed process in one line, and resumes from the checkpoints under the same launch."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
+from cllm_core.finetune import finetune
+from cllm_core.launch import Relay, accelerate_command, failure, launch_finetune, launched
+
+INJECT = Path(__file__).with_name("inject")
+ROOT_CAUSE = """[rank0]: RuntimeError: [gloo] Connection closed by peer
+E1204 03:06:59.912000 15441 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: -9)
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+cllm_core.launch FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-12-04_03:06:59
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 15461)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_03:06:59
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 15462)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 15462
+============================================================
+"""  # the launcher's report of a process killed from outside (tests/inject, CLLM_TEST_FAIL=kill)
+
+
+def test_one_ddp_process_trains_in_place_more_or_fsdp_are_launched():
+    assert not launched(LaunchSection())
+    assert launched(LaunchSection(processes=2)) and launched(LaunchSection(strategy="fsdp"))
+
+
+def test_the_launch_command_asks_accelerate_for_what_the_config_says(tmp_path):
+    spec = tmp_path / "spec.json"
+    ddp = accelerate_command(LaunchSection(processes=2), "fp32", False, cuda=False, port=29500, spec=spec)
+    assert ddp[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert ddp[-3:] == ["--module", "cllm_core.launch", str(spec)]
+    assert "--multi_gpu" in ddp and "--cpu" not in ddp  # `--cpu` with 2 processes starts one, silently
+    assert _option(ddp, "--num_processes") == "2" and _option(ddp, "--mixed_precision") == "no"
+    fsdp = accelerate_command(LaunchSection(processes=8, strategy="fsdp", fsdp_sharding="shard_grad_op",
+                                            cpu_offload=True), "bf16", True, cuda=True, port=29500, spec=spec)
+    assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp and _option(fsdp, "--fsdp_version") == "2"
+    assert _option(fsdp, "--fsdp_reshard_after_forward") == "false"  # shard_grad_op: FSDP2 keeps them gathered
+    assert _option(fsdp, "--fsdp_offload_params") == "true"
+    assert _option(fsdp, "--fsdp_activation_checkpointing") == "true"  # finetune.gradient_checkpointing
+    assert _option(fsdp, "--fsdp_state_dict_type") == "FULL_STATE_DICT"
+    assert _option(fsdp, "--mixed_precision") == "bf16"
+
+
+def test_fsdp_without_a_gpu_and_fsdp_with_lora_are_one_line_each(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = FinetuneConfig(launch=LaunchSection(strategy="fsdp"))
+    with pytest.raises(ValueError, match="shards the model over GPUs and this machine has none"):
+        launch_finetune(config, ModelConfig(name_or_path=str(tiny_model_dir)), str(tmp_path), tmp_path / "cllm",
+                        answers=None, probe=([], False), precision="fp32", log=print, warn=print, on_metrics=None,
+                        on_samples=None, progress=None)
+    assert not (tmp_path / "cllm.launch").exists()
+    with pytest.raises(ValueError, match="lora under finetune.launch.strategy fsdp"):
+        FinetuneConfig(launch={"strategy": "fsdp"}, lora={})
+
+
+def test_the_process_count_is_in_the_fingerprint_how_they_share_the_model_is_not():
+    alone = FinetuneConfig()
+    assert FinetuneConfig(launch={"strategy": "fsdp", "cpu_offload": True}).fingerprint() == alone.fingerprint()
+    assert FinetuneConfig(launch={"processes": 2}).fingerprint() != alone.fingerprint()
+
+
+def test_the_relay_replays_whole_lines_and_waits_for_a_line_being_written(tmp_path):
+    path, seen = tmp_path / "events.jsonl", []
+    relay = Relay(path, {"log": seen.append, "metrics": lambda step, figures: seen.append((step, figures)),
+                         "samples": None})
+    relay.poll()  # nothing written yet
+    path.write_text(json.dumps({"kind": "log", "args": ["one"]}) + "\n" + '{"kind": "metrics", "ar')
+    relay.poll()
+    assert seen == ["one"]
+    with open(path, "a") as events:
+        events.write('gs": [2, {"loss": 1.5}]}\n' + json.dumps({"kind": "samples", "args": [2, {}]}) + "\n")
+    relay.poll()
+    assert seen == ["one", (2, {"loss": 1.5})]
+
+
+def test_a_process_killed_from_outside_is_named_with_its_signal(tmp_path):
+    (tmp_path / "launcher.log").write_text(ROOT_CAUSE)
+    (tmp_path / "failed-0.txt").write_text("RuntimeError: [gloo] Connection closed by peer")  # the survivor's
+    line = failure(tmp_path, 2, 1)
+    assert line.startswith("fine-tuning process 1 of 2 was killed by signal 9 (out of memory?)")
+    assert "\n" not in line and "resumes from the last checkpoint" in line
+
+
+@pytest.mark.slow
+def test_two_launched_processes_train_as_one_on_their_samples_and_a_failure_names_its_process_then_resumes(
+        tmp_path, tiny_trajectories, tiny_model_dir, monkeypatch):
+    """2 processes x batch 2 = 1 process x batch 4, loss for loss (the same slots drawn; each mean weighted by
+    its share of the step's positions; the schedule stepped once a step). Rank 1 then fails at step 3: one line
+    names it, the step-2 checkpoint stays, and the same call resumes there to the same record."""
+    teacher, store = ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_trajectories / "store")
+    config = FinetuneConfig(steps=4, batch_size=2, log_every=1, checkpoint_every=2, ar_weight=1.0, warmup_steps=0,
+                            sample_prompts=0, launch={"processes": 2})
+    lines, metrics = [], []
+    two = finetune(config, teacher, store, tmp_path / "two", log=lines.append,
+                   on_metrics=lambda step, figures: metrics.append(step))
+    one = finetune(config.model_copy(update={"batch_size": 4, "launch": LaunchSection()}), teacher, store,
+                   tmp_path / "one", log=lambda line: None)
+    assert metrics == [1, 2, 3, 4] and any(line.startswith("launching 2 training process") for line in lines)
+    assert two.metrics["train_steps"] == one.metrics["train_steps"] == 4
+    assert two.metrics["train_blocks"] == one.metrics["train_blocks"]
+    for key in ("loss", "consistency", "ar", "agreement", "lr"):
+        assert [h[key] for h in two.history] == pytest.approx([h[key] for h in one.history], rel=1e-4), key
+    assert not (tmp_path / "two.launch").exists()
+
+    monkeypatch.setenv("PYTHONPATH", str(INJECT))
+    monkeypatch.setenv("CLLM_TEST_FAIL", "raise")
+    with pytest.raises(RuntimeError) as failed:
+        finetune(config, teacher, store, tmp_path / "again", log=lambda line: None)
+    assert str(failed.value).startswith("fine-tuning process 1 of 2 failed: RuntimeError: injected failure at step 3")
+    assert [p.name for p in (tmp_path / "again.checkpoints").iterdir()] == ["step-000002"]
+    assert not (tmp_path / "again").exists()
+    monkeypatch.delenv("CLLM_TEST_FAIL")
+    resumed_lines = []
+    resumed = finetune(config, teacher, store, tmp_path / "again", log=resumed_lines.append)
+    assert any("resuming from" in line and "step-000002" in line for line in resumed_lines)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in two.history], rel=1e-5)
+
+
+def _option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
