@@ -3,11 +3,13 @@
     python -m benchmarks.collect --model runs/demo/teacher --prompts runs/demo/prompts/train.parquet --limit 64
     python -m benchmarks.collect --tiny --limit 32
 
-Both collect the same prompts in one process, chunk by chunk (`--batch-size` prompts), alternating which runs
-first, after a warm-up. The reference is `reference_jacobi_generate`: batch 1, no KV cache, the context
-re-encoded every pass. Both draw each block's random guess the same seeded way and the collector does not
+Three ways collect the same prompts in one process, chunk by chunk (`--batch-size` prompts), the order rotating
+from chunk to chunk, after a warm-up: the collector; the collector with its cache never compacted (holes and
+padding kept, as before compaction); and the reference, `reference_jacobi_generate`: batch 1, no KV cache, the
+context re-encoded every pass. Both draw each block's random guess the same seeded way and the collector does not
 carry a token into the next block, so they visit the same states. Reported: prompts/s and tokens/s of each,
-their ratio, and how far the trajectories agree (fixed points, and blocks whose states are identical; a block
+the ratios to the reference, the share of each collector's attention that a row needed (not holes, not
+padding), and how far the trajectories agree (fixed points, and blocks whose states are identical; a block
 that ends at EOS differs, since the collector stops at EOS and the research loop runs the block to its end).
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import cllm_core.jacobi
 from benchmarks import write_json
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer, reference_jacobi_generate
@@ -35,12 +38,23 @@ def collector(model, ids, mask, args):
                            return_trajectories=True)
 
 
+def uncompacted(model, ids, mask, args):
+    kept, cllm_core.jacobi.COMPACT_AT = cllm_core.jacobi.COMPACT_AT, 1.0  # a share above 1: never compacts
+    try:
+        return collector(model, ids, mask, args)
+    finally:
+        cllm_core.jacobi.COMPACT_AT = kept
+
+
 def reference(model, ids, mask, args):
     outputs = [reference_jacobi_generate(model, ids[i:i + 1], mask[i:i + 1], n_tokens=args.n_tokens,
                                          max_new_tokens=args.max_new_tokens, seed=i, eos_token_id=args.eos,
                                          return_trajectories=True)
                for i in range(len(ids))]
     return [out.trajectories[0] for out in outputs], sum(out.stats.forwards for out in outputs)
+
+
+WAYS = {"collector": collector, "uncompacted": uncompacted, "reference": reference}
 
 
 def main() -> None:
@@ -53,7 +67,7 @@ def main() -> None:
     parser.add_argument("--n-tokens", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="weights dtype of both loops (the research code ran bfloat16)")
+                        help="weights dtype of every way (the research code ran bfloat16)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     args.eos = [] if args.tiny else None  # a random model's EOS is noise: let it run to max_new_tokens
@@ -74,56 +88,66 @@ def main() -> None:
 
     warm_ids, warm_mask = encode(tokenizer, texts[:2], chat=chat)
     collector(model, warm_ids, warm_mask, args), reference(model, warm_ids[:1], warm_mask[:1], args)
-    seconds = {"collector": 0.0, "reference": 0.0}
-    forwards = {"collector": 0, "reference": 0}
-    tokens, fixed_same, states_same, blocks, inner_same, inner = 0, 0, 0, 0, 0, 0
-    ratios = []
+    names = list(WAYS)
+    seconds, forwards = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
+    slots = {name: [0, 0] for name in names[:2]}  # attention pairs computed, and those a row needed
+    tokens, blocks, inner = 0, 0, 0
+    same = {name: {"fixed": 0, "states": 0, "inner": 0} for name in names[:2]}
+    ratios = {name: [] for name in names[:2]}
     for chunk, first in enumerate(range(0, len(texts), args.batch_size)):
         ids, mask = encode(tokenizer, texts[first:first + args.batch_size], chat=chat)
-        timed = {}
-        for name in (["collector", "reference"] if chunk % 2 == 0 else ["reference", "collector"]):
+        timed, took = {}, {}
+        for name in names[chunk % 3:] + names[:chunk % 3]:
             start = time.perf_counter()
-            run = collector if name == "collector" else reference
-            timed[name] = run(model, ids, mask, args)
-            seconds[name] += (elapsed := time.perf_counter() - start)
-            timed[name + "_s"] = elapsed
-        ours, (theirs, reference_forwards) = timed["collector"], timed["reference"]
-        forwards["collector"] += ours.stats.forwards
-        forwards["reference"] += reference_forwards
-        ratios.append(timed["reference_s"] / timed["collector_s"])
-        for mine, other in zip(ours.trajectories, theirs):
+            timed[name] = WAYS[name](model, ids, mask, args)
+            took[name] = time.perf_counter() - start
+            seconds[name] += took[name]
+        theirs, forwards["reference"] = timed["reference"][0], forwards["reference"] + timed["reference"][1]
+        for name in names[:2]:
+            ours = timed[name]
+            forwards[name] += ours.stats.forwards
+            slots[name][0] += ours.stats.attention_slots
+            slots[name][1] += ours.stats.live_attention_slots
+            ratios[name].append(took["reference"] / took[name])
+            for mine, other in zip(ours.trajectories, theirs):
+                same[name]["fixed"] += [b.fixed_point for b in mine] == [b.fixed_point for b in other]
+                same[name]["states"] += sum(a.states == b.states for a, b in zip(mine, other))
+                same[name]["inner"] += sum(a.states == b.states for a, b in zip(mine[:-1], other[:-1]))  # not EOS's
+        for mine in timed["collector"].trajectories:
             tokens += sum(len(b.fixed_point) for b in mine)
             blocks += len(mine)
-            fixed_same += [b.fixed_point for b in mine] == [b.fixed_point for b in other]
-            states_same += sum(a.states == b.states for a, b in zip(mine, other))
-            inner_same += sum(a.states == b.states for a, b in zip(mine[:-1], other[:-1]))  # all but the EOS block
             inner += len(mine) - 1
-        print(f"chunk {chunk}: collector {timed['collector_s']:.2f}s, reference {timed['reference_s']:.2f}s",
-              flush=True)
+        print(f"chunk {chunk}: " + ", ".join(f"{name} {took[name]:.2f}s" for name in names), flush=True)
 
     n = len(texts)
-    result = {
-        "model": "tiny random Llama" if args.tiny else args.model, "dtype": args.dtype, "prompts": n,
-        "n_tokens": args.n_tokens,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "tokens": tokens,
-        "collector": {"seconds": seconds["collector"], "prompts_per_s": n / seconds["collector"],
-                      "tokens_per_s": tokens / seconds["collector"], "forwards": forwards["collector"]},
-        "reference": {"seconds": seconds["reference"], "prompts_per_s": n / seconds["reference"],
-                      "tokens_per_s": tokens / seconds["reference"], "forwards": forwards["reference"]},
-        "speedup": seconds["reference"] / seconds["collector"], "median_chunk_speedup": statistics.median(ratios),
-        "fixed_points_identical": fixed_same / n, "blocks_with_identical_states": states_same / max(blocks, 1),
-        "blocks_before_the_last_with_identical_states": inner_same / max(inner, 1),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "device": str(model.device)},
-    }
-    ours, theirs = result["collector"], result["reference"]
-    print(f"\n{n} prompts, {args.dtype}, n_tokens {args.n_tokens}, {tokens} tokens: "
-          f"collector {ours['prompts_per_s']:.2f} prompts/s "
-          f"({ours['tokens_per_s']:.0f} tok/s), reference {theirs['prompts_per_s']:.2f} prompts/s "
-          f"({theirs['tokens_per_s']:.0f} tok/s): {result['speedup']:.1f}x (median per chunk "
-          f"{result['median_chunk_speedup']:.1f}x); fixed points identical {result['fixed_points_identical']:.0%}, "
-          f"blocks with identical states {result['blocks_with_identical_states']:.0%} (all but each prompt's last: "
-          f"{result['blocks_before_the_last_with_identical_states']:.0%})")
+    result = {"model": "tiny random Llama" if args.tiny else args.model, "dtype": args.dtype, "prompts": n,
+              "n_tokens": args.n_tokens, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+              "tokens": tokens}
+    for name in names:
+        result[name] = {"seconds": seconds[name], "prompts_per_s": n / seconds[name],
+                        "tokens_per_s": tokens / seconds[name], "forwards": forwards[name]}
+    for name in names[:2]:
+        result[name] |= {
+            "live_share": slots[name][1] / max(slots[name][0], 1),
+            "speedup": seconds["reference"] / seconds[name], "median_chunk_speedup": statistics.median(ratios[name]),
+            "fixed_points_identical": same[name]["fixed"] / n,
+            "blocks_with_identical_states": same[name]["states"] / max(blocks, 1),
+            "blocks_before_the_last_with_identical_states": same[name]["inner"] / max(inner, 1)}
+    result["compaction_speedup"] = seconds["uncompacted"] / seconds["collector"]
+    result["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                             "threads": torch.get_num_threads(), "device": str(model.device),
+                             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    print(f"\n{n} prompts, {args.dtype}, n_tokens {args.n_tokens}, batch {args.batch_size}, {tokens} tokens; "
+          f"reference {result['reference']['prompts_per_s']:.2f} prompts/s")
+    for name in names[:2]:
+        ours = result[name]
+        print(f"{name}: {ours['prompts_per_s']:.2f} prompts/s ({ours['tokens_per_s']:.0f} tok/s), "
+              f"{ours['speedup']:.1f}x the reference (median per chunk {ours['median_chunk_speedup']:.1f}x), "
+              f"{ours['live_share']:.0%} of its attention live; fixed points identical "
+              f"{ours['fixed_points_identical']:.0%}, blocks with identical states "
+              f"{ours['blocks_with_identical_states']:.0%} (all but each prompt's last: "
+              f"{ours['blocks_before_the_last_with_identical_states']:.0%})")
+    print(f"compaction: {result['compaction_speedup']:.2f}x the uncompacted collector")
     write_json(args.json, result)
 
 

@@ -9,7 +9,9 @@ its last token is free: it is carried in as the first token of the next block.
 
 Invariant: the cache holds K/V for the prompt and every committed token except the last one (`last`).
 Rows of a batch keep their own progress: the surplus slots of a row that committed less stay in the
-cache masked out (holes), trailing slots no row needs are cropped, and finished rows leave the batch.
+cache masked out (holes), trailing slots no row needs are cropped, and finished rows leave the batch. Once
+holes and padding are more than `COMPACT_AT` of the cache, each row's live slots are gathered to the end (its
+keys keep their rotary positions; position ids count live slots), so the attention stops paying for them.
 With exact arithmetic the result is the greedy (`generate(do_sample=False)`) output.
 
 Two options recycle work, as Jacobi Forcing's decoder does (notes/jacobi_forcing.md §1, inference), and keep that
@@ -41,6 +43,8 @@ from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_f
 from cllm_core.stopping import raise_if_stopped
 
 Init = Literal["repeat", "random"]
+COMPACT_AT = 0.5
+"""A batch's cache is compacted before a pass when more than this share of its slots are holes or padding."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,8 @@ def _steps(loop: _Loop) -> Iterator[JacobiStep]:
         if len(keep) < len(rows):  # finished rows stop costing compute
             forward.select(keep)
             kv_mask, rows = kv_mask[keep], [rows[b] for b in keep]
+        if 1 - float(kv_mask.float().mean()) > COMPACT_AT:
+            kv_mask = forward.compact(kv_mask)
         index += 1
         kv_mask, steps = _pass(forward, rows, kv_mask, pad, rule)
         yield JacobiStep(index, tuple(steps))
@@ -376,9 +382,14 @@ class _Forward:
         self.dtype = getattr(model, "dtype", torch.float32)  # of a 4-D attention mask
         self.cache = DynamicCache(config=getattr(model, "config", None))
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.slots = self.live_slots = 0  # attention entries computed, and those a row needs (not hole or padding)
 
     @torch.inference_mode()
     def __call__(self, ids, mask, positions, last_only=False):
+        if mask.dim() == 2:  # (the 4-D masks of branches are counted as computed, not as needed)
+            queries = mask[:, -ids.shape[1]:].sum(-1)
+            self.slots += mask.numel() * ids.shape[1]
+            self.live_slots += int((queries * mask.sum(-1)).sum())
         kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
         out = self.model(
             input_ids=ids,
@@ -402,6 +413,18 @@ class _Forward:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(-2, slots)
             layer.values = layer.values.index_select(-2, slots)
+
+    @torch.inference_mode()
+    def compact(self, kv_mask: torch.Tensor) -> torch.Tensor:
+        """Gather each row's live slots, in order, to the right end of a cache as wide as the fullest row's; the
+        rest is left padding. Returns the mask of the compacted cache."""
+        live = kv_mask.bool()
+        width = int(live.sum(-1).max())
+        order = torch.sort(live.to(torch.int8), dim=-1, stable=True).indices[:, -width:]  # dead slots first
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        return kv_mask.gather(1, order)
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
@@ -456,6 +479,7 @@ def jacobi_generate(
                 streamer.put(torch.tensor(r.committed))
     if streamer is not None:
         streamer.end()
+    stats.attention_slots, stats.live_attention_slots = loop.forward.slots, loop.forward.live_slots
     sequences = pad_sequences(input_ids, responses, loop.pad)
     trajectories = None
     if return_trajectories:

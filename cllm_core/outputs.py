@@ -36,6 +36,8 @@ class DecodeStats:
     row_fast_forward: list[int]
     row_stationary: list[int]
     forwards: int = 0
+    attention_slots: int = 0  # (query, cache slot) pairs the forwards computed
+    live_attention_slots: int = 0  # of those, pairs of a real query and a real slot: no hole, no padding
 
     @classmethod
     def empty(cls, batch: int) -> DecodeStats:
@@ -57,9 +59,15 @@ class DecodeStats:
     def tokens_per_forward(self) -> float:
         return self.new_tokens / max(sum(self.row_forwards), 1)
 
+    @property
+    def live_share(self) -> float:
+        """The share of the attention the batch computed that a row needed (1.0: no holes, no padding)."""
+        return self.live_attention_slots / self.attention_slots if self.attention_slots else 1.0
+
     def as_dict(self) -> dict:
         return {**asdict(self), "new_tokens": self.new_tokens, "fast_forward": self.fast_forward,
-                "stationary": self.stationary, "tokens_per_forward": self.tokens_per_forward}
+                "stationary": self.stationary, "tokens_per_forward": self.tokens_per_forward,
+                "live_share": self.live_share}
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,26 @@ def test_multi_block_and_recycling_equal_greedy_generate(model, n_tokens, batch,
     finally:
         model.set_attn_implementation("sdpa")
     assert out.sequences.tolist() == expected
+
+
+@pytest.mark.parametrize(("blocks", "pool"), [(1, 0), (2, 4)])
+def test_a_compacted_cache_changes_no_state_and_no_token(model, monkeypatch, blocks, pool):
+    """Compacting the cache before every pass (each row's live slots gathered to the end) or never: the same
+    trajectories, state for state, and greedy `generate`'s tokens; the attention computed is more of it live."""
+    import cllm_core.jacobi
+
+    ids, mask = prompts(4)
+    eos = [eos_from_output(model, ids, mask)]  # rows end at different passes: holes, then rows leaving
+    runs = {}
+    for name, at in (("never", 2.0), ("every pass", -1.0)):
+        monkeypatch.setattr(cllm_core.jacobi, "COMPACT_AT", at)
+        runs[name] = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                                     pad_token_id=PAD, init="random", seed=5, carry=False, blocks=blocks, pool=pool,
+                                     return_trajectories=True)
+    never, always = runs["never"], runs["every pass"]
+    assert always.sequences.tolist() == never.sequences.tolist() == greedy(model, ids, mask, eos=eos).tolist()
+    assert [[b.states for b in row] for row in always.trajectories] == \
+        [[b.states for b in row] for row in never.trajectories]
+    assert always.stats.row_forwards == never.stats.row_forwards
+    if pool == 0:  # (passes with branches are left out of the share: their masks are 4-D)
+        assert always.stats.live_share > never.stats.live_share
