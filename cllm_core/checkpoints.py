@@ -1,8 +1,8 @@
 """Training checkpoints: `step-NNNNNN/` directories that let a killed fine-tuning run resume at the same step,
 on this machine or another (a GPU's checkpoint resumes on a CPU-only machine, and back).
 
-Weights are safetensors; the optimizer, scheduler, fp16 grad scaler and each process's RNG states, the loss
-history and the elapsed time are a `torch.save` dict of tensors and plain values, read back with
+Weights are safetensors; the optimizer state, and the scheduler, fp16 grad scaler, each process's RNG states, the
+loss history and the elapsed time, are `torch.save` dicts of tensors and plain values, read back with
 `weights_only=True` (no unrestricted unpickling) onto the CPU, from where each state moves to its parameters'
 device. Python's `random` and NumPy's RNG are not saved: nothing in training draws from them (the batches come
 from generators seeded by (seed, step, slot)). Each checkpoint is written to a temporary directory and renamed,
@@ -20,15 +20,21 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
-FORMAT = 2  # 1: safetensors of the module and the optimizer's own state_dict (by parameter index)
+FORMAT = 3  # 1: the optimizer's own state_dict (by parameter index); 2: by name, inside state.pt
 
 
 class Checkpoints:
-    """`step-NNNNNN/` directories: `model.safetensors` and `state.pt` (optimizer, scheduler, scaler, RNG, history)."""
+    """`step-NNNNNN/` directories: `model.safetensors`, `optimizer.pt`, `state.pt` (scheduler, scaler, RNG, history)."""
 
     def __init__(self, root: Path, fingerprint: str, keep: int = 2):
         self.root, self.fingerprint, self.keep = root, fingerprint, keep
@@ -58,7 +64,8 @@ class Checkpoints:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         save_file(_unshared(weights), str(staging / "model.safetensors"))
-        torch.save({"format": FORMAT, "step": step, "fingerprint": self.fingerprint, "optimizer": optimizer,
+        torch.save(optimizer, staging / "optimizer.pt")
+        torch.save({"format": FORMAT, "step": step, "fingerprint": self.fingerprint,
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                     "rng": rng or [rng_state()], "history": history, "seconds": seconds}, staging / "state.pt")
         os.replace(staging, final)
@@ -68,14 +75,25 @@ class Checkpoints:
     def load(self, path: Path, lm, optimizer, scheduler, scaler: torch.amp.GradScaler | None = None,
              process: int = 0) -> dict:
         """Restore the states into the objects (on their devices, into each process's shard under FSDP: every
-        process calls it) and this `process`'s RNG; returns the dict.
+        process calls it) and this `process`'s RNG; returns the dict. Under several processes only the first
+        reads the model and optimizer and sends them to the others (a 7B model's are about 16 bytes a parameter,
+        which every process of a node reading them at once would hold N times in host memory).
 
         A scaler state without a scaler now (fp16 then, another precision here) is left out, as are CUDA RNG
         states without CUDA; a process beyond those saved takes process 0's RNG.
         """
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        set_state_dict(lm, _bare(optimizer), model_state_dict=load_file(path / "model.safetensors"),
-                       optim_state_dict=state["optimizer"], options=WHOLE)  # read on the CPU, copied in
+        shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not shared or dist.get_rank() == 0:  # read on the CPU, copied in (and sent on)
+            weights = load_file(path / "model.safetensors")
+            moments = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        else:
+            weights, moments = {}, {}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=shared)
+        # two calls, not set_state_dict: given no model state (the other processes), it would skip the model's
+        # broadcast that the first process enters, and every process would wait for the others forever
+        set_model_state_dict(lm, weights, options=options)
+        set_optimizer_state_dict(lm, _bare(optimizer), moments, options=options)
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state["scaler"]:
             scaler.load_state_dict(state["scaler"])

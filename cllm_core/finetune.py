@@ -1,6 +1,8 @@
 """Stage 3: consistency fine-tuning, teacher + trajectories -> a CLLM in an ordinary HF model directory.
 
-A plain loop over `accelerate` (CPU, one GPU, or `accelerate launch` for DDP/FSDP from the same code). Two
+A plain loop over `accelerate`: in this process (CPU, one GPU), or, with `finetune.launch` asking for more
+processes or FSDP, in processes that `finetune` starts with `accelerate launch` and waits for (cllm_core/launch.py);
+the same loop either way, and a process started by hand (torchrun) runs it too. Two
 objectives: Jacobi Forcing (`objective: jacobi_forcing`, `forcing_loss`: whole responses packed with a noisy
 state per block under a noise-conditioned mask, cllm_core/forcing.py) and the paper's (`step_loss`). Each
 paper step runs one forward over the AR sequences and the sampled states together: the AR loss on the responses,
@@ -19,13 +21,14 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from cllm_core import forcing
@@ -196,6 +199,10 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
     config, data, accelerator, lm = run.config, run.data, run.accelerator, run.lm
     sampler = Sampler(data, config, run.labels, run.tokenizer.pad_token_id, accelerator.process_index)
     probe_texts = probe[0][: config.sample_prompts]
+    if probe_texts and accelerator.distributed_type == DistributedType.FSDP:
+        log("Jacobi samples are off under FSDP (each pass would gather the sharded weights, and every process "
+            "would have to stop at the same pass); the evaluation decodes the CLLM")
+        probe_texts = []
     probe_ids = encode(run.tokenizer, probe_texts, chat=probe[1]) if probe_texts else None
     longest = max(len(r) for r in data.rows["response_ids"])
     history = run.history
@@ -488,7 +495,8 @@ def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
     so the cached precision is dropped while the process group (PartialState) is kept."""
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    patience = InitProcessGroupKwargs(timeout=timedelta(hours=2))  # the main process saving a 7B checkpoint
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[patience])
 
 
 def shares(accelerator: Accelerator, batch: Batch | PackedBatch) -> tuple[float, float]:

@@ -10,8 +10,9 @@ its last token is free: it is carried in as the first token of the next block.
 Invariant: the cache holds K/V for the prompt and every committed token except the last one (`last`).
 Rows of a batch keep their own progress: the surplus slots of a row that committed less stay in the
 cache masked out (holes), trailing slots no row needs are cropped, and finished rows leave the batch. Once
-holes and padding are more than `COMPACT_AT` of the cache, each row's live slots are gathered to the end (its
-keys keep their rotary positions; position ids count live slots), so the attention stops paying for them.
+gathering each row's live slots to the end would free more than `COMPACT_AT` of the cache, it is done (keys
+keep their rotary positions; position ids count live slots), so the attention stops paying for holes. Only a
+plain cache (every layer a `DynamicLayer`: no sliding window, no extra tensors) is compacted.
 With exact arithmetic the result is the greedy (`generate(do_sample=False)`) output.
 
 Two options recycle work, as Jacobi Forcing's decoder does (notes/jacobi_forcing.md §1, inference), and keep that
@@ -37,6 +38,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
 from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_forward_counts, pad_sequences
@@ -44,7 +46,7 @@ from cllm_core.stopping import raise_if_stopped
 
 Init = Literal["repeat", "random"]
 COMPACT_AT = 0.5
-"""A batch's cache is compacted before a pass when more than this share of its slots are holes or padding."""
+"""A batch's cache is compacted before a pass when that frees more than this share of its slots."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def _steps(loop: _Loop) -> Iterator[JacobiStep]:
         if len(keep) < len(rows):  # finished rows stop costing compute
             forward.select(keep)
             kv_mask, rows = kv_mask[keep], [rows[b] for b in keep]
-        if 1 - float(kv_mask.float().mean()) > COMPACT_AT:
+        if forward.compactable and int(kv_mask.sum(-1).max()) < (1 - COMPACT_AT) * kv_mask.shape[1]:
             kv_mask = forward.compact(kv_mask)
         index += 1
         kv_mask, steps = _pass(forward, rows, kv_mask, pad, rule)
@@ -384,9 +386,14 @@ class _Forward:
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.slots = self.live_slots = 0  # attention entries computed, and those a row needs (not hole or padding)
 
+    @property
+    def compactable(self) -> bool:
+        """Whether `compact` may gather this cache: plain layers only (a sliding window tracks its own length)."""
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
     @torch.inference_mode()
     def __call__(self, ids, mask, positions, last_only=False):
-        if mask.dim() == 2:  # (the 4-D masks of branches are counted as computed, not as needed)
+        if mask.dim() == 2:  # passes with branches (4-D masks) are left out of the count
             queries = mask[:, -ids.shape[1]:].sum(-1)
             self.slots += mask.numel() * ids.shape[1]
             self.live_slots += int((queries * mask.sum(-1)).sum())
@@ -422,13 +429,17 @@ class _Forward:
         width = int(live.sum(-1).max())
         order = torch.sort(live.to(torch.int8), dim=-1, stable=True).indices[:, -width:]  # dead slots first
         for layer in self.cache.layers:
-            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+            layer.keys, layer.values = _gather_slots(layer.keys, order), _gather_slots(layer.values, order)
         return kv_mask.gather(1, order)
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
         self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
+
+
+def _gather_slots(states: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(B, heads, S, d) -> (B, heads, W, d): each row's slots `order[b]` (B, W), in that order."""
+    return states.gather(2, order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1]))
 
 
 def jacobi_generate(

@@ -37,17 +37,23 @@ def launched(launch: LaunchSection) -> bool:
     return launch.processes > 1 or launch.strategy == "fsdp"
 
 
+ACCELERATE_CONFIG = "compute_environment: LOCAL_MACHINE\ndistributed_type: NO\nnum_machines: 1\n"
+"""The launch's own accelerate config: without one, `accelerate launch` fills every option the command leaves
+out from the user's ~/.cache/huggingface/accelerate/default_config.yaml (its gpu_ids, its FSDP settings)."""
+
+
 def accelerate_command(launch: LaunchSection, precision: str, gradient_checkpointing: bool, cuda: bool,
-                       port: int, spec: Path) -> list[str]:
-    """`accelerate launch` of this module over `launch.processes` processes on this machine.
+                       port: int, work: Path) -> list[str]:
+    """`accelerate launch` of this module over `launch.processes` processes on this machine, reading
+    `work/spec.json` and `work/accelerate.yaml` (ACCELERATE_CONFIG).
 
     DDP: one process per GPU, or gloo over the CPU's cores shared out. FSDP2 with its auto-wrap of the
     model's decoder layers, full or gradient/optimizer-only sharding, CPU offload, activation checkpointing in
     place of the model's own, and full state dicts gathered for saving.
     """
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.processes),
-               "--num_machines", "1", "--main_process_port", str(port), "--dynamo_backend", "no",
-               "--mixed_precision", MIXED_PRECISION[precision]]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(work / "accelerate.yaml"),
+               "--num_processes", str(launch.processes), "--num_machines", "1", "--main_process_port", str(port),
+               "--dynamo_backend", "no", "--mixed_precision", MIXED_PRECISION[precision]]
     if launch.strategy == "fsdp":
         command += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                     "--fsdp_reshard_after_forward", _flag(launch.fsdp_sharding == "full_shard"),
@@ -56,7 +62,9 @@ def accelerate_command(launch: LaunchSection, precision: str, gradient_checkpoin
                     "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true"]
     elif launch.processes > 1:  # torchrun's launcher, on GPUs or CPUs alike; each process's Accelerator picks
         command += ["--multi_gpu"]  # NCCL or gloo (`--cpu` with several processes starts only one)
-    return command + ["--module", "cllm_core.launch", str(spec)]
+    if not cuda:  # accelerate's default is one thread per process
+        command += ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // launch.processes))]
+    return command + ["--module", "cllm_core.launch", str(work / "spec.json")]
 
 
 def launch_finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, *,
@@ -67,9 +75,10 @@ def launch_finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_
     published record; one line naming the process when any fails."""
     import torch
 
+    from cllm_core.models import resolve_device
     from cllm_core.precision import resolve
 
-    launch, cuda = config.launch, torch.cuda.is_available()
+    launch, cuda = config.launch, resolve_device(model.device).type == "cuda"
     precision = resolve(precision, model.device).name  # decided once, here: every process trains in it
     if launch.strategy == "fsdp" and not cuda:
         raise ValueError("finetune.launch.strategy fsdp shards the model over GPUs and this machine has none "
@@ -80,11 +89,11 @@ def launch_finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_
     work = out_dir.parent / f"{out_dir.name}.launch"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    spec = work / "spec.json"
-    spec.write_text(json.dumps({"config": config.model_dump(), "model": model.model_dump(), "store": store,
-                                "out_dir": str(out_dir), "answers": answers, "probe": list(probe),
-                                "precision": precision}))
-    command = accelerate_command(launch, precision, config.gradient_checkpointing, cuda, _free_port(), spec)
+    (work / "spec.json").write_text(json.dumps({
+        "config": config.model_dump(), "model": model.model_dump(), "store": store, "out_dir": str(out_dir),
+        "answers": answers, "probe": list(probe), "precision": precision, "caller": os.getpid()}))
+    (work / "accelerate.yaml").write_text(ACCELERATE_CONFIG)
+    command = accelerate_command(launch, precision, config.gradient_checkpointing, cuda, _free_port(), work)
     log(f"launching {launch.processes} training process(es) ({launch.strategy}): {' '.join(command[1:])}")
     relay = Relay(work / "events.jsonl", {"log": log, "warn": warn, "metrics": on_metrics, "samples": on_samples,
                                           "progress": progress})
@@ -128,37 +137,36 @@ class Relay:
 
 
 def failure(work: Path, processes: int, code: int) -> str:
-    """One line: which process failed first and why. Its own `failed-<rank>.txt` says why; a process killed
-    from outside (out of memory, a signal) left none, and the launcher's report of the first failure names it."""
-    first = _first_failure(work / "launcher.log")
-    written = sorted(work.glob("failed-*.txt"), key=lambda path: path.stat().st_mtime)
-    if first is not None:
-        rank, exitcode = first
-        own = work / f"failed-{rank}.txt"
-        if own.is_file():
-            return (f"fine-tuning process {rank} of {processes} failed: {own.read_text().strip()}; the same command "
-                    "resumes from the last checkpoint")
-        reason = f"was killed by signal {-exitcode}" if exitcode < 0 else f"exited with code {exitcode}"
-        return (f"fine-tuning process {rank} of {processes} {reason} (out of memory?); see {work / 'launcher.log'}; "
-                "the same command resumes from the last checkpoint")
+    """One line: which process failed first and why. A process that raised wrote `failed-<rank>.txt` (when, in
+    ns, then the error) before it exited, so before the others lost their connection to it and wrote theirs;
+    a process killed from outside (out of memory, a signal) wrote none, and the launcher's report names it."""
+    resume = "the same command resumes from the last checkpoint"
+    written = {int(path.stem.removeprefix("failed-")): path.read_text(errors="replace").split(" ", 1)
+               for path in work.glob("failed-*.txt")}
+    killed = [(rank, exitcode) for rank, exitcode in _exits(work / "launcher.log")
+              if exitcode < 0 and rank not in written]
+    if killed:
+        rank, exitcode = killed[0]
+        return (f"fine-tuning process {rank} of {processes} was killed by signal {-exitcode} (out of memory?); see "
+                f"{work / 'launcher.log'}; {resume}")
     if written:
-        rank = written[0].stem.removeprefix("failed-")
-        return (f"fine-tuning process {rank} of {processes} failed: {written[0].read_text().strip()}; the same "
-                "command resumes from the last checkpoint")
-    tail = (work / "launcher.log").read_text().strip().splitlines()[-1:] or ["no output"]
-    return f"the fine-tuning launch failed (exit code {code}): {tail[0]}; see {work / 'launcher.log'}"
+        rank, (_, error) = min(written.items(), key=lambda item: int(item[1][0]))
+        return f"fine-tuning process {rank} of {processes} failed: {error.strip()}; {resume}"
+    log = (work / "launcher.log").read_text(errors="replace").strip().splitlines() or ["no output"]
+    return f"the fine-tuning launch failed (exit code {code}): {log[-1]}; see {work / 'launcher.log'}"
 
 
-def _first_failure(launcher_log: Path) -> tuple[int, int] | None:
-    """(rank, exit code) from torch's "Root Cause (first observed failure)" report, if it wrote one."""
+def _exits(launcher_log: Path) -> list[tuple[int, int]]:
+    """(rank, exit code) of every failed process in torch's closing report ("Failures:", "Root Cause"), if any."""
     text = launcher_log.read_text(errors="replace") if launcher_log.is_file() else ""
-    root = text.rpartition("Root Cause (first observed failure)")[2]
-    rank, code = re.search(r"rank\s*:\s*(\d+)", root), re.search(r"exitcode\s*:\s*(-?\d+)", root)
-    return (int(rank.group(1)), int(code.group(1))) if root and rank and code else None
+    report = text.rpartition("Failures:")[2] if "Failures:" in text else ""
+    return [(int(rank), int(code)) for rank, code in
+            re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", report)]
 
 
 def _end(process: subprocess.Popen) -> None:
-    """Stop the launcher and its processes (their session), politely, then not."""
+    """Stop the launcher (its session), politely, then not: on SIGTERM torch's agent stops the training
+    processes, which run in sessions of their own (and end by themselves once the caller is gone: `main`)."""
     for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
         try:
             os.killpg(process.pid, sig)
@@ -186,6 +194,7 @@ def main(spec_path: str) -> None:
 
     spec, work = json.loads(Path(spec_path).read_text()), Path(spec_path).parent
     rank = int(os.environ.get("RANK", "0"))
+    _end_with(spec["caller"])
     events = open(work / "events.jsonl", "a") if rank == 0 else None
 
     def emit(kind: str) -> Callable:
@@ -201,9 +210,28 @@ def main(spec_path: str) -> None:
                    precision=spec["precision"], log=emit("log"), warn=emit("warn"), on_metrics=emit("metrics"),
                    on_samples=emit("samples"), progress=emit("progress"))
     except BaseException as error:
-        (work / f"failed-{rank}.txt").write_text(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-                                                 if str(error).strip() else type(error).__name__)
+        what = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        line = f"{type(error).__name__}: {what}" if what else type(error).__name__
+        (work / f"failed-{rank}.txt").write_text(f"{time.time_ns()} {line}")
         raise
+
+
+def _end_with(caller: int) -> None:
+    """End this process if the caller that launched it dies without stopping it (killed, out of memory): a
+    launch nobody waits for would go on training into the same directory as the caller's rerun."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(2)
+            try:
+                os.kill(caller, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, someone else's
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="caller-watch").start()
 
 
 if __name__ == "__main__":

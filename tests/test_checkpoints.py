@@ -41,6 +41,7 @@ def test_a_gpu_fp16_checkpoint_resumes_on_a_cpu_with_its_scaler_and_each_process
     checkpoints = Checkpoints(tmp_path, "same")
     checkpoints.save(1, full_states(lm, optimizer), scheduler, [{"step": 1}], 2.5, rng, scaler)
     as_if_written_on_a_gpu(tmp_path / "step-000001/state.pt")
+    as_if_written_on_a_gpu(tmp_path / "step-000001/optimizer.pt")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     here_lm, here_optimizer, here_scheduler = training_objects(1)

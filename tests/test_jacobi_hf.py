@@ -134,3 +134,17 @@ def test_a_compacted_cache_changes_no_state_and_no_token(model, monkeypatch, blo
     assert always.stats.row_forwards == never.stats.row_forwards
     if pool == 0:  # (passes with branches are left out of the share: their masks are 4-D)
         assert always.stats.live_share > never.stats.live_share
+
+
+def test_a_sliding_window_cache_is_left_uncompacted_and_decodes_exactly(monkeypatch):
+    """Regression: compaction gathered a sliding-window layer's keys but not the length it tracks itself, and
+    the next forward's mask no longer matched them."""
+    import cllm_core.jacobi
+
+    model = tiny_model("mistral")
+    model.generation_config.eos_token_id = None
+    monkeypatch.setattr(cllm_core.jacobi, "COMPACT_AT", 0.0)  # whenever a slot could be freed
+    ids, mask = prompts(4)
+    out = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD,
+                          init="random", seed=5, carry=False)
+    assert out.sequences.tolist() == greedy(model, ids, mask, eos=None).tolist()

@@ -45,15 +45,17 @@ def test_one_ddp_process_trains_in_place_more_or_fsdp_are_launched():
 
 
 def test_the_launch_command_asks_accelerate_for_what_the_config_says(tmp_path):
-    spec = tmp_path / "spec.json"
-    ddp = accelerate_command(LaunchSection(processes=2), "fp32", False, cuda=False, port=29500, spec=spec)
+    ddp = accelerate_command(LaunchSection(processes=2), "fp32", False, cuda=False, port=29500, work=tmp_path)
     assert ddp[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert ddp[-3:] == ["--module", "cllm_core.launch", str(spec)]
+    assert ddp[-3:] == ["--module", "cllm_core.launch", str(tmp_path / "spec.json")]
+    assert _option(ddp, "--config_file") == str(tmp_path / "accelerate.yaml")  # not the user's default config
     assert "--multi_gpu" in ddp and "--cpu" not in ddp  # `--cpu` with 2 processes starts one, silently
+    assert int(_option(ddp, "--num_cpu_threads_per_process")) >= 1  # accelerate's default: 1
     assert _option(ddp, "--num_processes") == "2" and _option(ddp, "--mixed_precision") == "no"
     fsdp = accelerate_command(LaunchSection(processes=8, strategy="fsdp", fsdp_sharding="shard_grad_op",
-                                            cpu_offload=True), "bf16", True, cuda=True, port=29500, spec=spec)
+                                            cpu_offload=True), "bf16", True, cuda=True, port=29500, work=tmp_path)
     assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp and _option(fsdp, "--fsdp_version") == "2"
+    assert "--num_cpu_threads_per_process" not in fsdp
     assert _option(fsdp, "--fsdp_reshard_after_forward") == "false"  # shard_grad_op: FSDP2 keeps them gathered
     assert _option(fsdp, "--fsdp_offload_params") == "true"
     assert _option(fsdp, "--fsdp_activation_checkpointing") == "true"  # finetune.gradient_checkpointing
@@ -97,18 +99,29 @@ def test_the_relay_replays_whole_lines_and_waits_for_a_line_being_written(tmp_pa
 
 def test_a_process_killed_from_outside_is_named_with_its_signal(tmp_path):
     (tmp_path / "launcher.log").write_text(ROOT_CAUSE)
-    (tmp_path / "failed-0.txt").write_text("RuntimeError: [gloo] Connection closed by peer")  # the survivor's
-    line = failure(tmp_path, 2, 1)
+    (tmp_path / "failed-0.txt").write_text("1764817619912000000 RuntimeError: [gloo] Connection closed by peer")
+    line = failure(tmp_path, 2, 1)  # the survivor wrote why it stopped; the killed process could not
     assert line.startswith("fine-tuning process 1 of 2 was killed by signal 9 (out of memory?)")
     assert "\n" not in line and "resumes from the last checkpoint" in line
+
+
+def test_the_process_that_raised_first_is_named_whatever_the_launcher_saw_first(tmp_path):
+    """Its file is written before it exits, so before the others lose their connection to it; torch's report
+    can name a survivor when both exits fall in the same second."""
+    (tmp_path / "launcher.log").write_text(ROOT_CAUSE.replace("rank      : 1 (local_rank: 1)\n  exitcode  : -9",
+                                                              "rank      : 0 (local_rank: 0)\n  exitcode  : 1"))
+    (tmp_path / "failed-0.txt").write_text("1764817619912000500 RuntimeError: [gloo] Connection closed by peer")
+    (tmp_path / "failed-1.txt").write_text("1764817619912000000 ValueError: bad batch")
+    assert failure(tmp_path, 2, 1).startswith("fine-tuning process 1 of 2 failed: ValueError: bad batch;")
 
 
 @pytest.mark.slow
 def test_two_launched_processes_train_as_one_on_their_samples_and_a_failure_names_its_process_then_resumes(
         tmp_path, tiny_trajectories, tiny_model_dir, monkeypatch):
     """2 processes x batch 2 = 1 process x batch 4, loss for loss (the same slots drawn; each mean weighted by
-    its share of the step's positions; the schedule stepped once a step). Rank 1 then fails at step 3: one line
-    names it, the step-2 checkpoint stays, and the same call resumes there to the same record."""
+    its share of the step's positions; the schedule stepped once a step). Rank 1 then fails at step 4: one line
+    names it, the step-2 checkpoint stays; killed there, it is named with its signal; the same call resumes there
+    to the same record."""
     teacher, store = ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_trajectories / "store")
     config = FinetuneConfig(steps=4, batch_size=2, log_every=1, checkpoint_every=2, ar_weight=1.0, warmup_steps=0,
                             sample_prompts=0, launch={"processes": 2})
@@ -128,9 +141,13 @@ def test_two_launched_processes_train_as_one_on_their_samples_and_a_failure_name
     monkeypatch.setenv("CLLM_TEST_FAIL", "raise")
     with pytest.raises(RuntimeError) as failed:
         finetune(config, teacher, store, tmp_path / "again", log=lambda line: None)
-    assert str(failed.value).startswith("fine-tuning process 1 of 2 failed: RuntimeError: injected failure at step 3")
+    assert str(failed.value).startswith("fine-tuning process 1 of 2 failed: RuntimeError: injected failure at step 4")
     assert [p.name for p in (tmp_path / "again.checkpoints").iterdir()] == ["step-000002"]
     assert not (tmp_path / "again").exists()
+    monkeypatch.setenv("CLLM_TEST_FAIL", "kill")  # resumed at step 2, killed at step 4 as by the OOM killer
+    with pytest.raises(RuntimeError) as killed:
+        finetune(config, teacher, store, tmp_path / "again", log=lambda line: None)
+    assert str(killed.value).startswith("fine-tuning process 1 of 2 was killed by signal 9")
     monkeypatch.delenv("CLLM_TEST_FAIL")
     resumed_lines = []
     resumed = finetune(config, teacher, store, tmp_path / "again", log=resumed_lines.append)

@@ -1,7 +1,16 @@
 """Tiny random Hugging Face causal LMs built from configs (no hub), fp32 and seeded."""
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 VOCAB, EOS, PAD = 96, 2, 0
 SPECIAL = {"bos_token_id": 1, "eos_token_id": EOS, "pad_token_id": PAD}
@@ -21,6 +30,11 @@ def tiny_model(arch: str, seed: int = 0):
         config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
                             initializer_range=0.2, **SPECIAL)
         model = GPT2LMHeadModel(config)
+    elif arch == "mistral":  # a sliding-window cache (wider than these tests' sequences)
+        config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                               initializer_range=0.2, **SPECIAL)
+        model = MistralForCausalLM(config)
     else:
         raise ValueError(arch)
     return model.eval()
