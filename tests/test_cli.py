@@ -1,6 +1,7 @@
 """`cllm decode` and the decoding benchmark, run as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from typer.testing import CliRunner
 
 from benchmarks import decoding
 from flows.cli import app
+from flows.cli.base import STOP_GRACE_S
 from flows.server import TemporaryServer
 
 runner = CliRunner()
@@ -157,6 +159,21 @@ def test_cllm_help_imports_neither_torch_nor_prefect_nor_mlflow():
             "& {'torch', 'transformers', 'prefect', 'mlflow', 'pyarrow'}))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_stopped_command_that_does_not_end_exits_at_its_deadline_with_every_threads_stack():
+    """A stop signal arms CLLM_STOP_GRACE_S: here a thread the stop request does not reach keeps the process
+    alive past the main thread's end (the interpreter joins it), so the deadline ends it: one line, stacks, 130."""
+    code = ("import os, signal, threading, time\n"
+            "from flows.cli.base import stop_on_signals\n"
+            "stop_on_signals()\n"
+            "threading.Thread(target=time.sleep, args=(600,), name='deaf-worker').start()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, STOP_GRACE_S: "2"})
+    assert result.returncode == 130, result.stderr
+    assert "stopped: still running 2 s after the stop request; exiting now" in result.stderr
+    assert "Thread 0x" in result.stderr and "in run" in result.stderr  # deaf-worker's stack, among others
 
 
 def test_a_prefect_server_that_is_not_up_in_time_is_one_line_with_the_remedy(tmp_path):

@@ -23,6 +23,7 @@ from cllm_core.ingest import ingest
 from cllm_core.records import ShardManifest
 from cllm_core.shards import ShardStore
 from flows.cli import app, live_progress
+from flows.cli.base import STOP_GRACE_S
 from flows.collect import shard_listener
 
 pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores
@@ -125,9 +126,10 @@ def test_sigterm_mid_shard_stops_it_unpublished_in_one_line_and_a_rerun_equals_a
         fresh, tiny_model_dir, tmp_path):
     """SIGTERM once left `cllm collect` waiting for the running shard to finish (#14): the shard now stops at its
     next Jacobi pass, unpublished. Run as users run it, with no Prefect settings: its server lives in the work dir."""
-    command = [sys.executable, "-m", "flows.cli", *options(tiny_model_dir, fresh)[:-6], "--max-new-tokens", "16",
+    command = [sys.executable, "-m", "flows.cli", *options(tiny_model_dir, fresh)[:-6], "--max-new-tokens", "48",
                "--shard-size", "4", "--batch-size", "1", "--limit", "8", "--precision", "fp32"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env[STOP_GRACE_S] = "60"  # a stop that hangs ends with every thread's stack, before this test gives up
     store, log = fresh / "trajectories", tmp_path / "first.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -141,11 +143,12 @@ def test_sigterm_mid_shard_stops_it_unpublished_in_one_line_and_a_rerun_equals_a
     output = log.read_text()
     assert process.returncode == 130, output[-3000:]
     assert "stopped at your request; run the same command again to resume" in output and "Traceback" not in output
+    assert "still running" not in output  # it ended by itself, not by the deadline
     assert sorted(p.name for p in store.iterdir() if p.name.startswith("shard-")) == [
         "shard-00000.json", "shard-00000.parquet"]  # shard 1 was not finished and published first
     assert {"prefect.db", "server.log"} <= {p.name for p in (fresh / ".prefect").iterdir()}  # the CLI's own server
 
-    config, lines = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 16}, shard_size=4, batch_size=1, limit=8), []
+    config, lines = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 48}, shard_size=4, batch_size=1, limit=8), []
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
     collect(config, teacher, fresh / "prompts/train.parquet", str(store), log=lines.append)  # the same collection
     assert lines[0] == "shard 0: done, skipped" and lines[1].startswith("shard 1: 4 prompts")

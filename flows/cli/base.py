@@ -8,11 +8,14 @@ come with every command. Options beat `--set`, which beats the profile, which be
 
 from __future__ import annotations
 
+import faulthandler
 import inspect
+import os
 import shutil
 import signal
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +41,9 @@ PAIRS = {"ingest.fields": "ROLE=COLUMN"}
 ARGUMENTS = {"ingest.source"}
 """Fields given as positional arguments."""
 STOPPED = "stopped at your request; run the same command again to resume"
+STOP_GRACE_S = "CLLM_STOP_GRACE_S"
+"""How long a stopped command may take to end (default 120 s: a Jacobi pass or training step, then the records)
+before it exits anyway, printing what each thread was doing: a stop that never ends would be a silent hang."""
 
 
 @app.callback()
@@ -228,7 +234,31 @@ def _stop(signum: int, frame) -> None:
     from cllm_core.stopping import Stopped, request_stop
 
     request_stop()
+    exit_if_stuck()
     raise Stopped(STOPPED)
+
+
+_stuck_watch: list[threading.Thread] = []
+
+
+def exit_if_stuck() -> None:
+    """After a stop signal, end the process within STOP_GRACE_S seconds whatever holds it (a thread the request
+    does not reach, a lock an interrupted call left taken): one line, every thread's stack, exit code 130. What
+    it cuts short is whole or ignored (shards, checkpoints and models are renamed into place when complete)."""
+    if _stuck_watch:
+        return
+    grace = float(os.environ.get(STOP_GRACE_S) or 120)
+
+    def watch() -> None:
+        time.sleep(grace)
+        sys.stderr.write(f"stopped: still running {grace:g} s after the stop request; exiting now ({STOPPED}). "
+                         "What each thread was doing:\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(130)
+
+    _stuck_watch.append(threading.Thread(target=watch, daemon=True, name="stop-grace"))
+    _stuck_watch[0].start()
 
 
 created: dict = {}
