@@ -9,8 +9,9 @@ padding kept, as before compaction); and the reference, `reference_jacobi_genera
 context re-encoded every pass. Both draw each block's random guess the same seeded way and the collector does not
 carry a token into the next block, so they visit the same states. Reported: prompts/s and tokens/s of each,
 the ratios to the reference, the share of each collector's attention that a row needed (not holes, not
-padding), and how far the trajectories agree (fixed points, and blocks whose states are identical; a block
-that ends at EOS differs, since the collector stops at EOS and the research loop runs the block to its end).
+padding) and of the tokens it fed that were a row's own (not padding to the widest row), and how far the
+trajectories agree (fixed points, and blocks whose states are identical; a block that ends at EOS differs, since
+the collector stops at EOS and the research loop runs the block to its end).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
     collector(model, warm_ids, warm_mask, args), reference(model, warm_ids[:1], warm_mask[:1], args)
     names = list(WAYS)
     seconds, forwards = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
-    slots = {name: [0, 0] for name in names[:2]}  # attention pairs computed, and those a row needed
+    slots = {name: [0, 0, 0, 0] for name in names[:2]}  # attention pairs computed, needed; tokens fed, a row's
     tokens, blocks, inner = 0, 0, 0
     same = {name: {"fixed": 0, "states": 0, "inner": 0} for name in names[:2]}
     ratios = {name: [] for name in names[:2]}
@@ -108,6 +109,8 @@ def main() -> None:
             forwards[name] += ours.stats.forwards
             slots[name][0] += ours.stats.attention_slots
             slots[name][1] += ours.stats.live_attention_slots
+            slots[name][2] += ours.stats.fed_tokens
+            slots[name][3] += ours.stats.live_fed_tokens
             ratios[name].append(took["reference"] / took[name])
             for mine, other in zip(ours.trajectories, theirs):
                 same[name]["fixed"] += [b.fixed_point for b in mine] == [b.fixed_point for b in other]
@@ -128,7 +131,7 @@ def main() -> None:
                         "tokens_per_s": tokens / seconds[name], "forwards": forwards[name]}
     for name in names[:2]:
         result[name] |= {
-            "live_share": slots[name][1] / max(slots[name][0], 1),
+            "live_share": slots[name][1] / max(slots[name][0], 1), "fed_share": slots[name][3] / max(slots[name][2], 1),
             "speedup": seconds["reference"] / seconds[name], "median_chunk_speedup": statistics.median(ratios[name]),
             "fixed_points_identical": same[name]["fixed"] / n,
             "blocks_with_identical_states": same[name]["states"] / max(blocks, 1),
@@ -143,7 +146,8 @@ def main() -> None:
         ours = result[name]
         print(f"{name}: {ours['prompts_per_s']:.2f} prompts/s ({ours['tokens_per_s']:.0f} tok/s), "
               f"{ours['speedup']:.1f}x the reference (median per chunk {ours['median_chunk_speedup']:.1f}x), "
-              f"{ours['live_share']:.0%} of its attention live; fixed points identical "
+              f"{ours['live_share']:.0%} of its attention live, {ours['fed_share']:.0%} of the tokens fed a row's own; "
+              f"fixed points identical "
               f"{ours['fixed_points_identical']:.0%}, blocks with identical states "
               f"{ours['blocks_with_identical_states']:.0%} (all but each prompt's last: "
               f"{ours['blocks_before_the_last_with_identical_states']:.0%})")

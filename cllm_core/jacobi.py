@@ -385,6 +385,7 @@ class _Forward:
         self.cache = DynamicCache(config=getattr(model, "config", None))
         self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.slots = self.live_slots = 0  # attention entries computed, and those a row needs (not hole or padding)
+        self.fed = self.live_fed = 0  # tokens fed (each a pass of the linear layers), and those not padding
 
     @property
     def compactable(self) -> bool:
@@ -397,6 +398,7 @@ class _Forward:
             queries = mask[:, -ids.shape[1]:].sum(-1)
             self.slots += mask.numel() * ids.shape[1]
             self.live_slots += int((queries * mask.sum(-1)).sum())
+            self.fed, self.live_fed = self.fed + ids.numel(), self.live_fed + int(queries.sum())
         kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
         out = self.model(
             input_ids=ids,
@@ -491,6 +493,7 @@ def jacobi_generate(
     if streamer is not None:
         streamer.end()
     stats.attention_slots, stats.live_attention_slots = loop.forward.slots, loop.forward.live_slots
+    stats.fed_tokens, stats.live_fed_tokens = loop.forward.fed, loop.forward.live_fed
     sequences = pad_sequences(input_ids, responses, loop.pad)
     trajectories = None
     if return_trajectories:

@@ -38,6 +38,8 @@ class DecodeStats:
     forwards: int = 0
     attention_slots: int = 0  # (query, cache slot) pairs the forwards computed
     live_attention_slots: int = 0  # of those, pairs of a real query and a real slot: no hole, no padding
+    fed_tokens: int = 0  # tokens the forwards fed (rows x width), each a pass through the linear layers
+    live_fed_tokens: int = 0  # of those, a row's own tokens: not padding
 
     @classmethod
     def empty(cls, batch: int) -> DecodeStats:
@@ -64,10 +66,16 @@ class DecodeStats:
         """The share of the attention the batch computed that a row needed (1.0: no holes, no padding)."""
         return self.live_attention_slots / self.attention_slots if self.attention_slots else 1.0
 
+    @property
+    def fed_share(self) -> float:
+        """The share of the tokens fed that were a row's own, not padding: the useful part of the linear layers'
+        work, which is most of a pass's where the cache is short."""
+        return self.live_fed_tokens / self.fed_tokens if self.fed_tokens else 1.0
+
     def as_dict(self) -> dict:
         return {**asdict(self), "new_tokens": self.new_tokens, "fast_forward": self.fast_forward,
                 "stationary": self.stationary, "tokens_per_forward": self.tokens_per_forward,
-                "live_share": self.live_share}
+                "live_share": self.live_share, "fed_share": self.fed_share}
 
 
 @dataclass(frozen=True)

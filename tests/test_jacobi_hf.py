@@ -136,6 +136,21 @@ def test_a_compacted_cache_changes_no_state_and_no_token(model, monkeypatch, blo
         assert always.stats.live_share > never.stats.live_share
 
 
+def test_a_batch_feeds_each_row_what_it_feeds_alone_and_counts_the_rest_as_padding(model):
+    """`stats.fed_share`: a row's own tokens among those fed. Each row of a batch (its prompt, then per pass its
+    last token and its guess) is what it feeds decoded alone; the rest, padding to the widest row, is counted."""
+    ids, mask = prompts(4)
+    eos = [eos_from_output(model, ids, mask)]
+    kwargs = dict(n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD, init="random",
+                  carry=False)
+    batch = jacobi_generate(model, ids, mask, seed=[0, 1, 2, 3], **kwargs).stats
+    alone = [jacobi_generate(model, ids[b:b + 1, -int(mask[b].sum()):], mask[b:b + 1, -int(mask[b].sum()):],
+                             seed=b, **kwargs).stats for b in range(4)]
+    assert all(one.fed_share == 1.0 and one.fed_tokens == one.live_fed_tokens for one in alone)
+    assert batch.live_fed_tokens == sum(one.fed_tokens for one in alone)
+    assert batch.fed_tokens > batch.live_fed_tokens and batch.fed_share == batch.live_fed_tokens / batch.fed_tokens
+
+
 def test_a_sliding_window_cache_is_left_uncompacted_and_decodes_exactly(monkeypatch):
     """Regression: compaction gathered a sliding-window layer's keys but not the length it tracks itself, and
     the next forward's mask no longer matched them."""
