@@ -223,7 +223,8 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()
-        run.scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16's grad scaler skips steps of inf/NaN gradients:
+            run.scheduler.step()  # the schedule counts the updates made
         run.optimizer.zero_grad(set_to_none=True)
         window.append(terms | {"grad_norm": float(grad_norm)})
         window_tokens += batch.tokens
@@ -265,7 +266,15 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
                                 "finetune.max_minutes"))
             break
 
-    metrics = {"train_steps": step, "train_seconds": time.perf_counter() - began, "stopped_early": stopped_early,
+    skipped = step - run.scheduler.last_epoch  # (the scheduler's count is checkpointed: resumes keep it)
+    if skipped > 0.1 * step:
+        warn(f"fine-tuning: the fp16 grad scaler skipped {skipped} of {step} steps (inf or NaN gradients), so the "
+             f"model was updated {step - skipped} times; train in bf16 or fp32 where the device has it, or lower "
+             "finetune.lr")
+    elif skipped:
+        log(f"the fp16 grad scaler skipped {skipped} of {step} steps (inf or NaN gradients while it found its scale)")
+    metrics = {"train_steps": step, "skipped_steps": skipped, "train_seconds": time.perf_counter() - began,
+               "stopped_early": stopped_early,
                "train_blocks": len(data.items), "train_prompts": len(data.rows),
                "excluded_repetitive": data.excluded_repetitive, **{f"final_{k}": v for k, v in history[-1].items()
                                                                    if k != "step"}}

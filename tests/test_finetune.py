@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
 from cllm_core.config import FinetuneConfig
-from cllm_core.finetune import finetune
+from cllm_core.finetune import finetune, lr_factor
 from cllm_core.prompts import encode
 from cllm_core.samples import draw_items, load_trajectories, make_batch
 from cllm_core.shipping import bundle
@@ -120,8 +120,34 @@ def test_a_killed_fp16_run_resumes_with_its_grad_scaler(tmp_path, teacher, store
         finetune(config, teacher, store, tmp_path / "cllm", log=quiet, on_metrics=dies_at(4))
     state = torch.load(tmp_path / "cllm.checkpoints/step-000002/state.pt", weights_only=True)
     assert state["scaler"]["scale"] == 2.0 ** 12
-    finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
+    record = finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
     assert made[-1].scaler.get_scale() == 2.0 ** 14  # as if never killed (2 ** 12 had it started over)
+    assert record.metrics["skipped_steps"] == 0
+
+
+def test_steps_the_fp16_grad_scaler_skips_leave_the_schedule_and_too_many_are_said_loudly(tmp_path, teacher, store,
+                                                                                          monkeypatch):
+    """A scale so large that every step's gradients overflow: no update is made, so the schedule must not move
+    (it did: the warm-up and decay ran on without training) and the run must say so rather than publish the
+    teacher as if trained."""
+    from accelerate import Accelerator
+
+    import cllm_core.finetune
+
+    class OverflowingAccelerator(Accelerator):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=0.99)  # never finite
+
+    monkeypatch.setattr(cllm_core.finetune, "Accelerator", OverflowingAccelerator)
+    warnings = []
+    config = FAST.model_copy(update={"steps": 4, "sample_prompts": 0})
+    record = finetune(config, teacher, store, tmp_path / "cllm", log=quiet, warn=warnings.append)
+    assert record.metrics["skipped_steps"] == 4 and record.metrics["train_steps"] == 4
+    assert [h["lr"] for h in record.history] == [config.lr * lr_factor(config, 0)] * 2  # never stepped
+    assert warnings == ["fine-tuning: the fp16 grad scaler skipped 4 of 4 steps (inf or NaN gradients), so the "
+                        "model was updated 0 times; train in bf16 or fp32 where the device has it, or lower "
+                        "finetune.lr"]
 
 
 def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_retrains(tmp_path, teacher, store):
