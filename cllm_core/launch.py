@@ -157,11 +157,13 @@ def failure(work: Path, processes: int, code: int) -> str:
 
 
 def _exits(launcher_log: Path) -> list[tuple[int, int]]:
-    """(rank, exit code) of every failed process in torch's closing report ("Failures:", "Root Cause"), if any."""
+    """(rank, exit code) of every failed process in torch's closing report, if any: its "Root Cause (first
+    observed failure)" first, then the others ("Failures:", which the report prints before the root cause)."""
     text = launcher_log.read_text(errors="replace") if launcher_log.is_file() else ""
     report = text.rpartition("Failures:")[2] if "Failures:" in text else ""
-    return [(int(rank), int(code)) for rank, code in
-            re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", report)]
+    others, _, root = report.partition("Root Cause")
+    return [(int(rank), int(code)) for part in (root, others) for rank, code in
+            re.findall(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", part)]
 
 
 def _end(process: subprocess.Popen) -> None:

@@ -9,8 +9,10 @@ checkpoints and models are written to a staging name and renamed when complete, 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 _requested = threading.Event()
+_listeners: list[Callable[[], None]] = []
 
 
 class Stopped(KeyboardInterrupt):
@@ -20,6 +22,14 @@ class Stopped(KeyboardInterrupt):
 
 def request_stop() -> None:
     _requested.set()
+    for listener in list(_listeners):
+        listener()
+
+
+def on_stop_request(listener: Callable[[], None]) -> Callable[[], None]:
+    """Call `listener` on each stop request, whoever makes it (the CLI arms its deadline); returns what removes it."""
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener)
 
 
 def stop_requested() -> bool:

@@ -176,6 +176,25 @@ def test_a_stopped_command_that_does_not_end_exits_at_its_deadline_with_every_th
     assert "Thread 0x" in result.stderr and "in run" in result.stderr  # deaf-worker's stack, among others
 
 
+def test_any_stop_request_arms_the_deadline_and_a_command_that_ended_is_left_alone():
+    """A stop that came without our signal handler (Prefect's SIGTERM handler, a cancellation: the flows call
+    request_stop) arms it too; a command that ended while its process goes on (a notebook, a test) is not killed."""
+    stuck = ("from cllm_core.stopping import request_stop\n"
+             "from flows.cli.base import stop_on_signals\n"
+             "import time\n"
+             "stop_on_signals()\n"
+             "request_stop()\n"
+             "time.sleep(600)\n")
+    result = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, STOP_GRACE_S: "2"})
+    assert result.returncode == 130 and "exiting now" in result.stderr, result.stderr
+    ended = stuck.replace("request_stop()\n", "request_stop()\nrestore()\n").replace(
+        "stop_on_signals()\n", "restore = stop_on_signals()\n").replace("time.sleep(600)\n", "time.sleep(4)\n")
+    result = subprocess.run([sys.executable, "-c", ended + "print('alive')\n"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, STOP_GRACE_S: "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr
+
+
 def test_a_prefect_server_that_is_not_up_in_time_is_one_line_with_the_remedy(tmp_path):
     """`cllm ingest` into a new work dir on a slow machine died with a traceback: Prefect had read its settings
     before the CLI set its startup timeout (#14). The CLI now starts the server itself, and waits for it."""

@@ -105,6 +105,14 @@ def test_a_process_killed_from_outside_is_named_with_its_signal(tmp_path):
     assert "\n" not in line and "resumes from the last checkpoint" in line
 
 
+def test_of_two_processes_killed_from_outside_the_root_cause_is_named(tmp_path):
+    """The out-of-memory killer often takes more than one; torch's report lists the others before its root cause."""
+    report = ROOT_CAUSE.replace("rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 15461)",
+                                "rank      : 0 (local_rank: 0)\n  exitcode  : -15 (pid: 15461)")
+    (tmp_path / "launcher.log").write_text(report)
+    assert failure(tmp_path, 2, 1).startswith("fine-tuning process 1 of 2 was killed by signal 9 (out of memory?)")
+
+
 def test_the_process_that_raised_first_is_named_whatever_the_launcher_saw_first(tmp_path):
     """Its file is written before it exits, so before the others lose their connection to it; torch's report
     can name a survivor when both exits fall in the same second."""

@@ -215,15 +215,20 @@ def input_errors() -> tuple[type[Exception], ...]:
 def stop_on_signals() -> Callable[[], None]:
     """Make SIGTERM and Ctrl-C ask every long loop to stop (cllm_core.stopping) and interrupt the main thread, so
     a command ends within about one Jacobi pass or training step, with one line; returns what undoes it. During a
-    flow Prefect's SIGTERM handler raises in the main thread instead, and the flows pass the request on."""
-    from cllm_core.stopping import clear_stop
+    flow Prefect's SIGTERM handler raises in the main thread instead, and the flows pass the request on. Any stop
+    request, however it came, arms a deadline (`StopDeadline`)."""
+    from cllm_core.stopping import clear_stop, on_stop_request
 
     clear_stop()
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {signum: signal.signal(signum, _stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    deadline = StopDeadline(float(os.environ.get(STOP_GRACE_S) or 120))
+    forget = on_stop_request(deadline.arm)
 
     def restore() -> None:
+        forget()
+        deadline.ended.set()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -234,31 +239,37 @@ def _stop(signum: int, frame) -> None:
     from cllm_core.stopping import Stopped, request_stop
 
     request_stop()
-    exit_if_stuck()
     raise Stopped(STOPPED)
 
 
-_stuck_watch: list[threading.Thread] = []
+class StopDeadline:
+    """After a stop request, end the process within `grace` seconds whatever holds it (a thread the request does
+    not reach, a lock an interrupted call left taken): one line, every thread's stack, exit code 130. A command
+    that ended (`ended` set) while the process goes on (a notebook, a test) is left alone; one whose interpreter
+    is still waiting at exit for a thread is not. What it cuts short is whole or ignored (shards, checkpoints and
+    models are renamed into place when complete)."""
 
+    def __init__(self, grace: float):
+        self.grace, self.ended, self.armed = grace, threading.Event(), False
 
-def exit_if_stuck() -> None:
-    """After a stop signal, end the process within STOP_GRACE_S seconds whatever holds it (a thread the request
-    does not reach, a lock an interrupted call left taken): one line, every thread's stack, exit code 130. What
-    it cuts short is whole or ignored (shards, checkpoints and models are renamed into place when complete)."""
-    if _stuck_watch:
-        return
-    grace = float(os.environ.get(STOP_GRACE_S) or 120)
+    def arm(self) -> None:
+        if not self.armed:
+            self.armed = True
+            threading.Thread(target=self._watch, daemon=True, name="stop-deadline").start()
 
-    def watch() -> None:
-        time.sleep(grace)
-        sys.stderr.write(f"stopped: still running {grace:g} s after the stop request; exiting now ({STOPPED}). "
-                         "What each thread was doing:\n")
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        os._exit(130)
-
-    _stuck_watch.append(threading.Thread(target=watch, daemon=True, name="stop-grace"))
-    _stuck_watch[0].start()
+    def _watch(self) -> None:
+        time.sleep(self.grace)
+        if self.ended.is_set() and threading.main_thread().is_alive():
+            return
+        err = sys.__stderr__  # the process's own stream: a test's or a notebook's replacement may have no file
+        try:
+            err.write(f"stopped: still running {self.grace:g} s after the stop request; exiting now ({STOPPED}). "
+                      "What each thread was doing:\n")
+            err.flush()
+            faulthandler.dump_traceback(file=err, all_threads=True)
+            err.flush()
+        finally:
+            os._exit(130)
 
 
 created: dict = {}
