@@ -178,3 +178,16 @@ def test_cllms_trained_for_different_block_sizes_need_an_explicit_one(tiny_model
     assert chosen.jacobi.n_tokens == 4
     alone = with_block_size(EvalConfig(), {"teacher": load_model(teacher)}, log=lambda line: None)
     assert alone.jacobi.n_tokens == 16  # no CLLM: the default
+
+
+def test_an_evaluation_of_ar_alone_draws_its_histogram_without_a_warning(tmp_path, recwarn):
+    """`cllm eval --method ar` printed matplotlib's "No artists with labels found to put in legend" to users."""
+    from cllm_core import report
+
+    samples = [sample(0, "teacher", "ar", 10, 10, 1.0), sample(0, "cllm", "ar", 10, 10, 1.0)]
+    path = report.tokens_per_forward_histogram(samples, tmp_path / "tokens_per_forward.png")
+    assert path.stat().st_size > 0
+    assert not [w for w in recwarn if "legend" in str(w.message)]
+    with_jacobi = samples + [sample(0, "cllm", "jacobi", 10, 4, 0.5)]
+    report.tokens_per_forward_histogram(with_jacobi, tmp_path / "with.png")
+    assert not [w for w in recwarn if "legend" in str(w.message)]
