@@ -178,7 +178,7 @@ def _held(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path,
     resolved = resolve(precision, model.device)
     tokenizer = load_tokenizer(model)
     data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
-    fingerprint = f"{config.fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
+    fingerprint = f"{_as_started(config).fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
     identity = (resolved, tokenizer, data, fingerprint)
     record_path = out_dir / "cllm.json"
     held = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -189,6 +189,15 @@ def _held(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path,
         ship_generate(out_dir)  # the decoding it ships follows the engine installed now
         return CllmRecord.from_json(held, path=str(out_dir), reused=True), identity
     return None, identity
+
+
+def _as_started(config: FinetuneConfig) -> FinetuneConfig:
+    """The config as this process trains it: processes started by hand (torchrun: WORLD_SIZE) count as
+    `launch.processes`, since `batch_size` is per process; a checkpoint or CLLM of another count is not this run."""
+    started = int(os.environ.get("WORLD_SIZE") or 1)
+    if config.launch.processes == 1 and started > 1:
+        return config.model_copy(update={"launch": config.launch.model_copy(update={"processes": started})})
+    return config
 
 
 def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None], warn: Callable[[str], None],

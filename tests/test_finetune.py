@@ -162,6 +162,19 @@ def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_ret
     assert not other.reused and json.loads((tmp_path / "cllm/cllm.json").read_text())["config"]["ar_weight"] == 2
 
 
+def test_processes_started_by_hand_are_another_run_than_one_process(tmp_path, teacher, store, monkeypatch):
+    """batch_size is per process: a CLLM (or checkpoint) of one process is not what torchrun's 4 would train."""
+    from cllm_core.finetune import held_cllm
+
+    config = FAST.model_copy(update={"steps": 2, "sample_prompts": 0})
+    finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
+    assert held_cllm(config, teacher, store, tmp_path / "cllm", "fp32", quiet) is not None
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it in each process
+    assert held_cllm(config, teacher, store, tmp_path / "cllm", "fp32", quiet) is None
+    as_launched = FinetuneConfig(**config.model_dump() | {"launch": {"processes": 4}})
+    assert held_cllm(as_launched, teacher, store, tmp_path / "cllm", "fp32", quiet) is None
+
+
 def test_one_process_trains_in_fp32_then_in_bf16(tmp_path, teacher, store):
     """accelerate caches one precision per process; a second run in another precision (a notebook, a test
     session) trains in its own precision instead of failing."""
