@@ -6,13 +6,16 @@ received (log lines, warnings, metrics, samples, progress) as JSON lines that th
 callbacks while it waits, so MLflow gets one run with the figures every process agrees on. The work lives in
 `<out_dir>.launch/`: the spec every process reads, the events, the launcher's own output (`launcher.log`), and
 `failed-<rank>.txt`, one line from each process that raised. A failed process fails the call with one line that
-names it; the checkpoints stay, and the same call resumes from them under the same launch.
+names it; the checkpoints stay, and the same call resumes from them under the same launch. A launch that reports
+nothing for long (`STALL_S`: a process stuck in a collective waits out its 2-hour timeout) is said in one warning,
+with every process's stacks in `stacks-<rank>.txt`, and left running.
 
     python -m cllm_core.launch SPEC.json   # what each process runs; never by hand
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
@@ -30,6 +33,11 @@ from cllm_core.records import CllmRecord
 from cllm_core.stopping import Stopped, stop_requested
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names
+
+
+STALL_S = "CLLM_LAUNCH_STALL_S"
+"""Seconds without an event from the training processes before the launch warns (default 900; at least 10 times
+the longest wait between events so far: a 7B model's logging interval or checkpoint can take minutes)."""
 
 
 def launched(launch: LaunchSection) -> bool:
@@ -100,9 +108,13 @@ def launch_finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_
     with open(work / "launcher.log", "w") as output:  # a session of its own: the terminal's Ctrl-C is ours
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    stall = Stall(work, float(os.environ.get(STALL_S) or 900), warn)
     try:
         while process.poll() is None:
-            relay.poll()
+            if relay.poll():
+                stall.heard()
+            else:
+                stall.check()
             if stop_requested():
                 raise Stopped("stopped at your request")
             time.sleep(0.2)
@@ -123,9 +135,11 @@ class Relay:
     def __init__(self, path: Path, callbacks: dict[str, Callable | None]):
         self.path, self.callbacks, self.offset = path, callbacks, 0
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
+        """Replay the events written since the last poll; whether there were any."""
         if not self.path.is_file():
-            return
+            return False
+        start = self.offset
         with open(self.path) as events:
             events.seek(self.offset)
             while (line := events.readline()).endswith("\n"):  # a line still being written waits for the next poll
@@ -134,6 +148,36 @@ class Relay:
                 callback = self.callbacks[event["kind"]]
                 if callback is not None:
                     callback(*event["args"])
+        return self.offset > start
+
+
+class Stall:
+    """Says once, when the training processes have sent nothing for `floor` seconds and 10 times their longest
+    silence so far, that the launch may be stuck, after asking each process for its stacks (SIGUSR1: `main`)."""
+
+    def __init__(self, work: Path, floor: float, warn: Callable[[str], None]):
+        self.work, self.floor, self.warn = work, floor, warn
+        self.last, self.longest, self.said, self.started = time.monotonic(), 0.0, False, False
+
+    def heard(self) -> None:
+        now = time.monotonic()
+        if self.started:  # (the start, loading the model, is not a silence between steps)
+            self.longest = max(self.longest, now - self.last)
+        self.last, self.said, self.started = now, False, True
+
+    def check(self) -> None:
+        silent = time.monotonic() - self.last
+        if self.said or silent < max(self.floor, 10 * self.longest):
+            return
+        self.said = True
+        for pid in self.work.glob("pid-*.txt"):
+            try:
+                os.kill(int(pid.read_text()), signal.SIGUSR1)
+            except (ProcessLookupError, ValueError):
+                pass
+        self.warn(f"the fine-tuning launch has sent nothing for {silent:.0f} s (its longest silence before: "
+                  f"{self.longest:.0f} s); a process may be stuck in a collective. Each process's stacks are in "
+                  f"{self.work}/stacks-<rank>.txt, its output in launcher.log; still waiting")
 
 
 def failure(work: Path, processes: int, code: int) -> str:
@@ -197,6 +241,10 @@ def main(spec_path: str) -> None:
     spec, work = json.loads(Path(spec_path).read_text()), Path(spec_path).parent
     rank = int(os.environ.get("RANK", "0"))
     _end_with(spec["caller"])
+    if hasattr(signal, "SIGUSR1"):  # (not on Windows)
+        stacks[:] = [open(work / f"stacks-{rank}.txt", "w")]  # kept open: faulthandler writes to its descriptor
+        faulthandler.register(signal.SIGUSR1, file=stacks[0], all_threads=True)
+        (work / f"pid-{rank}.txt").write_text(str(os.getpid()))
     events = open(work / "events.jsonl", "a") if rank == 0 else None
 
     def emit(kind: str) -> Callable:
@@ -216,6 +264,10 @@ def main(spec_path: str) -> None:
         line = f"{type(error).__name__}: {what}" if what else type(error).__name__
         (work / f"failed-{rank}.txt").write_text(f"{time.time_ns()} {line}")
         raise
+
+
+stacks: list = []
+"""This process's `stacks-<rank>.txt`, where SIGUSR1 (the caller's `Stall`) has every thread's stack written."""
 
 
 def _end_with(caller: int) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
 from cllm_core.finetune import finetune
-from cllm_core.launch import Relay, accelerate_command, failure, launch_finetune, launched
+from cllm_core.launch import STALL_S, Relay, accelerate_command, failure, launch_finetune, launched
+from cllm_core.stopping import Stopped, clear_stop, request_stop
 
 INJECT = Path(__file__).with_name("inject")
 ROOT_CAUSE = """[rank0]: RuntimeError: [gloo] Connection closed by peer
@@ -165,3 +166,32 @@ def test_two_launched_processes_train_as_one_on_their_samples_and_a_failure_name
 
 def _option(command: list[str], name: str) -> str:
     return command[command.index(name) + 1]
+
+
+@pytest.mark.slow
+def test_a_launch_that_sends_nothing_for_long_says_so_once_with_every_processs_stacks(
+        tmp_path, tiny_trajectories, tiny_model_dir, monkeypatch):
+    """Rank 1 sleeps at step 4 and rank 0 waits for it in a collective: a launch that would sit out its 2-hour
+    timeout in silence. It says so once, with each process's stacks, and goes on waiting (here until stopped)."""
+    teacher, store = ModelConfig(name_or_path=str(tiny_model_dir)), str(tiny_trajectories / "store")
+    config = FinetuneConfig(steps=6, batch_size=2, log_every=1, checkpoint_every=100, warmup_steps=0,
+                            sample_prompts=0, launch={"processes": 2})
+    monkeypatch.setenv("PYTHONPATH", str(INJECT))
+    monkeypatch.setenv("CLLM_TEST_FAIL", "hang")
+    monkeypatch.setenv(STALL_S, "20")  # above the processes' start on a busy machine
+    warnings = []
+
+    def warned(line: str) -> None:
+        warnings.append(line)
+        request_stop()  # the test's way out, as Ctrl-C would be
+
+    try:
+        with pytest.raises(Stopped):
+            finetune(config, teacher, store, tmp_path / "cllm", log=lambda line: None, warn=warned)
+    finally:
+        clear_stop()
+    assert len(warnings) == 1 and "the fine-tuning launch has sent nothing for" in warnings[0], warnings
+    assert warnings[0].endswith("still waiting")
+    stacks = {rank: (tmp_path / f"cllm.launch/stacks-{rank}.txt").read_text() for rank in (0, 1)}
+    assert "sitecustomize.py" in stacks[1] and "in batch" in stacks[1], stacks[1]  # where rank 1 sleeps
+    assert "in fit" in stacks[0], stacks[0]  # rank 0: in the training loop, waiting for rank 1
