@@ -170,11 +170,16 @@ class Stall:
         if self.said or silent < max(self.floor, 10 * self.longest):
             return
         self.said = True
+        asked = []
         for pid in self.work.glob("pid-*.txt"):
             try:
                 os.kill(int(pid.read_text()), signal.SIGUSR1)
+                asked.append(self.work / pid.name.replace("pid-", "stacks-"))
             except (ProcessLookupError, ValueError):
                 pass
+        deadline = time.monotonic() + 10  # a busy machine may take a moment to run the processes' handlers
+        while time.monotonic() < deadline and not all(path.stat().st_size for path in asked if path.is_file()):
+            time.sleep(0.1)
         self.warn(f"the fine-tuning launch has sent nothing for {silent:.0f} s (its longest silence before: "
                   f"{self.longest:.0f} s); a process may be stuck in a collective. Each process's stacks are in "
                   f"{self.work}/stacks-<rank>.txt, its output in launcher.log; still waiting")
