@@ -17,6 +17,7 @@ the collector stops at EOS and the research loop runs the block to its end).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import tempfile
@@ -30,6 +31,7 @@ from benchmarks import write_json
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer, reference_jacobi_generate
 from cllm_core.collect import read_prompt_table
+from cllm_core.outputs import DecodeStats
 from cllm_core.prompts import encode
 
 
@@ -56,6 +58,8 @@ def reference(model, ids, mask, args):
 
 
 WAYS = {"collector": collector, "uncompacted": uncompacted, "reference": reference}
+COUNTED = ("attention_slots", "live_attention_slots", "fed_tokens", "live_fed_tokens")
+"""The collectors' stats summed over chunks: the shares are of the sums (DecodeStats.live_share, .fed_share)."""
 
 
 def main() -> None:
@@ -91,7 +95,7 @@ def main() -> None:
     collector(model, warm_ids, warm_mask, args), reference(model, warm_ids[:1], warm_mask[:1], args)
     names = list(WAYS)
     seconds, forwards = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0)
-    slots = {name: [0, 0, 0, 0] for name in names[:2]}  # attention pairs computed, needed; tokens fed, a row's
+    counts = {name: dict.fromkeys(COUNTED, 0) for name in names[:2]}
     tokens, blocks, inner = 0, 0, 0
     same = {name: {"fixed": 0, "states": 0, "inner": 0} for name in names[:2]}
     ratios = {name: [] for name in names[:2]}
@@ -107,10 +111,8 @@ def main() -> None:
         for name in names[:2]:
             ours = timed[name]
             forwards[name] += ours.stats.forwards
-            slots[name][0] += ours.stats.attention_slots
-            slots[name][1] += ours.stats.live_attention_slots
-            slots[name][2] += ours.stats.fed_tokens
-            slots[name][3] += ours.stats.live_fed_tokens
+            for key in COUNTED:
+                counts[name][key] += getattr(ours.stats, key)
             ratios[name].append(took["reference"] / took[name])
             for mine, other in zip(ours.trajectories, theirs):
                 same[name]["fixed"] += [b.fixed_point for b in mine] == [b.fixed_point for b in other]
@@ -129,9 +131,10 @@ def main() -> None:
     for name in names:
         result[name] = {"seconds": seconds[name], "prompts_per_s": n / seconds[name],
                         "tokens_per_s": tokens / seconds[name], "forwards": forwards[name]}
+    summed = {name: dataclasses.replace(DecodeStats.empty(0), **counts[name]) for name in names[:2]}
     for name in names[:2]:
         result[name] |= {
-            "live_share": slots[name][1] / max(slots[name][0], 1), "fed_share": slots[name][3] / max(slots[name][2], 1),
+            "live_share": summed[name].live_share, "fed_share": summed[name].fed_share,
             "speedup": seconds["reference"] / seconds[name], "median_chunk_speedup": statistics.median(ratios[name]),
             "fixed_points_identical": same[name]["fixed"] / n,
             "blocks_with_identical_states": same[name]["states"] / max(blocks, 1),

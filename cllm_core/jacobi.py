@@ -217,11 +217,13 @@ def _pass(forward, rows, kv_mask, pad, rule):
     branches = [[row.guess, *_recycled(row)] if rule.pool else [row.guess] for row in rows]
     layouts = [_layout(bs) for bs in branches]  # per row: (branch of each slot, position offset of each slot)
     width = max(len(kinds) for kinds, _ in layouts)
-    padding = [width - len(kinds) for kinds, _ in layouts]  # (lists, then one tensor each: a batch has 100s of rows)
+    # lists padded to the width, then one tensor each (a batch has 100s of rows); kind: 0 the last token, j + 1
+    # branch j, -1 padding
+    padding = [width - len(kinds) for kinds, _ in layouts]
     fed = torch.tensor([[row.context[-1], *(tok for branch in bs for tok in branch)] + [pad] * extra
                         for row, bs, extra in zip(rows, branches, padding)])
-    kind = torch.tensor([kinds + [-1] * extra for (kinds, _), extra in zip(layouts, padding)])  # 0 the last token,
-    offset = torch.tensor([offsets + [0] * extra for (_, offsets), extra in zip(layouts, padding)])  # j + 1 branch j
+    kind = torch.tensor([kinds + [-1] * extra for (kinds, _), extra in zip(layouts, padding)])
+    offset = torch.tensor([offsets + [0] * extra for (_, offsets), extra in zip(layouts, padding)])
     new_mask = (kind >= 0).to(kv_mask.dtype)
     positions = kv_mask.sum(-1, keepdim=True) + offset.to(device)  # (B, q)
     branched = any(len(bs) > 1 for bs in branches)
@@ -232,7 +234,7 @@ def _pass(forward, rows, kv_mask, pad, rule):
     logits = forward(fed.to(device), mask, positions)  # (B, q, V)
     predictions = logits.argmax(-1).tolist()  # predictions[b][i]: the greedy token after slot i on its branch
 
-    steps, kept, ends = [], [], []  # per row: the slots the cache keeps, and the end of the last
+    steps, kept = [], []  # per row: its step, and the slots of this pass the cache keeps
     for row, pred, bs in zip(rows, predictions, branches):
         matched, main, start, branch, chain = _best_branch(pred, bs)
         age = row.age if main else [1] * len(branch)
@@ -246,17 +248,19 @@ def _pass(forward, rows, kv_mask, pad, rule):
         row.guess = chain[matched + 1 : len(branch)]  # the Jacobi update of the unconfirmed tail
         row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], branch[matched + 1 :], row.guess)]
         steps.append(_commit(row, chain[:take], age[:matched], rule, state, prefix))
-        # the cache keeps every committed token but the last; the rest become holes
-        kept.append([int(take > 0)] + [0] * (start - 1) + [1] * (take - 1) + [0] * (width - start - max(take - 1, 0)))
-        ends.append(0 if row.finished or take == 0 else start + take - 1 if take > 1 else 1)
+        row_kept = [0] * width  # the cache keeps every committed token but the last; the rest become holes
+        row_kept[0] = int(take > 0)
+        row_kept[start : start + take - 1] = [1] * max(take - 1, 0)
+        kept.append(row_kept)
     new_mask = torch.tensor(kept, dtype=kv_mask.dtype)
+    live = [b for b, row in enumerate(rows) if not row.finished]
     if branched:  # drop the slots no unfinished row keeps (the losing branches)
-        live = new_mask[[b for b, row in enumerate(rows) if not row.finished]]
-        keep = torch.cat([torch.ones(kv_mask.shape[1], dtype=torch.bool), live.any(0).bool()])
+        keep = torch.cat([torch.ones(kv_mask.shape[1], dtype=torch.bool), new_mask[live].bool().any(0)])
         if not keep.all():
             forward.keep(keep.nonzero().squeeze(1).to(device))
         return torch.cat([kv_mask, new_mask.to(device)], 1)[:, keep.to(device)], steps
-    surplus = width - (max(ends) or width)
+    surplus = width - max((max(i for i, k in enumerate(kept[b]) if k) + 1 for b in live if any(kept[b])),
+                          default=width)
     forward.crop(surplus)
     return torch.cat([kv_mask, new_mask[:, : width - surplus].to(device)], 1), steps
 

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +34,6 @@ from cllm_core.records import CllmRecord
 from cllm_core.stopping import Stopped, stop_requested
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names
-
-
 STALL_S = "CLLM_LAUNCH_STALL_S"
 """Seconds without an event from the training processes before the launch warns (default 900; at least 10 times
 the longest wait between events so far: a 7B model's logging interval or checkpoint can take minutes)."""
@@ -278,7 +277,6 @@ stacks: list = []
 def _end_with(caller: int) -> None:
     """End this process if the caller that launched it dies without stopping it (killed, out of memory): a
     launch nobody waits for would go on training into the same directory as the caller's rerun."""
-    import threading
 
     def watch() -> None:
         while True:

@@ -161,6 +161,12 @@ def test_cllm_help_imports_neither_torch_nor_prefect_nor_mlflow():
     assert result.stdout.strip() == "[]"
 
 
+def python_with_grace(code: str, grace_s: int) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter with CLLM_STOP_GRACE_S set (a deadline that fires ends that process)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, STOP_GRACE_S: str(grace_s)})
+
+
 def test_a_stopped_command_that_does_not_end_exits_at_its_deadline_with_every_threads_stack():
     """A stop signal arms CLLM_STOP_GRACE_S: here a thread the stop request does not reach keeps the process
     alive past the main thread's end (the interpreter joins it), so the deadline ends it: one line, stacks, 130."""
@@ -169,8 +175,7 @@ def test_a_stopped_command_that_does_not_end_exits_at_its_deadline_with_every_th
             "stop_on_signals()\n"
             "threading.Thread(target=time.sleep, args=(600,), name='deaf-worker').start()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, STOP_GRACE_S: "2"})
+    result = python_with_grace(code, 2)
     assert result.returncode == 130, result.stderr
     assert "stopped: still running 2 s after the stop request; exiting now" in result.stderr
     assert "Thread 0x" in result.stderr and "in run" in result.stderr  # deaf-worker's stack, among others
@@ -179,20 +184,15 @@ def test_a_stopped_command_that_does_not_end_exits_at_its_deadline_with_every_th
 def test_any_stop_request_arms_the_deadline_and_a_command_that_ended_is_left_alone():
     """A stop that came without our signal handler (Prefect's SIGTERM handler, a cancellation: the flows call
     request_stop) arms it too; a command that ended while its process goes on (a notebook, a test) is not killed."""
-    stuck = ("from cllm_core.stopping import request_stop\n"
+    start = ("import time\n"
+             "from cllm_core.stopping import request_stop\n"
              "from flows.cli.base import stop_on_signals\n"
-             "import time\n"
-             "stop_on_signals()\n"
-             "request_stop()\n"
-             "time.sleep(600)\n")
-    result = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, STOP_GRACE_S: "2"})
-    assert result.returncode == 130 and "exiting now" in result.stderr, result.stderr
-    ended = stuck.replace("request_stop()\n", "request_stop()\nrestore()\n").replace(
-        "stop_on_signals()\n", "restore = stop_on_signals()\n").replace("time.sleep(600)\n", "time.sleep(4)\n")
-    result = subprocess.run([sys.executable, "-c", ended + "print('alive')\n"], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, STOP_GRACE_S: "1"})
-    assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr
+             "restore = stop_on_signals()\n"
+             "request_stop()\n")
+    stuck = python_with_grace(start + "time.sleep(600)\n", 2)
+    assert stuck.returncode == 130 and "exiting now" in stuck.stderr, stuck.stderr
+    ended = python_with_grace(start + "restore()\ntime.sleep(4)\nprint('alive')\n", 1)
+    assert ended.returncode == 0 and ended.stdout.strip() == "alive", ended.stderr
 
 
 def test_a_prefect_server_that_is_not_up_in_time_is_one_line_with_the_remedy(tmp_path):
