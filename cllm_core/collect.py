@@ -29,6 +29,8 @@ from cllm_core.shards import ShardStore
 from cllm_core.trajectories import TRAJECTORY_SCHEMA, trajectory_row
 
 PROMPT_COLUMNS = ("prompt_id", "prompt")
+BATCH_FORWARD = "packed where the model allows"
+"""How a batch meets the model (cllm_core.forwards); below fp32 it changes the rounding, so it is in the record."""
 
 
 def read_prompt_table(path: str | Path, limit: int | None = None) -> tuple[pa.Table, bool]:
@@ -73,7 +75,8 @@ def _rounding(config: CollectConfig, model: ModelConfig, precision: str) -> dict
     from cllm_core.models import resolve_device
 
     kinds = sorted({resolve_device(device).type for device in config.devices or [model.device]})
-    return {"batch_size": config.batch_size, "device_kinds": kinds, "attn_implementation": model.attn_implementation}
+    return {"batch_size": config.batch_size, "device_kinds": kinds, "attn_implementation": model.attn_implementation,
+            "batch_forward": BATCH_FORWARD}
 
 
 @functools.lru_cache(maxsize=2)

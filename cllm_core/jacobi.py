@@ -8,11 +8,9 @@ predictions (the Jacobi update) and re-fed next pass. When a whole block is conf
 its last token is free: it is carried in as the first token of the next block.
 
 Invariant: the cache holds K/V for the prompt and every committed token except the last one (`last`).
-Rows of a batch keep their own progress: the surplus slots of a row that committed less stay in the
-cache masked out (holes), trailing slots no row needs are cropped, and finished rows leave the batch. Once
-gathering each row's live slots to the end would free more than `COMPACT_AT` of the cache, it is done (keys
-keep their rotary positions; position ids count live slots), so the attention stops paying for holes. Only a
-plain cache (every layer a `DynamicLayer`: no sliding window, no extra tensors) is compacted.
+Rows of a batch keep their own progress, each feeding its own number of tokens on top of its own number of cached
+ones; finished rows leave the batch. How such a batch meets the model (rows packed into one sequence over a ragged
+cache, or padded with holes) is `forwards.py`'s business: the loop sees greedy predictions per fed slot.
 With exact arithmetic the result is the greedy (`generate(do_sample=False)`) output.
 
 Two options recycle work, as Jacobi Forcing's decoder does (notes/jacobi_forcing.md §1, inference), and keep that
@@ -27,7 +25,6 @@ guarantee: every token they propose is checked against the greedy prediction bef
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections import deque
@@ -37,16 +34,13 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from cllm_core.forwards import make_forward
 from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
 from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_forward_counts, pad_sequences
 from cllm_core.stopping import raise_if_stopped
 
 Init = Literal["repeat", "random"]
-COMPACT_AT = 0.5
-"""A batch's cache is compacted before a pass when that frees more than this share of its slots."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +148,7 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
     rule = _Rule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool)
-    return _Loop(_Forward(model, input_ids.device), input_ids, kv_mask, rows, pad, rule)
+    return _Loop(make_forward(model, input_ids.device, len(rows)), input_ids, kv_mask, rows, pad, rule)
 
 
 @dataclass(frozen=True)
@@ -174,7 +168,7 @@ class _Rule:
 class _Loop:
     """What the loop starts from: the model's forward, the prompts and their mask, the rows, pad, the rule."""
 
-    forward: _Forward
+    forward: object  # forwards.PackedForward or .PaddedForward
     input_ids: torch.Tensor
     kv_mask: torch.Tensor
     rows: list[_Row]
@@ -183,16 +177,12 @@ class _Loop:
 
 
 def _steps(loop: _Loop) -> Iterator[JacobiStep]:
-    forward, input_ids, kv_mask, rows, pad, rule = (loop.forward, loop.input_ids, loop.kv_mask, loop.rows, loop.pad,
-                                                    loop.rule)
+    forward, rows, pad, rule = loop.forward, loop.rows, loop.pad, loop.rule
     if rule.carry:  # the prefill fixes the first token, which opens the first block
-        logits = forward(input_ids, kv_mask, _positions(kv_mask), last_only=True)  # (B, 1, V)
-        first = logits[:, -1].argmax(-1).tolist()
+        first = forward.prefill(loop.input_ids, loop.kv_mask)
         yield JacobiStep(0, tuple(_commit(row, [tok], [], rule) for row, tok in zip(rows, first)))
     else:  # the prompt's last token is fed with the first block's whole guess, so the prefill stops before it
-        if input_ids.shape[1] > 1:
-            forward(input_ids[:, :-1], kv_mask[:, :-1], _positions(kv_mask)[:, :-1], last_only=True)
-        kv_mask = kv_mask[:, :-1]
+        forward.prefill(loop.input_ids[:, :-1], loop.kv_mask[:, :-1])
         yield JacobiStep(0, tuple(_commit(row, [], [], rule) for row in rows))
     index = 0
     while True:
@@ -202,18 +192,14 @@ def _steps(loop: _Loop) -> Iterator[JacobiStep]:
             return
         if len(keep) < len(rows):  # finished rows stop costing compute
             forward.select(keep)
-            kv_mask, rows = kv_mask[keep], [rows[b] for b in keep]
-        if forward.compactable and int(kv_mask.sum(-1).max()) < (1 - COMPACT_AT) * kv_mask.shape[1]:
-            kv_mask = forward.compact(kv_mask)
+            rows = [rows[b] for b in keep]
         index += 1
-        kv_mask, steps = _pass(forward, rows, kv_mask, pad, rule)
-        yield JacobiStep(index, tuple(steps))
+        yield JacobiStep(index, tuple(_pass(forward, rows, pad, rule)))
 
 
-def _pass(forward, rows, kv_mask, pad, rule):
+def _pass(forward, rows, pad, rule) -> list[RowStep]:
     """Feed every row its last token, its guess and any recycled branches; commit what the predictions confirm on
     the branch that confirms most; keep in the cache only the slots of committed tokens."""
-    device = kv_mask.device
     branches = [[row.guess, *_recycled(row)] if rule.pool else [row.guess] for row in rows]
     layouts = [_layout(bs) for bs in branches]  # per row: (branch of each slot, position offset of each slot)
     width = max(len(kinds) for kinds, _ in layouts)
@@ -224,15 +210,7 @@ def _pass(forward, rows, kv_mask, pad, rule):
                         for row, bs, extra in zip(rows, branches, padding)])
     kind = torch.tensor([kinds + [-1] * extra for (kinds, _), extra in zip(layouts, padding)])
     offset = torch.tensor([offsets + [0] * extra for (_, offsets), extra in zip(layouts, padding)])
-    new_mask = (kind >= 0).to(kv_mask.dtype)
-    positions = kv_mask.sum(-1, keepdim=True) + offset.to(device)  # (B, q)
-    branched = any(len(bs) > 1 for bs in branches)
-    if branched:
-        mask = _branch_mask(kv_mask, kind.to(device), forward.dtype)
-    else:
-        mask = torch.cat([kv_mask, new_mask.to(device)], 1)
-    logits = forward(fed.to(device), mask, positions)  # (B, q, V)
-    predictions = logits.argmax(-1).tolist()  # predictions[b][i]: the greedy token after slot i on its branch
+    predictions = forward.predict(fed, kind, offset)  # predictions[b][i]: the greedy token after slot i on its branch
 
     steps, kept = [], []  # per row: its step, and the slots of this pass the cache keeps
     for row, pred, bs in zip(rows, predictions, branches):
@@ -248,21 +226,14 @@ def _pass(forward, rows, kv_mask, pad, rule):
         row.guess = chain[matched + 1 : len(branch)]  # the Jacobi update of the unconfirmed tail
         row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], branch[matched + 1 :], row.guess)]
         steps.append(_commit(row, chain[:take], age[:matched], rule, state, prefix))
-        row_kept = [0] * width  # the cache keeps every committed token but the last; the rest become holes
-        row_kept[0] = int(take > 0)
-        row_kept[start : start + take - 1] = [1] * max(take - 1, 0)
+        # the cache keeps every committed token but the last (none of a finished row's); the rest are dropped
+        row_kept = [0] * width
+        if not row.finished:
+            row_kept[0] = int(take > 0)
+            row_kept[start : start + take - 1] = [1] * max(take - 1, 0)
         kept.append(row_kept)
-    new_mask = torch.tensor(kept, dtype=kv_mask.dtype)
-    live = [b for b, row in enumerate(rows) if not row.finished]
-    if branched:  # drop the slots no unfinished row keeps (the losing branches)
-        keep = torch.cat([torch.ones(kv_mask.shape[1], dtype=torch.bool), new_mask[live].bool().any(0)])
-        if not keep.all():
-            forward.keep(keep.nonzero().squeeze(1).to(device))
-        return torch.cat([kv_mask, new_mask.to(device)], 1)[:, keep.to(device)], steps
-    surplus = width - max((max(i for i, k in enumerate(kept[b]) if k) + 1 for b in live if any(kept[b])),
-                          default=width)
-    forward.crop(surplus)
-    return torch.cat([kv_mask, new_mask[:, : width - surplus].to(device)], 1), steps
+    forward.commit(torch.tensor(kept, dtype=torch.bool))
+    return steps
 
 
 def _best_branch(pred: list[int], branches: list[list[int]]) -> tuple[int, bool, int, list[int], list[int]]:
@@ -287,19 +258,6 @@ def _layout(branches: list[list[int]]) -> tuple[list[int], list[int]]:
         kinds += [j + 1] * len(branch)
         offsets += range(1, len(branch) + 1)
     return kinds, offsets
-
-
-def _branch_mask(kv_mask: torch.Tensor, kind: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, q, past + q) additive mask: every slot sees the cache's kept slots, the last token and the earlier
-    slots of its own branch (padding sees only itself and other padding). Additive: eager attention adds a
-    boolean mask (notes/decoding.md §3f)."""
-    q = kind.shape[1]
-    causal = torch.ones(q, q, dtype=torch.bool, device=kind.device).tril()
-    own = causal & ((kind[:, None, :] == 0) | (kind[:, None, :] == kind[:, :, None]))  # (B, q, q)
-    past = kv_mask.bool()[:, None, :].expand(-1, q, -1)  # (B, q, past)
-    allowed = torch.cat([past, own], -1)
-    return torch.zeros(allowed.shape, dtype=dtype, device=kind.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _recycled(row: _Row) -> list[list[int]]:
@@ -373,79 +331,6 @@ def lookup_draft(context: list[int], size: int, ngram: int) -> list[int]:
             if context[start : start + k] == tail:
                 return context[start + k : start + k + size]
     return []
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids for a left-padded batch, as `generate` builds them (pads get a dummy position)."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-class _Forward:
-    """The model call and its cache: the only place that touches the framework."""
-
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.model, self.device = model, device
-        self.dtype = getattr(model, "dtype", torch.float32)  # of a 4-D attention mask
-        self.cache = DynamicCache(config=getattr(model, "config", None))
-        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.slots = self.live_slots = 0  # attention entries computed, and those a row needs (not hole or padding)
-        self.fed = self.live_fed = 0  # tokens fed (each a pass of the linear layers), and those not padding
-
-    @property
-    def compactable(self) -> bool:
-        """Whether `compact` may gather this cache: plain layers only (a sliding window tracks its own length)."""
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
-
-    @torch.inference_mode()
-    def __call__(self, ids, mask, positions, last_only=False):
-        if mask.dim() == 2:  # passes with branches (4-D masks) are left out of the count
-            queries = mask[:, -ids.shape[1]:].sum(-1)
-            self.slots += mask.numel() * ids.shape[1]
-            self.live_slots += int((queries * mask.sum(-1)).sum())
-            self.fed, self.live_fed = self.fed + ids.numel(), self.live_fed + int(queries.sum())
-        kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
-        out = self.model(
-            input_ids=ids,
-            # no holes: let the kernel use its causal path; a 4-D mask is the branches' own
-            attention_mask=mask if mask.dim() == 4 else None if bool(mask.all()) else mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **kwargs,
-        )
-        return out.logits
-
-    @torch.inference_mode()
-    def crop(self, surplus: int) -> None:
-        if surplus:
-            self.cache.crop(-surplus)
-
-    @torch.inference_mode()
-    def keep(self, slots: torch.Tensor) -> None:
-        """Keep only these cache slots, in order (notes/decoding.md §3b: `index_select` on every layer)."""
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(-2, slots)
-            layer.values = layer.values.index_select(-2, slots)
-
-    @torch.inference_mode()
-    def compact(self, kv_mask: torch.Tensor) -> torch.Tensor:
-        """Gather each row's live slots, in order, to the right end of a cache as wide as the fullest row's; the
-        rest is left padding. Returns the mask of the compacted cache."""
-        live = kv_mask.bool()
-        width = int(live.sum(-1).max())
-        order = torch.sort(live.to(torch.int8), dim=-1, stable=True).indices[:, -width:]  # dead slots first
-        for layer in self.cache.layers:
-            layer.keys, layer.values = _gather_slots(layer.keys, order), _gather_slots(layer.values, order)
-        return kv_mask.gather(1, order)
-
-    @torch.inference_mode()
-    def select(self, keep: list[int]) -> None:
-        self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
-
-
-def _gather_slots(states: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """(B, heads, S, d) -> (B, heads, W, d): each row's slots `order[b]` (B, W), in that order."""
-    return states.gather(2, order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[-1]))
 
 
 def jacobi_generate(

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 HERE = Path(__file__).parent
-ENGINE = ("inputs", "stopping", "outputs", "jacobi", "hf_generate")  # each only imports the ones before it
+ENGINE = ("inputs", "stopping", "outputs", "forwards", "jacobi", "hf_generate")  # each only imports the ones before it
 SHIPPED = Path("custom_generate") / "generate.py"
 
 HEADER = '''"""Jacobi decoding for this CLLM, called by transformers:

@@ -1,8 +1,9 @@
 """Tier (b): on tiny random Hugging Face models, Jacobi output == greedy `generate`, token for token (fp32)."""
 
 import pytest
+import torch
 
-from cllm_core import jacobi_generate, reference_jacobi_generate
+from cllm_core import forwards, jacobi_generate, reference_jacobi_generate
 from tests.tiny import PAD, prompts, tiny_model
 
 MAX_NEW = 40
@@ -13,6 +14,12 @@ def model(request):
     model = tiny_model(request.param)
     model.generation_config.eos_token_id = None  # `generate` stops only where a test asks it to
     return model
+
+
+@pytest.fixture(autouse=True)
+def pack_small_batches(monkeypatch):
+    """Batches of 2 rows and more decode packed here (by default from 8), so every test of a batch covers it."""
+    monkeypatch.setattr(forwards, "PACK_FROM", 2)
 
 
 _greedy_outputs: dict = {}
@@ -115,15 +122,14 @@ def test_multi_block_and_recycling_equal_greedy_generate(model, n_tokens, batch,
 
 @pytest.mark.parametrize(("blocks", "pool"), [(1, 0), (2, 4)])
 def test_a_compacted_cache_changes_no_state_and_no_token(model, monkeypatch, blocks, pool):
-    """Compacting the cache before every pass (each row's live slots gathered to the end) or never: the same
-    trajectories, state for state, and greedy `generate`'s tokens; the attention computed is more of it live."""
-    import cllm_core.jacobi
-
+    """The padded forward compacting its cache before every pass (each row's live slots gathered to the end) or
+    never: the same trajectories, state for state, and greedy `generate`'s tokens; more of the attention live."""
     ids, mask = prompts(4)
     eos = [eos_from_output(model, ids, mask)]  # rows end at different passes: holes, then rows leaving
     runs = {}
+    monkeypatch.setattr(forwards, "PACK", False)
     for name, at in (("never", 2.0), ("every pass", -1.0)):
-        monkeypatch.setattr(cllm_core.jacobi, "COMPACT_AT", at)
+        monkeypatch.setattr(forwards, "COMPACT_AT", at)
         runs[name] = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=eos,
                                      pad_token_id=PAD, init="random", seed=5, carry=False, blocks=blocks, pool=pool,
                                      return_trajectories=True)
@@ -136,30 +142,91 @@ def test_a_compacted_cache_changes_no_state_and_no_token(model, monkeypatch, blo
         assert always.stats.live_share > never.stats.live_share
 
 
-def test_a_batch_feeds_each_row_what_it_feeds_alone_and_counts_the_rest_as_padding(model):
+def test_a_batch_feeds_each_row_what_it_feeds_alone_packed_exactly_that_padded_with_the_rest_counted(model,
+                                                                                                    monkeypatch):
     """`stats.fed_share`: a row's own tokens among those fed. Each row of a batch (its prompt, then per pass its
-    last token and its guess) is what it feeds decoded alone; the rest, padding to the widest row, is counted."""
+    last token and its guess) is what it feeds decoded alone. The packed forward feeds exactly that; the padded one
+    pads to the widest row and counts the padding."""
     ids, mask = prompts(4)
     eos = [eos_from_output(model, ids, mask)]
     kwargs = dict(n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD, init="random",
                   carry=False)
-    batch = jacobi_generate(model, ids, mask, seed=[0, 1, 2, 3], **kwargs).stats
     alone = [jacobi_generate(model, ids[b:b + 1, -int(mask[b].sum()):], mask[b:b + 1, -int(mask[b].sum()):],
                              seed=b, **kwargs).stats for b in range(4)]
     assert all(one.fed_share == 1.0 and one.fed_tokens == one.live_fed_tokens for one in alone)
-    assert batch.live_fed_tokens == sum(one.fed_tokens for one in alone)
-    assert batch.fed_tokens > batch.live_fed_tokens and batch.fed_share == batch.live_fed_tokens / batch.fed_tokens
+    packed = jacobi_generate(model, ids, mask, seed=[0, 1, 2, 3], **kwargs).stats
+    assert packed.fed_tokens == packed.live_fed_tokens == sum(one.fed_tokens for one in alone)
+    monkeypatch.setattr(forwards, "PACK", False)
+    padded = jacobi_generate(model, ids, mask, seed=[0, 1, 2, 3], **kwargs).stats
+    assert padded.live_fed_tokens == sum(one.fed_tokens for one in alone)
+    assert padded.fed_tokens > padded.live_fed_tokens
+    assert padded.fed_share == padded.live_fed_tokens / padded.fed_tokens
 
 
 def test_a_sliding_window_cache_is_left_uncompacted_and_decodes_exactly(monkeypatch):
     """Regression: compaction gathered a sliding-window layer's keys but not the length it tracks itself, and
     the next forward's mask no longer matched them."""
-    import cllm_core.jacobi
-
     model = tiny_model("mistral")
     model.generation_config.eos_token_id = None
-    monkeypatch.setattr(cllm_core.jacobi, "COMPACT_AT", 0.0)  # whenever a slot could be freed
+    assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4), forwards.PaddedForward)  # never packed
+    monkeypatch.setattr(forwards, "COMPACT_AT", 0.0)  # whenever a slot could be freed
     ids, mask = prompts(4)
     out = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD,
                           init="random", seed=5, carry=False)
     assert out.sequences.tolist() == greedy(model, ids, mask, eos=None).tolist()
+
+
+@pytest.mark.parametrize(("carry", "blocks", "pool"), [(False, 1, 0), (True, 1, 0), (True, 2, 4)])
+def test_the_packed_forward_visits_the_padded_forwards_states_and_gives_greedy_tokens(model, monkeypatch, carry,
+                                                                                     blocks, pool):
+    """Rows packed into one sequence with a ragged cache, or padded with holes: the same trajectories state for
+    state, the same passes per row, and greedy `generate`'s tokens, as rows finish and leave (the buffer then
+    drops them) and recycled branches win (their slots then move to the front of what the row wrote)."""
+    ids, mask = prompts(4)
+    eos = [eos_from_output(model, ids, mask)]
+    runs = {}
+    for pack in (True, False):
+        monkeypatch.setattr(forwards, "PACK", pack)
+        assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4),
+                          forwards.PackedForward if pack else forwards.PaddedForward)
+        runs[pack] = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                                     pad_token_id=PAD, init="random", seed=3, carry=carry, blocks=blocks,
+                                     open_at=0.5, pool=pool, lookup=1, return_trajectories=True)
+    packed, padded = runs[True], runs[False]
+    assert packed.sequences.tolist() == padded.sequences.tolist() == greedy(model, ids, mask, eos=eos).tolist()
+    assert [[b.states for b in row] for row in packed.trajectories] == \
+        [[b.states for b in row] for row in padded.trajectories]
+    assert packed.stats.row_forwards == padded.stats.row_forwards
+    assert packed.stats.fed_share == 1.0
+
+
+def test_a_packed_decode_leaves_the_models_attention_as_it_was_and_plain_forwards_meanwhile_unchanged(model):
+    """The packed forward routes the model's attention through its own function only while it runs; a forward of
+    the same model without its layout meanwhile (another thread's) gets transformers' SDPA, mask and all."""
+    ids, mask = prompts(4)
+    with torch.inference_mode():
+        before = model(ids, attention_mask=mask).logits
+        with forwards._packed_attention(model):
+            assert model.config._attn_implementation == forwards.PACKED
+            during = model(ids, attention_mask=mask).logits
+    assert torch.equal(before, during)
+    jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_models_the_packed_forward_cannot_serve_and_batches_below_pack_from_get_the_padded_one(model, monkeypatch):
+    """Eager attention (not SDPA), models that are not transformers models (the fakes) and batches of fewer than
+    `PACK_FROM` rows decode padded."""
+    from tests.fakes import successor
+
+    monkeypatch.setattr(forwards, "PACK_FROM", 8)
+    cpu = torch.device("cpu")
+    assert isinstance(forwards.make_forward(model, cpu, 7), forwards.PaddedForward)
+    assert isinstance(forwards.make_forward(model, cpu, 8), forwards.PackedForward)
+
+    model.set_attn_implementation("eager")
+    try:
+        assert isinstance(forwards.make_forward(model, cpu, 8), forwards.PaddedForward)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert isinstance(forwards.make_forward(successor(), cpu, 8), forwards.PaddedForward)
