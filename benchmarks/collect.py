@@ -4,12 +4,14 @@
     python -m benchmarks.collect --tiny --limit 32
 
 Three ways collect the same prompts in one process, chunk by chunk (`--batch-size` prompts), the order rotating
-from chunk to chunk, after a warm-up: the collector; the collector with its cache never compacted (holes and
-padding kept, as before compaction); and the reference, `reference_jacobi_generate`: batch 1, no KV cache, the
+from chunk to chunk, after a warm-up: the collector (rows packed into one sequence over a ragged cache, where the
+model's attention is SDPA over plain layers); the collector with the padded forward every other model gets (rows
+padded to the widest, holes compacted); and the reference, `reference_jacobi_generate`: batch 1, no KV cache, the
 context re-encoded every pass. Both draw each block's random guess the same seeded way and the collector does not
 carry a token into the next block, so they visit the same states. Reported: prompts/s and tokens/s of each,
 the ratios to the reference, the share of each collector's attention that a row needed (not holes, not
-padding) and of the tokens it fed that were a row's own (not padding to the widest row), and how far the
+padding), of the tokens it fed that were a row's own (not padding to the widest row), of both weighed by their
+multiply-adds (`compute_share`: the useful share of the pass's arithmetic), and how far the
 trajectories agree (fixed points, and blocks whose states are identical; a block that ends at EOS differs, since
 the collector stops at EOS and the research loop runs the block to its end).
 """
@@ -26,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-import cllm_core.jacobi
 from benchmarks import write_json
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer, reference_jacobi_generate
+from cllm_core import forwards as batch_forwards
 from cllm_core.collect import read_prompt_table
 from cllm_core.outputs import DecodeStats
 from cllm_core.prompts import encode
@@ -41,12 +43,12 @@ def collector(model, ids, mask, args):
                            return_trajectories=True)
 
 
-def uncompacted(model, ids, mask, args):
-    kept, cllm_core.jacobi.COMPACT_AT = cllm_core.jacobi.COMPACT_AT, 1.0  # a share above 1: never compacts
+def padded(model, ids, mask, args):
+    kept, batch_forwards.PACK = batch_forwards.PACK, False  # the forward models without SDPA over plain layers get
     try:
         return collector(model, ids, mask, args)
     finally:
-        cllm_core.jacobi.COMPACT_AT = kept
+        batch_forwards.PACK = kept
 
 
 def reference(model, ids, mask, args):
@@ -57,9 +59,24 @@ def reference(model, ids, mask, args):
     return [out.trajectories[0] for out in outputs], sum(out.stats.forwards for out in outputs)
 
 
-WAYS = {"collector": collector, "uncompacted": uncompacted, "reference": reference}
+WAYS = {"collector": collector, "padded": padded, "reference": reference}
 COUNTED = ("attention_slots", "live_attention_slots", "fed_tokens", "live_fed_tokens")
 """The collectors' stats summed over chunks: the shares are of the sums (DecodeStats.live_share, .fed_share)."""
+
+
+def costs(model) -> tuple[int, int]:
+    """Multiply-adds of one fed token through the linear layers (the LM head included) and of one (query, key)
+    pair of attention over all layers (scores and weighted values): what weighs the two shares into one."""
+    per_token = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return per_token, 2 * config.num_hidden_layers * config.num_attention_heads * head_dim
+
+
+def compute_share(stats: DecodeStats, per_token: int, per_pair: int) -> float:
+    """The share of the multiply-adds of the linear layers and attention together that a row needed."""
+    done = stats.fed_tokens * per_token + stats.attention_slots * per_pair
+    return (stats.live_fed_tokens * per_token + stats.live_attention_slots * per_pair) / done
 
 
 def main() -> None:
@@ -98,7 +115,7 @@ def main() -> None:
     counts = {name: dict.fromkeys(COUNTED, 0) for name in names[:2]}
     tokens, blocks, inner = 0, 0, 0
     same = {name: {"fixed": 0, "states": 0, "inner": 0} for name in names[:2]}
-    ratios = {name: [] for name in names[:2]}
+    ratios, packing = {name: [] for name in names[:2]}, []
     for chunk, first in enumerate(range(0, len(texts), args.batch_size)):
         ids, mask = encode(tokenizer, texts[first:first + args.batch_size], chat=chat)
         timed, took = {}, {}
@@ -118,6 +135,7 @@ def main() -> None:
                 same[name]["fixed"] += [b.fixed_point for b in mine] == [b.fixed_point for b in other]
                 same[name]["states"] += sum(a.states == b.states for a, b in zip(mine, other))
                 same[name]["inner"] += sum(a.states == b.states for a, b in zip(mine[:-1], other[:-1]))  # not EOS's
+        packing.append(took["padded"] / took["collector"])
         for mine in timed["collector"].trajectories:
             tokens += sum(len(b.fixed_point) for b in mine)
             blocks += len(mine)
@@ -135,11 +153,13 @@ def main() -> None:
     for name in names[:2]:
         result[name] |= {
             "live_share": summed[name].live_share, "fed_share": summed[name].fed_share,
+            "compute_share": compute_share(summed[name], *costs(model)),
             "speedup": seconds["reference"] / seconds[name], "median_chunk_speedup": statistics.median(ratios[name]),
             "fixed_points_identical": same[name]["fixed"] / n,
             "blocks_with_identical_states": same[name]["states"] / max(blocks, 1),
             "blocks_before_the_last_with_identical_states": same[name]["inner"] / max(inner, 1)}
-    result["compaction_speedup"] = seconds["uncompacted"] / seconds["collector"]
+    result["packing_speedup"] = seconds["padded"] / seconds["collector"]
+    result["median_chunk_packing_speedup"] = statistics.median(packing)
     result["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                              "threads": torch.get_num_threads(), "device": str(model.device),
                              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -149,12 +169,14 @@ def main() -> None:
         ours = result[name]
         print(f"{name}: {ours['prompts_per_s']:.2f} prompts/s ({ours['tokens_per_s']:.0f} tok/s), "
               f"{ours['speedup']:.1f}x the reference (median per chunk {ours['median_chunk_speedup']:.1f}x), "
-              f"{ours['live_share']:.0%} of its attention live, {ours['fed_share']:.0%} of the tokens fed a row's own; "
+              f"{ours['live_share']:.0%} of its attention live, {ours['fed_share']:.0%} of the tokens fed a row's own, "
+              f"{ours['compute_share']:.0%} of its multiply-adds; "
               f"fixed points identical "
               f"{ours['fixed_points_identical']:.0%}, blocks with identical states "
               f"{ours['blocks_with_identical_states']:.0%} (all but each prompt's last: "
               f"{ours['blocks_before_the_last_with_identical_states']:.0%})")
-    print(f"compaction: {result['compaction_speedup']:.2f}x the uncompacted collector")
+    print(f"packing: the collector at {result['packing_speedup']:.2f}x the padded one "
+          f"(median per chunk {result['median_chunk_packing_speedup']:.2f}x)")
     write_json(args.json, result)
 
 
