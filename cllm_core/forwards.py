@@ -47,7 +47,8 @@ def make_forward(model: nn.Module, device: torch.device, batch: int) -> PaddedFo
     """The packed forward where the model's attention and cache allow it and the batch has `PACK_FROM` rows or
     more, else the padded one."""
     config = getattr(model, "config", None)
-    if PACK and batch >= PACK_FROM and getattr(config, "_attn_implementation", None) == "sdpa" and _plain(config):
+    if (PACK and batch >= PACK_FROM and getattr(config, "_attn_implementation", None) == "sdpa"
+            and not getattr(config, "sub_configs", None) and _plain(config)):  # sub-configs: their own kernels
         return PackedForward(model, device, batch)
     return PaddedForward(model, device)
 
