@@ -335,7 +335,7 @@ def _ragged_mask(lengths: torch.Tensor, queries: torch.Tensor, own: torch.Tensor
     sees = own.gather(2, new.clamp(0, width - 1)[:, None, :].expand(-1, width, -1))  # (B, W, S)
     sees &= ((new >= 0) & (new < queries[:, None]))[:, None, :]
     sees |= (new < 0)[:, None, :]  # the row's committed slots
-    sees[:, :, 0] = True  # padding queries see something (their output is dropped)
+    sees[:, :, 0] = True  # a row with nothing cached or fed (an empty prompt) sees something, unused
     return sees[:, None]
 
 

@@ -230,3 +230,16 @@ def test_models_the_packed_forward_cannot_serve_and_batches_below_pack_from_get_
     finally:
         model.set_attn_implementation("sdpa")
     assert isinstance(forwards.make_forward(successor(), cpu, 8), forwards.PaddedForward)
+
+
+def test_the_ragged_mask_lets_each_row_see_its_committed_slots_then_its_own_fed_slots_causally():
+    """Hand-written: row 0 holds 2 committed slots and feeds 3 tokens, row 1 holds 3 and feeds 1 (2 padding
+    queries); S = max(2 + 3, 3 + 1) = 5. Padding queries see what the row's last token sees (their output is
+    dropped); nothing sees a slot past the row's own."""
+    kind = torch.tensor([[0, 1, 1], [0, -1, -1]])
+    mask = forwards._ragged_mask(torch.tensor([2, 3]), torch.tensor([3, 1]), forwards._own(kind))
+    assert mask.shape == (2, 1, 3, 5)
+    assert mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0],
+                                         [1, 1, 1, 1, 0],
+                                         [1, 1, 1, 1, 1]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0]] * 3
