@@ -44,13 +44,19 @@ PACKED = "cllm_packed_sdpa"  # the attention implementation name registered with
 
 
 def make_forward(model: nn.Module, device: torch.device, batch: int) -> PaddedForward | PackedForward:
-    """The packed forward where the model's attention and cache allow it and the batch has `PACK_FROM` rows or
-    more, else the padded one."""
+    """The packed forward where the model allows it and the batch has `PACK_FROM` rows or more, else the padded
+    one. Allowed: SDPA attention (another decode's switch to the packed name counts as SDPA, so a decode's path
+    does not depend on timing), one config (a composite model's parts have kernels of their own), plain cache
+    layers, `logits_to_keep` taken, and the weights on one device."""
     config = getattr(model, "config", None)
-    if (PACK and batch >= PACK_FROM and getattr(config, "_attn_implementation", None) == "sdpa"
-            and not getattr(config, "sub_configs", None) and _plain(config)):  # sub-configs: their own kernels
-        return PackedForward(model, device, batch)
-    return PaddedForward(model, device)
+    return (PackedForward(model, device, batch) if PACK and batch >= PACK_FROM and _packable(model, config)
+            else PaddedForward(model, device))
+
+
+def _packable(model: nn.Module, config) -> bool:
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", PACKED) and not config.sub_configs
+            and "logits_to_keep" in inspect.signature(model.forward).parameters
+            and len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1 and _plain(config))
 
 
 def _plain(config) -> bool:
@@ -239,8 +245,8 @@ class PackedForward(_Counts):
         self.branched, self.fed_index = False, None
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
-        """Feed the left-padded prompts (B, L); each row's greedy next token ([] when L is 0)."""
-        if ids.shape[1] == 0:
+        """Feed the left-padded prompts (B, L); each row's greedy next token ([] when nothing is fed)."""
+        if not bool(mask.any()):
             return []
         live = mask.bool()
         order = torch.sort(live.to(torch.int8), dim=-1, descending=True, stable=True).indices  # live first
@@ -347,6 +353,11 @@ def _packed_sdpa(module, query, key, value, attention_mask, **kwargs):
     layout = kwargs.pop("cllm_layout", None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    unserved = [name for name in ("sliding_window", "s_aux", "position_bias") if kwargs.get(name) is not None]
+    if unserved or getattr(module, "sinks", None) is not None:
+        what = ", ".join(unserved) or "sinks"
+        raise ValueError(f"packed decoding does not serve this {type(module).__name__} ({what}); decode it with "
+                         "attn_implementation: eager (the padded forward) and report it")
     layout.calls += 1
     heads, d = query.shape[1], query.shape[-1]
     grid = query.new_zeros(layout.rows * layout.width, heads, d).index_copy_(0, layout.q_index,
@@ -372,7 +383,8 @@ def _packed_attention(model: nn.Module):
         if PACKED not in AttentionInterface._global_mapping:
             AttentionInterface.register(PACKED, _packed_sdpa)
             AttentionMaskInterface.register(PACKED, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-        kept, users = _users.get(id(config), (config._attn_implementation, 0))
+        current = config._attn_implementation  # the packed name only if another copy of this module holds it
+        kept, users = _users.get(id(config), ("sdpa" if current == PACKED else current, 0))
         config._attn_implementation = PACKED
         _users[id(config)] = (kept, users + 1)
     try:

@@ -209,6 +209,8 @@ def test_a_packed_decode_leaves_the_models_attention_as_it_was_and_plain_forward
         with forwards._packed_attention(model):
             assert model.config._attn_implementation == forwards.PACKED
             during = model(ids, attention_mask=mask).logits
+            # a decode that starts meanwhile is packed all the same: its path does not depend on timing
+            assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4), forwards.PackedForward)
     assert torch.equal(before, during)
     jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
     assert model.config._attn_implementation == "sdpa"
@@ -243,3 +245,27 @@ def test_the_ragged_mask_lets_each_row_see_its_committed_slots_then_its_own_fed_
                                          [1, 1, 1, 1, 0],
                                          [1, 1, 1, 1, 1]]
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0]] * 3
+
+
+def test_one_token_prompts_padded_wider_decode_packed_without_a_prefill(model):
+    """Regression: without carry the prefill stops before each prompt's last token; prompts of one token padded to
+    two left it nothing to feed, and the packed forward built an empty mask and failed."""
+    ids, mask = torch.tensor([[PAD, 5], [PAD, 9]]), torch.tensor([[0, 1], [0, 1]])
+    assert isinstance(forwards.make_forward(model, torch.device("cpu"), 2), forwards.PackedForward)
+    out = jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD,
+                          init="random", carry=False)
+    assert out.sequences.tolist() == greedy(model, ids, mask, eos=None).tolist()
+
+
+def test_attention_the_packed_forward_does_not_serve_fails_in_one_line_before_a_token():
+    """A Mistral whose layers are all full attention but whose config keeps a sliding window passes the window to
+    its attention: the packed mask would ignore it, so the first forward refuses, naming it and the way out."""
+    model = tiny_model("mistral")
+    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+    model.config.sliding_window = 4
+    ids, mask = prompts(4)
+    assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4), forwards.PackedForward)  # plain layers
+    refusal = r"does not serve this MistralAttention \(sliding_window\).*attn_implementation: eager"
+    with pytest.raises(ValueError, match=refusal):
+        jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
+    assert model.config._attn_implementation == "sdpa"
