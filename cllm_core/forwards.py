@@ -46,22 +46,21 @@ PACKED = "cllm_packed_sdpa"  # the attention implementation name registered with
 def make_forward(model: nn.Module, device: torch.device, batch: int) -> PaddedForward | PackedForward:
     """The packed forward where the model allows it and the batch has `PACK_FROM` rows or more, else the padded
     one. Allowed: SDPA attention (another decode's switch to the packed name counts as SDPA, so a decode's path
-    does not depend on timing), one config (a composite model's parts have kernels of their own), plain cache
-    layers, `logits_to_keep` taken, and the weights on one device."""
+    does not depend on timing), one config (a composite model's parts have kernels of their own), `logits_to_keep`
+    taken, the weights on one device, and every cache layer a plain full-attention one (no sliding window, no
+    extra state)."""
     config = getattr(model, "config", None)
-    return (PackedForward(model, device, batch) if PACK and batch >= PACK_FROM and _packable(model, config)
-            else PaddedForward(model, device))
+    if (PACK and batch >= PACK_FROM and getattr(config, "_attn_implementation", None) in ("sdpa", PACKED)
+            and not config.sub_configs and _takes_logits_to_keep(model)
+            and len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1):
+        layers = DynamicCache(config=config).layers
+        if all(type(layer) is DynamicLayer for layer in layers):
+            return PackedForward(model, device, batch, len(layers))
+    return PaddedForward(model, device)
 
 
-def _packable(model: nn.Module, config) -> bool:
-    return (getattr(config, "_attn_implementation", None) in ("sdpa", PACKED) and not config.sub_configs
-            and "logits_to_keep" in inspect.signature(model.forward).parameters
-            and len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1 and _plain(config))
-
-
-def _plain(config) -> bool:
-    """Every layer of the model's cache a plain full-attention layer (no sliding window, no extra state)."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 class _Counts:
@@ -78,7 +77,7 @@ class PaddedForward(_Counts):
         self.model, self.device = model, device
         self.dtype = getattr(model, "dtype", torch.float32)  # of a 4-D attention mask
         self.cache = DynamicCache(config=getattr(model, "config", None))
-        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.takes_logits_to_keep = _takes_logits_to_keep(model)
         self.kv_mask = None
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
@@ -230,16 +229,18 @@ class _PackedCache:
         return self.keys[layer_idx][:, :S].transpose(1, 2), self.values[layer_idx][:, :S].transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layout.mask.shape[-1] if self.layout else 0
+        """Rows of a packed batch hold different lengths: a model that asks for one cannot be packed."""
+        raise ValueError("packed decoding does not serve a model that reads its cache's length; decode it with "
+                         "attn_implementation: eager (the padded forward) and report it")
 
 
 class PackedForward(_Counts):
     """Rows packed into one sequence; each row's cache a dense prefix of its slots (module docstring)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, batch: int):
+    def __init__(self, model: nn.Module, device: torch.device, batch: int, layers: int):
         super().__init__()
         self.model, self.device = model, device
-        self.cache, self.layers = _PackedCache(), len(DynamicCache(config=model.config).layers)
+        self.cache, self.layers = _PackedCache(), layers
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # live slots per buffer row
         self.active = torch.arange(batch, device=device)  # the loop's rows -> buffer rows
         self.branched, self.fed_index = False, None
