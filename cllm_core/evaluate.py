@@ -83,7 +83,8 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
 
 
 def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_path: str | Path, out_dir: Path,
-                   log: Callable[[str], None] = print, precision: str = "fp32") -> Evaluation:
+                   log: Callable[[str], None] = print, precision: str = "fp32",
+                   warn: Callable[[str], None] | None = None) -> Evaluation:
     """Evaluate the named models (the first is the baseline: the teacher) on the eval prompts, their weights in
     the resolved `precision`; writes `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the
     summary, the file paths and the precision."""
@@ -110,6 +111,8 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
         f"batch {config.batch_size}, {used}")
     samples = evaluate(loaded, tokenizer, prompts, chat, config, log)
     summary = summarize(samples, (baseline, "ar"))
+    for line in shortfalls(summary, (baseline, "ar")):
+        (warn or log)(line)
     out_dir.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(samples), out_dir / "samples.parquet")
     (out_dir / "summary.json").write_text(json.dumps([row.to_json() for row in summary], indent=2) + "\n")
@@ -180,6 +183,24 @@ def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
     ingest = json.loads(manifest.read_text()).get("config", {}) if manifest.is_file() else {}
     preset = PRESETS.get(ingest.get("preset") or ingest.get("source") or "")
     return preset.check if preset else "exact"
+
+
+ACCURACY_DROP = 0.10
+"""A model this far below the baseline's accuracy is said loudly (a CLLM that collapsed: LoRA at too high a rate)."""
+
+
+def shortfalls(summary: list[SummaryRow], baseline: Pair) -> list[str]:
+    """One line per model whose accuracy, with any of its methods, falls more than `ACCURACY_DROP` below the
+    baseline pair's; the evaluation still reports it (its table is what shows how far)."""
+    base = next((row.accuracy for row in summary if (row.model, row.method) == baseline), None)
+    lines, said = [], set()
+    for row in summary:
+        if base is not None and row.model not in said and row.accuracy < base - ACCURACY_DROP:
+            said.add(row.model)
+            lines.append(f"{row.model} answers {row.accuracy:.1%} right with {row.method} against {baseline[0]}'s "
+                         f"{base:.1%} ({baseline[1]}): more than {ACCURACY_DROP:.0%} below it, it is not fit to "
+                         "replace it; check its training (finetune.lr, LoRA's rate, steps) before using it")
+    return lines
 
 
 def summarize(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> list[SummaryRow]:

@@ -15,4 +15,5 @@ from cllm_core.records import Evaluation
 def evaluate_models(config: EvalConfig, models: dict[str, ModelConfig], prompts: Path, out_dir: Path,
                     precision: str = "auto") -> Evaluation:
     """Summary rows, the per-sample Parquet and the PNGs (paths) of one evaluation."""
-    return run_evaluation(config, models, prompts, out_dir, log=get_run_logger().info, precision=precision)
+    logger = get_run_logger()
+    return run_evaluation(config, models, prompts, out_dir, log=logger.info, precision=precision, warn=logger.warning)

@@ -9,7 +9,7 @@ import pytest
 
 from cllm_core import ModelConfig
 from cllm_core.config import EvalConfig
-from cllm_core.evaluate import run_evaluation, summarize
+from cllm_core.evaluate import run_evaluation, shortfalls, summarize
 
 
 def sample(prompt, model, method, tokens, forwards, seconds, correct=True, same=True):
@@ -17,6 +17,15 @@ def sample(prompt, model, method, tokens, forwards, seconds, correct=True, same=
             "tokens_per_forward": tokens / forwards, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "fast_forward": tokens - forwards, "stationary": 0, "matches_ar": same, "correct": correct,
             "repetitive": False}
+
+
+def test_a_model_far_below_the_baselines_accuracy_is_said_once_and_one_close_to_it_not():
+    """A collapsed CLLM (LoRA at too high a rate made 2% against 99%) was only a number in the table."""
+    samples = [sample(p, "teacher", "ar", 10, 10, 1.0) for p in "abcdefghij"]
+    samples += [sample(p, model, method, 10, 5, 1.0, correct=p not in wrong) for p in "abcdefghij"
+                for model, wrong in (("near", "a"), ("collapsed", "abcdefgh")) for method in ("ar", "jacobi")]
+    lines = shortfalls(summarize(samples), ("teacher", "ar"))
+    assert len(lines) == 1 and lines[0].startswith("collapsed answers 20.0% right with ar against teacher's 100.0%")
 
 
 def test_summary_rows_are_totals_over_prompts_and_speedups_against_the_baseline():
