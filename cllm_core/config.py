@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -277,6 +278,9 @@ class FinetuneConfig(Section):
                            "(half the wrong tokens after the first error corrected).")
     include_repetitive: bool = Field(False, description="Train on trajectories flagged as degenerate repetition.")
     steps: int = Field(1000, ge=1, description="Optimizer steps (the schedule's length).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the trajectories instead of `steps`: the steps "
+                                 "follow from the data (each response once an epoch for jacobi_forcing, each block "
+                                 "for cllm, over batch_size x processes a step).")
     max_minutes: float | None = Field(None, gt=0, description="Stop early after this much wall time (recorded).")
     batch_size: int = Field(32, ge=1, description="Blocks sampled per step per process (each with its AR "
                             "sequence and states_per_block states).")
@@ -313,6 +317,20 @@ class FinetuneConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _steps_or_epochs(self) -> FinetuneConfig:
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError(f"finetune sets both steps ({self.steps}) and epochs ({self.epochs}); set one (the other "
+                             "follows from the data)")
+        return self
+
+    def with_steps_for(self, items: int) -> FinetuneConfig:
+        """This config with `steps` derived from `epochs` over `items` (what one epoch sees once); as is without."""
+        if self.epochs is None:
+            return self
+        per_step = self.batch_size * self.launch.processes
+        return self.model_copy(update={"steps": max(1, math.ceil(self.epochs * items / per_step))})
+
+    @model_validator(mode="after")
     def _forcing_reads_the_teacher(self) -> FinetuneConfig:
         if self.objective == "jacobi_forcing" and (self.consistency, self.ar_labels) != ("global", "teacher"):
             raise ValueError("objective jacobi_forcing trains each noisy block towards its fixed point with the "
@@ -324,7 +342,7 @@ class FinetuneConfig(Section):
         fields only when they decide something, so CLLMs trained before they existed stay valid)."""
         excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
                     "registered_model"} | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
-            | ({"lora"} if self.lora is None else set())
+            | ({"lora"} if self.lora is None else set()) | ({"epochs"} if self.epochs is None else set())
         if self.objective == "cllm":
             excluded |= {"objective", "noise_window"}
         else:

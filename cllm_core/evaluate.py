@@ -3,13 +3,16 @@
 Each prompt is decoded by every (model, method) pair in a rotating order, after a warm-up, so machine drift
 hits every pair alike. A sample per (prompt, model, method) holds the counts of the decoders' shared
 conventions (`outputs.py`), the wall time, whether the output equals the same model's greedy AR output, the
-extracted answer and its correctness, and a repetition flag; `summarize` turns samples into one row per
-pair, with speedups against a baseline pair (the teacher's AR).
+extracted answer and its correctness, a repetition flag, and the scoring model's (the teacher's) mean per-token
+log-likelihood of the output; `summarize` turns samples into one row per pair, with speedups against a baseline
+pair (the teacher's AR) and quality that a worse model lowers even where accuracy says nothing (a task the teacher
+cannot solve): final answers equal to the baseline's, outputs identical to it, and the teacher's likelihood of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -47,10 +50,12 @@ def decoders(config: EvalConfig) -> dict[str, Callable]:
 
 
 def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict], chat: bool, config: EvalConfig,
-             log: Callable[[str], None] = print, pairs: dict[Pair, Callable] | None = None) -> list[dict]:
+             log: Callable[[str], None] = print, pairs: dict[Pair, Callable] | None = None,
+             scorer: str | None = None) -> list[dict]:
     """Decode `prompts` (dicts with prompt_id, prompt, answer) with every model x method, or with the given
     `pairs` ((model, method) -> its `decode(model, ids, mask)`; a model's "ar" pair, if any, is what its exact
-    match compares with); one sample each (a dict: a row of samples.parquet).
+    match compares with); one sample each (a dict: a row of samples.parquet). Every output is scored by the
+    `scorer` model's (default: the first) mean per-token log-likelihood, untimed.
 
     Batches of `config.batch_size` prompts are decoded together; a sample's seconds are then its batch's
     time shared equally among the rows.
@@ -60,6 +65,7 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
             config = with_block_size(config, models, log)
         pairs = {(model, method): decode for model in models for method, decode in decoders(config).items()}
     order: list[Pair] = list(pairs)
+    score = partial(mean_logprob, models[scorer or next(iter(models))])
     check = CHECKS["exact" if config.check == "auto" else config.check]
     warm = prompts[: config.batch_size]
     for model, method in order:  # kernels, allocator and caches settle before anything is timed
@@ -75,9 +81,14 @@ def evaluate(models: dict[str, torch.nn.Module], tokenizer, prompts: list[dict],
         for model, method in order[chunk % len(order):] + order[: chunk % len(order)]:  # rotating order
             outputs[model, method] = _timed(pairs[model, method], models[model], ids, mask)
         for row, prompt in enumerate(batch):
+            scored: dict[tuple, float] = {}  # equal outputs are scored once
             for (model, method), (seconds, out) in outputs.items():
-                samples.append(_sample(prompt, model, method, row, ids.shape[1], seconds / len(batch), out,
-                                       outputs.get((model, "ar")), tokenizer, check))
+                sample = _sample(prompt, model, method, row, ids.shape[1], seconds / len(batch), out,
+                                 outputs.get((model, "ar")), tokenizer, check)
+                response = tuple(out.response(row, ids.shape[1]))
+                if response not in scored:
+                    scored[response] = score(ids[row][mask[row].bool()].tolist(), list(response))
+                samples.append(sample | {"baseline_logprob": scored[response]})
         log(f"{min(start + len(batch), len(prompts))}/{len(prompts)} prompts")
     return samples
 
@@ -220,6 +231,13 @@ def summarize(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> list[S
                       if r["prompt_id"] in base and base[r["prompt_id"]]["tokens_per_s"] > 0]
             speeds = {"speedup": _speed(group) / base_speed,
                       "mean_speedup": statistics.fmean(ratios) if ratios else float("nan")}
+        paired = [(r, base[r["prompt_id"]]) for r in group if r["prompt_id"] in base and "response" in r]
+        if paired:
+            speeds |= {"answer_agreement": _mean(r["answer"] == b["answer"] for r, b in paired),
+                       "same_as_baseline": _mean(r["response"] == b["response"] for r, b in paired)}
+        if any("baseline_logprob" in r for r in group):
+            speeds["baseline_logprob"] = _mean(r["baseline_logprob"] for r in group
+                                               if not math.isnan(r.get("baseline_logprob", math.nan)))
         rows.append(SummaryRow(
             model, method, prompts=len(group), new_tokens=tokens, forwards=forwards,
             tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=_speed(group),
@@ -228,6 +246,17 @@ def summarize(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> list[S
             fast_forward=sum(r["fast_forward"] for r in group), stationary=sum(r["stationary"] for r in group),
             **speeds))
     return rows
+
+
+@torch.no_grad()
+def mean_logprob(model, prompt: list[int], response: list[int]) -> float:
+    """`model`'s mean per-token log-likelihood of `response` after `prompt` (NaN for an empty response)."""
+    if not response:
+        return float("nan")
+    ids = torch.tensor([prompt + response], device=_device(model))
+    logits = model(input_ids=ids, logits_to_keep=len(response) + 1).logits[0, :-1].float()  # (R, V)
+    targets = torch.tensor(response, device=logits.device)[:, None]
+    return logits.log_softmax(-1).gather(-1, targets).mean().item()
 
 
 def identical_to(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> dict[Pair, float]:

@@ -45,7 +45,7 @@ from cllm_core.models import load_model, load_tokenizer, resolve_device, tokeniz
 from cllm_core.precision import resolve
 from cllm_core.prompts import encode
 from cllm_core.records import CllmRecord
-from cllm_core.samples import Batch, PackedBatch, Sampler, TrajectoryData, label_ids, load_trajectories
+from cllm_core.samples import Batch, PackedBatch, Sampler, TrajectoryData, epoch_size, label_ids, load_trajectories
 from cllm_core.schedule import warmup_cosine
 from cllm_core.shipping import ship_generate
 from cllm_core.stopping import raise_if_stopped
@@ -123,6 +123,7 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     if held is not None:
         return held
     _check_writable(out_dir)
+    config = config.with_steps_for(epoch_size(data, config.objective))
     labels = None
     if config.ar_labels == "ground_truth":
         labels = label_ids(data, answers or {}, lambda text: tokenizer(text, add_special_tokens=False).input_ids,
@@ -161,8 +162,9 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
         log(f"resuming from {resume} at step {run.start_step}")
     batch = (f"batch {config.batch_size} responses packed as Jacobi Forcing (noise window {config.noise_window})"
              if config.objective == "jacobi_forcing" else f"batch {config.batch_size}")
+    steps = f"{config.steps} steps" + (f" ({config.epochs:g} epochs)" if config.epochs else "")
     log(f"fine-tuning on {len(data.items):,} blocks of {len(data.rows):,} prompts (n_tokens {data.n_tokens}; "
-        f"{data.excluded_repetitive} repetitive excluded) for {config.steps} steps, {batch}, {resolved.name}")
+        f"{data.excluded_repetitive} repetitive excluded) for {steps}, {batch}, {resolved.name}")
     return run
 
 
@@ -206,7 +208,9 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
     """The loop, from the resumed step to `steps` or the wall-clock guard: losses, logging, Jacobi samples,
     checkpoints. Returns the run's metrics."""
     config, data, accelerator, lm = run.config, run.data, run.accelerator, run.lm
-    sampler = Sampler(data, config, run.labels, run.tokenizer.pad_token_id, accelerator.process_index)
+    sampler = Sampler(data, config, run.labels, run.tokenizer.pad_token_id, accelerator.process_index,
+                      accelerator.num_processes)
+    per_epoch = epoch_size(data, config.objective) / (config.batch_size * accelerator.num_processes)
     probe_texts = probe[0][: config.sample_prompts]
     if probe_texts and accelerator.distributed_type == DistributedType.FSDP:
         log("Jacobi samples are off under FSDP (each pass would gather the sharded weights, and every process "
@@ -244,15 +248,16 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
             metrics = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
             metrics |= {"lr": run.scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
-            metrics = _across_processes(accelerator, metrics)
+            metrics = _across_processes(accelerator, metrics) | {"epoch": step / per_epoch}  # the data seen
             history.append({"step": step, **metrics})
             if on_metrics and accelerator.is_main_process:
                 on_metrics(step, metrics)
             if progress and accelerator.is_main_process:
                 progress(step, config.steps, metrics)
             left = (time.perf_counter() - began) / step * (config.steps - step)
-            log(f"step {step}/{config.steps}: loss {metrics['loss']:.3f} (consistency {metrics['consistency']:.3f}, "
-                f"ar {metrics['ar']:.3f}), fixed-point agreement {metrics['agreement']:.3f}, "
+            log(f"step {step}/{config.steps} (epoch {metrics['epoch']:.2f}): loss {metrics['loss']:.3f} "
+                f"(consistency {metrics['consistency']:.3f}, ar {metrics['ar']:.3f}), fixed-point agreement "
+                f"{metrics['agreement']:.3f}, "
                 f"{metrics['tokens_per_s']:.0f} tok/s, about {left:.0f} s left")
             window, window_tokens, window_start = [], 0, time.perf_counter()
         if probe_ids is not None and (step % config.sample_every == 0 or last):
@@ -395,15 +400,18 @@ def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.
     """
     device = batch.ids.device.type  # the mask in the autocast dtype: fp32's minimum is -inf in fp16
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-    inputs = {"attention_mask": forcing.attention_bias(batch.kind, compute), "position_ids": batch.positions}
+    inputs = {"attention_mask": forcing.attention_bias(batch.kind, compute, batch.segment),
+              "position_ids": batch.positions}
     at = _logits_at(lm, batch.ids, head, **inputs)
+    labelled = batch.ar_mask.nonzero(as_tuple=True)  # row-major, so their flat indices are sorted
+    at_labels = at(*labelled)  # (P, V)
     row, noisy, clean = batch.pairs.unbind(1)  # (K,) each
     student = at(row, noisy)[None]  # (1, K, V)
-    target = at(row, clean).detach()[None]
+    width = batch.ids.shape[1]  # a clean twin is an AR label (it predicts the clean stream's next token): its
+    twin = torch.searchsorted(labelled[0] * width + labelled[1], row * width + clean)  # logits are read once
+    target = at_labels[twin].detach()[None]
     counted = torch.ones_like(row, dtype=torch.bool)[None]
     consistency = consistency_kl(student, target, counted) * share[0]
-    labelled = batch.ar_mask.nonzero(as_tuple=True)
-    at_labels = at(*labelled)
     ar = ar_loss(at_labels, batch.labels[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
                  config.label_smoothing) * share[1]
     loss = config.consistency_weight * consistency + config.ar_weight * ar

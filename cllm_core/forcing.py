@@ -9,6 +9,10 @@ The noisy state of block j is the trajectory state whose noise (share of the blo
 on) is nearest a progressive schedule over a window of blocks: `linspace(0, 1, window)[(phase + j) % window]`.
 The reference starts every sequence at phase 0; here the phase is drawn per draw (seeded by step and slot), so
 responses shorter than the window also meet its noisy end, and repeated epochs see every block at every level.
+
+A step's packed responses share rows (`fit_rows`: first fit, longest first, into rows as long as the longest), each
+a segment that sees only itself, with its own positions: padding costs what the longest response leaves over,
+not what every shorter one does, and the attention stays within a row no longer than one response.
 """
 
 from __future__ import annotations
@@ -81,13 +85,17 @@ def pack(prompt: list[int], noisy: list[list[int]], clean: list[list[int]]) -> P
     return Packed(ids, positions, kind, labels, pairs)
 
 
-def attention_bias(kind: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 1, L, L) additive mask from kind (B, L): 0 where query q may see key k (k <= q, and k is prompt or of
-    q's own kind), the dtype's minimum elsewhere. Additive, not boolean: eager attention adds a boolean mask
-    (notes/decoding.md §3f). Right padding (PADDING) sees the prompt and itself; no real token sees it."""
+def attention_bias(kind: torch.Tensor, dtype: torch.dtype = torch.float32, segment: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """(B, 1, L, L) additive mask from kind (B, L): 0 where query q may see key k (k <= q, k in q's segment, and k
+    is prompt or of q's own kind), the dtype's minimum elsewhere. `segment` (B, L): which packed response of the
+    row a token belongs to (None: one per row). Additive, not boolean: eager attention adds a boolean mask.
+    Right padding (PADDING, its own segment) sees itself and the padding before it; no real token sees it."""
     length = kind.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=kind.device).tril()
     allowed = causal & ((kind[:, None, :] == PROMPT) | (kind[:, None, :] == kind[:, :, None]))  # (B, q, k)
+    if segment is not None:
+        allowed &= segment[:, None, :] == segment[:, :, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=kind.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)[:, None]
 
@@ -100,3 +108,20 @@ def packed_row(prompt: list[int], response: list[int], block_states: list[list[l
     noisy = [noisy_state(states, fixed_point, target)
              for states, fixed_point, target in zip(block_states, clean, targets)]
     return pack(prompt, noisy, clean)
+
+
+def fit_rows(lengths: list[int]) -> list[list[int]]:
+    """Sequences (by length) packed into rows no longer than the longest: first fit, longest first. Returns each
+    row's sequence indices in packing order; deterministic for the same lengths."""
+    cap = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((r for r, left in enumerate(room) if lengths[i] <= left), None)
+        if fits is None:
+            rows.append([i])
+            room.append(cap - lengths[i])
+        else:
+            rows[fits].append(i)
+            room[fits] -= lengths[i]
+    return rows

@@ -125,9 +125,12 @@ class SummaryRow(Record):
     stationary: int
     speedup: float | None = None  # tokens/s over the baseline pair's (None: no baseline was measured)
     mean_speedup: float | None = None  # the mean of per-prompt tokens/s ratios
+    answer_agreement: float | None = None  # share of prompts whose final answer is the baseline pair's
+    same_as_baseline: float | None = None  # share of outputs identical to the baseline pair's
+    baseline_logprob: float | None = None  # the baseline model's mean per-token log-likelihood of these outputs
 
     HEADLINE: ClassVar = ("tokens_per_forward", "tokens_per_s", "speedup", "mean_speedup", "accuracy", "exact_match",
-                          "repetition_rate")
+                          "repetition_rate", "answer_agreement", "same_as_baseline", "baseline_logprob")
     """The figures logged as MLflow metrics, named `{model}.{method}.{figure}`."""
 
 

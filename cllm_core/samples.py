@@ -12,6 +12,7 @@ and every loss mask is built from lengths (never from `!= pad_token_id`, which b
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from functools import cached_property
@@ -137,25 +138,44 @@ class Sampler:
     labels: dict[int, list[int]] | None = None  # ground-truth AR labels per row; None: the teacher's response
     pad: int = 0
     process: int = 0
+    processes: int = 1
 
     def batch(self, step: int) -> Batch | PackedBatch:
         size, offset = self.config.batch_size, self.process * self.config.batch_size
+        per_step = size * self.processes
         if self.config.objective == "jacobi_forcing":  # whole responses, packed
             rows = self.data.trained_rows
-            indices = draw_items(size, step, offset, len(rows), self.config.seed)
+            indices = draw_items(size, step, offset, len(rows), self.config.seed, per_step)
             return make_packed_batch(self.data, [rows[i] for i in indices], step, offset, seed=self.config.seed,
                                      window=self.config.noise_window, ar_on_prompt=self.config.ar_on_prompt,
                                      pad=self.pad)
-        indices = draw_items(size, step, offset, len(self.data.items), self.config.seed)
+        indices = draw_items(size, step, offset, len(self.data.items), self.config.seed, per_step)
         return make_batch(self.data, indices, step, offset, seed=self.config.seed,
                           local=self.config.consistency == "local", augment=self.config.augment, labels=self.labels,
                           ar_on_prompt=self.config.ar_on_prompt, pad=self.pad,
                           states_per_block=self.config.states_per_block)
 
 
-def draw_items(count: int, step: int, slot_offset: int, total: int, seed: int) -> list[int]:
-    """Item indices for one step: each slot's draw is seeded by (seed, step, slot), uniform over items."""
-    return [_rng(seed, step, slot_offset + slot).randrange(total) for slot in range(count)]
+def draw_items(count: int, step: int, slot_offset: int, total: int, seed: int, per_step: int | None = None
+               ) -> list[int]:
+    """Item indices for one step's slots. The draws walk through a permutation of the items seeded per epoch, so
+    each epoch sees every item once: slot s of step t is draw (t - 1) * per_step + s of the run (per_step: the
+    step's slots over every process, `count` alone). A step's items depend only on the step: resumable."""
+    per_step = per_step or count
+    draws = [(step - 1) * per_step + slot_offset + slot for slot in range(count)]
+    return [_permutation(seed, draw // total, total)[draw % total] for draw in draws]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, total: int) -> tuple[int, ...]:
+    order = list(range(total))
+    _rng(seed, epoch, "epoch").shuffle(order)
+    return tuple(order)
+
+
+def epoch_size(data: TrajectoryData, objective: str) -> int:
+    """What one epoch sees once: the trained responses (jacobi_forcing) or blocks (cllm)."""
+    return len(data.trained_rows) if objective == "jacobi_forcing" else len(data.items)
 
 
 def make_batch(data: TrajectoryData, indices: list[int], step: int, slot_offset: int, *, seed: int,
@@ -199,10 +219,11 @@ def make_batch(data: TrajectoryData, indices: list[int], step: int, slot_offset:
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """One step of Jacobi Forcing: B packed rows (cllm_core.forcing), right-padded to L.
+    """One step of Jacobi Forcing: the step's packed responses (cllm_core.forcing) in B rows, right-padded to L.
 
-    ids, positions, kind (B, L): tokens, position ids (noisy and clean blocks share theirs), PROMPT/NOISY/CLEAN/
-    PADDING; labels (B, L): the clean-stream token each position predicts (pad where none); ar_mask (B, L) bool:
+    ids, positions, kind (B, L): tokens, position ids (noisy and clean blocks share theirs; each response's start at
+    0), PROMPT/NOISY/CLEAN/PADDING; segment (B, L): which response of its row a token is (-1: padding);
+    labels (B, L): the clean-stream token each position predicts (pad where none); ar_mask (B, L) bool:
     where the AR loss counts (response labels, with the prompt's under ar_on_prompt); pairs (K, 3): (row, noisy
     index, clean index) of the counted consistency terms.
     """
@@ -210,6 +231,7 @@ class PackedBatch:
     ids: torch.Tensor
     positions: torch.Tensor
     kind: torch.Tensor
+    segment: torch.Tensor
     labels: torch.Tensor
     ar_mask: torch.Tensor
     pairs: torch.Tensor
@@ -221,7 +243,8 @@ class PackedBatch:
 
 def make_packed_batch(data: TrajectoryData, rows: list[int], step: int, slot_offset: int, *, seed: int,
                       window: int, ar_on_prompt: bool, pad: int) -> PackedBatch:
-    """Tensors for the trajectory rows `rows`, each packed whole; its noise phase drawn from (seed, step, slot)."""
+    """Tensors for the trajectory rows `rows`, each packed whole (its noise phase drawn from (seed, step, slot)),
+    several to a batch row where they fit beside each other (`forcing.fit_rows`)."""
     packed, ar_masks = [], []
     for slot, row_index in enumerate(rows):
         row = data.rows[row_index]
@@ -232,15 +255,29 @@ def make_packed_batch(data: TrajectoryData, rows: list[int], step: int, slot_off
         ar_masks.append([label >= 0 and (kind == forcing.CLEAN or i == last_prompt or ar_on_prompt)
                          for i, (label, kind) in enumerate(zip(one.labels, one.kind))])
         packed.append(one)
-    ids = _pad([p.ids for p in packed], pad)
+    lines = forcing.fit_rows([len(p.ids) for p in packed])
+    columns: dict[str, list[list]] = {name: [] for name in ("ids", "positions", "kind", "segment", "labels", "ar")}
+    pairs = []
+    for b, line in enumerate(lines):
+        for name in columns:
+            columns[name].append([])
+        for segment, i in enumerate(line):
+            one, start = packed[i], len(columns["ids"][b])
+            columns["ids"][b] += one.ids
+            columns["positions"][b] += one.positions
+            columns["kind"][b] += one.kind
+            columns["segment"][b] += [segment] * len(one.ids)
+            columns["labels"][b] += [pad if label < 0 else label for label in one.labels]
+            columns["ar"][b] += ar_masks[i]
+            pairs += [(b, start + k, start + f) for k, f in one.pairs]
+    ids = _pad(columns["ids"], pad)
     width = ids.shape[1]
-    return PackedBatch(ids=ids, positions=_pad([p.positions for p in packed], 0, width=width),
-                       kind=_pad([p.kind for p in packed], forcing.PADDING, width=width),
-                       labels=_pad([[pad if label < 0 else label for label in p.labels] for p in packed], pad,
-                                   width=width),
-                       ar_mask=_pad(ar_masks, False, torch.bool, width),
-                       pairs=torch.tensor([(b, k, f) for b, p in enumerate(packed) for k, f in p.pairs],
-                                          dtype=torch.long).reshape(-1, 3))
+    return PackedBatch(ids=ids, positions=_pad(columns["positions"], 0, width=width),
+                       kind=_pad(columns["kind"], forcing.PADDING, width=width),
+                       segment=_pad(columns["segment"], -1, width=width),
+                       labels=_pad(columns["labels"], pad, width=width),
+                       ar_mask=_pad(columns["ar"], False, torch.bool, width),
+                       pairs=torch.tensor(pairs, dtype=torch.long).reshape(-1, 3))
 
 
 def augment_state(state: list[int], fixed_point: list[int], rng: random.Random) -> list[int]:

@@ -200,3 +200,30 @@ def test_an_evaluation_of_ar_alone_draws_its_histogram_without_a_warning(tmp_pat
     with_jacobi = samples + [sample(0, "cllm", "jacobi", 10, 4, 0.5)]
     report.tokens_per_forward_histogram(with_jacobi, tmp_path / "with.png")
     assert not [w for w in recwarn if "legend" in str(w.message)]
+
+
+def test_quality_that_a_worse_model_lowers_where_accuracy_says_nothing(work, tiny_model_dir):
+    """GSM8K accuracy is 0% for SmolLM2 and every CLLM of it: the teacher's likelihood of an output, its final answer
+    and the output itself compared with the teacher's are what fall when a model departs from it."""
+    import math
+
+    from cllm_core import load_tokenizer
+    from cllm_core.evaluate import evaluate
+    from tests.fakes import constant, successor
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
+    prompts = [{"prompt_id": str(i), "prompt": f"count {i}", "answer": None} for i in range(2)]
+    config = EvalConfig(methods=["jacobi"], jacobi={"n_tokens": 4, "max_new_tokens": 8}, warmup=0)
+    samples = evaluate({"teacher": constant(7), "other": successor()}, tokenizer, prompts, False, config,
+                       log=lambda line: None)
+    rows = {r.model: r for r in summarize(samples, baseline=("teacher", "jacobi"))}
+    own, other = 1 - math.log(math.e + 63), -math.log(math.e + 63)  # one-hot logits over 64 tokens
+    assert rows["teacher"].baseline_logprob == pytest.approx(own)
+    assert rows["other"].baseline_logprob == pytest.approx(other)
+    assert rows["teacher"].same_as_baseline == 1.0 and rows["other"].same_as_baseline == 0.0
+    hand = [sample(p, "teacher", "ar", 10, 10, 1.0) | {"answer": a, "response": r}
+            for p, a, r in (("a", "3", "x #### 3"), ("b", "5", "y #### 5"))]
+    hand += [sample(p, "cllm", "jacobi", 10, 5, 1.0) | {"answer": a, "response": r}
+             for p, a, r in (("a", "3", "z #### 3"), ("b", "6", "y #### 6"))]
+    cllm = {(r.model, r.method): r for r in summarize(hand)}["cllm", "jacobi"]
+    assert cllm.answer_agreement == 0.5 and cllm.same_as_baseline == 0.0 and cllm.baseline_logprob is None

@@ -353,7 +353,7 @@ def test_the_anchor_term_is_the_kl_from_the_frozen_starting_model_at_the_ar_labe
     def logits_at_labels(lm):
         if objective == "cllm":
             return lm(input_ids=batch.ar_ids).logits[batch.ar_mask]
-        return lm(input_ids=batch.ids, attention_mask=forcing.attention_bias(batch.kind),
+        return lm(input_ids=batch.ids, attention_mask=forcing.attention_bias(batch.kind, segment=batch.segment),
                   position_ids=batch.positions).logits[batch.ar_mask]
 
     assert loss_of(start)[1]["anchor"] == pytest.approx(0.0, abs=1e-6)  # the student still is the start

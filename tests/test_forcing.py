@@ -122,7 +122,8 @@ def _batch(packed, ar_from):
     (one,) = packed
     mask = [label >= 0 and i >= ar_from for i, label in enumerate(one.labels)]
     return PackedBatch(ids=torch.tensor([one.ids]), positions=torch.tensor([one.positions]),
-                       kind=torch.tensor([one.kind]), labels=torch.tensor([[max(x, 0) for x in one.labels]]),
+                       kind=torch.tensor([one.kind]), segment=torch.zeros(1, len(one.ids), dtype=torch.long),
+                       labels=torch.tensor([[max(x, 0) for x in one.labels]]),
                        ar_mask=torch.tensor([mask]), pairs=torch.tensor([(0, k, f) for k, f in one.pairs]))
 
 
@@ -162,3 +163,50 @@ def test_a_packed_batch_pads_rows_and_counts_the_ar_labels_of_each_response():
     assert torch.equal(again.ids, batch.ids)  # a step's batch depends only on the step: resumable
     with_prompt = make_packed_batch(data, [0], step=1, slot_offset=0, seed=0, window=2, ar_on_prompt=True, pad=0)
     assert with_prompt.ar_mask.sum().item() == 4 + 2  # and the prompt's own next tokens
+
+
+def test_responses_packed_beside_each_other_see_only_themselves_and_give_the_one_per_row_loss(monkeypatch):
+    """Several responses share a batch row (each a segment with its own positions): each one's logits are those of
+    its own packed sequence, and the step's loss and gradient are those of one response per row."""
+    import datasets
+
+    from cllm_core.samples import TrajectoryData, make_packed_batch
+
+    rows = datasets.Dataset.from_list([
+        {"prompt_ids": [5, 6, 7, 8], "response_ids": [10, 11, 12, 13, 14, 2],
+         "block_states": [[[40, 41], [10, 41], [10, 11]], [[43, 44], [12, 44], [12, 13]], [[45, 46], [14, 2]]]},
+        {"prompt_ids": [8], "response_ids": [20, 21, 22, 2],
+         "block_states": [[[30, 31], [20, 21]], [[32, 33], [22, 33], [22, 2]]]},
+        {"prompt_ids": [9, 5], "response_ids": [23, 2], "block_states": [[[34, 35], [23, 2]]]},
+    ])
+    data = TrajectoryData(rows, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)], 2, "f", 0, {})
+    batch = make_packed_batch(data, [0, 1, 2], step=1, slot_offset=0, seed=0, window=3, ar_on_prompt=False, pad=0)
+    assert batch.ids.shape == (2, 4 + 2 * 6)  # the longest alone; the two others beside each other
+    assert batch.segment[1].tolist() == [0] * 9 + [1] * 6 + [-1]
+    model = tiny_model("llama").float()
+    with torch.no_grad():
+        logits = model(input_ids=batch.ids, attention_mask=forcing.attention_bias(batch.kind, segment=batch.segment),
+                       position_ids=batch.positions).logits
+        for segment in (0, 1):
+            where = batch.segment[1] == segment
+            alone = model(input_ids=batch.ids[1, where][None], position_ids=batch.positions[1, where][None],
+                          attention_mask=forcing.attention_bias(batch.kind[1, where][None])).logits[0]
+            torch.testing.assert_close(logits[1, where], alone, rtol=1e-5, atol=1e-5)
+    config = FinetuneConfig(objective="jacobi_forcing")
+    loss, terms = forcing_loss(model, batch, config)
+    loss.backward()
+    packed_grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(forcing, "fit_rows", lambda lengths: [[i] for i in range(len(lengths))])
+    alone = make_packed_batch(data, [0, 1, 2], step=1, slot_offset=0, seed=0, window=3, ar_on_prompt=False, pad=0)
+    assert alone.ids.shape[0] == 3
+    loss_alone, terms_alone = forcing_loss(model, alone, config)
+    loss_alone.backward()
+    assert terms == pytest.approx(terms_alone, rel=1e-5)
+    for grad, parameter in zip(packed_grad, model.parameters()):
+        torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_are_filled_first_fit_longest_first_no_longer_than_the_longest():
+    assert forcing.fit_rows([5, 9, 4, 3, 2]) == [[1], [0, 2], [3, 4]]
+    assert forcing.fit_rows([3]) == [[0]]
