@@ -96,12 +96,18 @@ class JacobiConfig(Section):
         return self
 
     def block_size(self, model=None) -> int:
-        """`n_tokens`, else the block size `model` (a loaded model) was trained for, else DEFAULT_BLOCK."""
-        return self.n_tokens or trained_block_size(model) or DEFAULT_BLOCK
+        """`n_tokens`, else the block size `model` (a loaded CLLM) decodes fastest at (measured) or was trained for,
+        else DEFAULT_BLOCK."""
+        return self.n_tokens or chosen_block_size(model) or trained_block_size(model) or DEFAULT_BLOCK
 
     def arguments(self, model=None) -> dict:
         """Keyword arguments of `jacobi_generate` / `jacobi_steps` for `model`."""
         return self.model_dump() | {"n_tokens": self.block_size(model)}
+
+
+def chosen_block_size(model) -> int | None:
+    """The block size a loaded CLLM decodes fastest at, measured after its training (`cllm_decoding`); None if none."""
+    return (getattr(getattr(model, "config", None), "cllm_decoding", None) or {}).get("n_tokens")
 
 
 def trained_block_size(model) -> int | None:
@@ -302,6 +308,9 @@ class FinetuneConfig(Section):
     sample_prompts: int = Field(8, ge=0, description="How many prompts those samples decode.")
     registered_model: str | None = Field("cllm", description="MLflow registered-model name for the result "
                                          "(None: log it, do not register).")
+    decoding_sizes: list[int] = Field([8, 16, 32, 64], description="Block sizes to measure the trained CLLM at, "
+                                      "with each precision this device computes natively; the fastest is stored "
+                                      "in its config and decodes it unless told otherwise ([]: the trained size).")
 
     @model_validator(mode="before")
     @classmethod
@@ -341,7 +350,7 @@ class FinetuneConfig(Section):
         """What a checkpoint must match to be resumed (logging knobs and the time budget excluded; the objective's
         fields only when they decide something, so CLLMs trained before they existed stay valid)."""
         excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
-                    "registered_model"} | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
+                    "registered_model", "decoding_sizes"} | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
             | ({"lora"} if self.lora is None else set()) | ({"epochs"} if self.epochs is None else set())
         if self.objective == "cllm":
             excluded |= {"objective", "noise_window"}

@@ -26,11 +26,12 @@ import torch
 from cllm_core import report
 from cllm_core.answers import CHECKS, extract_answer
 from cllm_core.baselines import ar_generate, lookup_generate
-from cllm_core.config import EvalConfig, ModelConfig, trained_block_size
+from cllm_core.config import EvalConfig, ModelConfig, chosen_block_size, trained_block_size
 from cllm_core.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.prompts import encode
 from cllm_core.records import Evaluation, SummaryRow
 from cllm_core.trajectories import repetitive
+from cllm_core.tuning import DecodingChoice
 
 Pair = tuple[str, str]  # (model name, method)
 LOOKUP_NGRAM = 2  # the longest n-gram Jacobi's drafts are matched on: transformers' prompt-lookup default
@@ -100,7 +101,7 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     the resolved `precision`; writes `samples.parquet`, `summary.json` and the PNGs to `out_dir`; returns the
     summary, the file paths and the precision."""
     from cllm_core.models import load_model, load_tokenizer, tokenizer_fingerprint
-    from cllm_core.precision import resolve
+    from cllm_core.precision import DTYPES
 
     config = config.model_copy(update={"check": resolve_check(config, prompts_path)})
     prompts, chat = eval_prompts(prompts_path, config.limit)
@@ -111,15 +112,16 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
         if tokenizer_fingerprint(load_tokenizer(source)) != vocabulary:
             raise ValueError(f"{name} ({source.name_or_path}) uses another tokenizer than {baseline}; compare "
                              "models trained from the same teacher")
+    used = decode_precisions(precision, models)
+    for name, source in models.items():
         try:
-            loaded[name] = load_model(source, resolve(precision, source.device).dtype)
+            loaded[name] = load_model(source, DTYPES[used[name]])
         except (OSError, ValueError) as error:
             raise ValueError(f"{name}: {source.name_or_path} is not a causal language model "
                              f"({str(error).splitlines()[0]})") from None
-    used = resolve(precision, models[baseline].device).name
     config = with_block_size(config, loaded, log, {name: _decoding(source) for name, source in models.items()})
     log(f"evaluating {', '.join(models)} x {', '.join(config.methods)} on {len(prompts)} prompts, "
-        f"batch {config.batch_size}, {used}")
+        f"batch {config.batch_size}, " + ", ".join(f"{name} in {p}" for name, p in used.items()))
     samples = evaluate(loaded, tokenizer, prompts, chat, config, log)
     summary = summarize(samples, (baseline, "ar"))
     for line in shortfalls(summary, (baseline, "ar")):
@@ -138,7 +140,27 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
                 [row for step in steps for row in step.rows], lambda t: tokenizer.decode([t]),
                 out_dir / f"trajectory-{name}.png", f"{name}, prompt {prompts[0]['prompt_id'][:8]}"))
     return Evaluation(summary, str(out_dir / "samples.parquet"), [str(p) for p in pictures], len(prompts),
-                      (baseline, "ar"), config.check, used, config.jacobi.model_dump())
+                      (baseline, "ar"), config.check, used[baseline], config.jacobi.model_dump())
+
+
+def decode_precisions(setting: str, models: dict[str, ModelConfig]) -> dict[str, str]:
+    """The precision each model decodes in: `setting` resolved on its device; with `auto`, a CLLM whose decoding
+    choice was measured on this kind of machine in the precision measured fastest for it, and the baseline (the
+    first model, the teacher) in the precision of the fastest AR that measurement found."""
+    from cllm_core.precision import for_model
+
+    resolved = {name: for_model(setting, source.name_or_path, source.device) for name, source in models.items()}
+    used = {name: r.name for name, r in resolved.items()}
+    measured = [_choice(models[name]) for name, r in resolved.items() if r.measured]
+    baseline = next(iter(models))
+    if measured and not resolved[baseline].measured:
+        used[baseline] = measured[-1]["ar_precision"]
+    return used
+
+
+def _choice(source: ModelConfig) -> dict | None:
+    config = Path(source.name_or_path) / "config.json"
+    return json.loads(config.read_text()).get("cllm_decoding") if config.is_file() else None
 
 
 def eval_prompts(prompts_path: str | Path, limit: int | None = None) -> tuple[list[dict], bool]:
@@ -154,15 +176,21 @@ def eval_prompts(prompts_path: str | Path, limit: int | None = None) -> tuple[li
 def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log: Callable[[str], None] = print,
                     trained_on: dict[str, dict] | None = None) -> EvalConfig:
     """The config with the block size every model decodes at: `evaluate.jacobi.n_tokens` when set, else the one
-    the CLLMs among `models` were trained for (they must agree), else 16. Says in one line which, and how the
-    CLLMs' trajectories were decoded (`trained_on`: model name -> the collection's Jacobi settings)."""
+    measured fastest for the last CLLM among `models` after its training (cllm_core/tuning.py), else the one the
+    CLLMs were trained for (they must agree), else 16. Says in one line which and why, and how the CLLMs'
+    trajectories were decoded (`trained_on`: model name -> the collection's Jacobi settings)."""
     jacobi = config.jacobi
     trained = {name: n for name, model in models.items() if (n := trained_block_size(model))}
-    if jacobi.n_tokens is None and len(set(trained.values())) > 1:
+    chosen = [name for name, model in models.items() if chosen_block_size(model)]
+    if jacobi.n_tokens is None and not chosen and len(set(trained.values())) > 1:
         raise ValueError(f"the CLLMs were trained for different block sizes ({_listed(trained)}); choose one with "
                          "--n-tokens (evaluate.jacobi.n_tokens)")
-    n = jacobi.block_size(next((models[name] for name in trained), None))  # set, else as trained, else the default
-    why = "evaluate.jacobi.n_tokens" if jacobi.n_tokens else "as trained" if trained else "no CLLM among the models"
+    if jacobi.n_tokens is None and chosen:  # the last CLLM: a pipeline's final one
+        n = chosen_block_size(models[chosen[-1]])
+        why = f"for {chosen[-1]}, {DecodingChoice.from_json(models[chosen[-1]].config.cllm_decoding).describe()}"
+    else:
+        n = jacobi.block_size(next((models[name] for name in trained), None))  # set, else as trained, else 16
+        why = "evaluate.jacobi.n_tokens" if jacobi.n_tokens else "as trained" if trained else "no CLLM among the models"
     learned = [f"{name}'s from {_settings(settings)}" for name, settings in (trained_on or {}).items() if settings]
     log(f"Jacobi at n_tokens {n} ({why}{'; trained for ' + _listed(trained) if trained else ''}), "
         f"{_settings(jacobi.model_dump())}" + (f"; trajectories: {', '.join(learned)}" if learned else ""))

@@ -50,6 +50,7 @@ from cllm_core.schedule import warmup_cosine
 from cllm_core.shipping import ship_generate
 from cllm_core.stopping import raise_if_stopped
 from cllm_core.trajectories import repetitive
+from cllm_core.tuning import DecodingChoice, choose_decoding
 
 Callback = Callable[[int, dict], None]
 
@@ -305,20 +306,40 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(run.lm)  # whole on the main process (a collective under FSDP)
     if accelerator.is_main_process:  # one writer; the other processes read the record once it is published
+        trained = accelerator.unwrap_model(run.lm)
+        trained = trained.merge_and_unload() if run.config.lora else trained  # an ordinary model for what follows
+        if run.config.decoding_sizes and accelerator.distributed_type != DistributedType.FSDP:
+            choice = decoding_choice(trained, run, log)
+            trained.config.cllm_decoding = choice.to_json()
+            metrics = metrics | {"decoding_n_tokens": choice.n_tokens, "decoding_precision": choice.precision,
+                                 "decoding_speedup": choice.speedup}
         record = CllmRecord(run.config.model_dump(), run.fingerprint, run.precision, run.model.model_dump(),
                             {"store": run.store, "fingerprint": run.data.fingerprint, "decoding": run.data.decoding},
                             run.data.n_tokens, metrics, run.history)
-        trained = accelerator.unwrap_model(run.lm)
-        with publish_dir(run.out_dir) as staging:  # LoRA adapters merged: an ordinary model for what follows
-            if run.config.lora:
-                save_cllm(trained.merge_and_unload(), run.tokenizer, staging, record)
-            else:
-                save_cllm(trained, run.tokenizer, staging, record, weights)
+        with publish_dir(run.out_dir) as staging:
+            save_cllm(trained, run.tokenizer, staging, record, None if run.config.lora else weights)
         shutil.rmtree(run.checkpoints.root, ignore_errors=True)
         log(f"saved the CLLM to {run.out_dir} after {metrics['train_steps']} steps in "
             f"{metrics['train_seconds']:.0f} s")
     accelerator.wait_for_everyone()
     return CllmRecord.from_json(json.loads((run.out_dir / "cllm.json").read_text()), path=str(run.out_dir))
+
+
+def decoding_choice(lm, run: Training, log: Callable[[str], None]) -> DecodingChoice:
+    """The block size and precision the trained model decodes fastest with here (cllm_core/tuning.py), measured on
+    a few of its training prompts; said in one line."""
+    rows = run.data.trained_rows[:DECODING_PROMPTS]
+    prompts = [run.data.rows[row]["prompt_ids"] for row in rows]
+    device = next(lm.parameters()).device
+    precisions = ["fp32"] + (["bf16"] if resolve("auto", device).name == "bf16" else [])
+    choice = choose_decoding(lm, prompts, precisions, tuple(run.config.decoding_sizes),
+                             min(DECODING_NEW_TOKENS, run.data.decoding.get("max_new_tokens") or DECODING_NEW_TOKENS),
+                             eos_token_id=run.tokenizer.eos_token_id)
+    log(choice.describe())
+    return choice
+
+
+DECODING_PROMPTS, DECODING_NEW_TOKENS = 4, 128  # what the choice decodes: a minute or two of a CPU
 
 
 def describe_cllm(record: CllmRecord) -> str:

@@ -3,7 +3,8 @@ own entry point, for users who have only torch and transformers (notes/jacobi_fo
 
 transformers calls `generate(model=model, **every generate() argument)`. This one reads the generation config
 as `generate` does (the model's, updated by the call's keyword arguments), decodes greedily with `jacobi_generate`
-at the block size the CLLM was trained for (`config.cllm_n_tokens`, or `n_tokens=`), and returns what `generate`
+at the block size measured fastest for the CLLM after its training (`config.cllm_decoding`), else the one it was
+trained for (`config.cllm_n_tokens`), or `n_tokens=`, and returns what `generate`
 returns: the sequences, or with `return_dict_in_generate=True` an output that also counts forwards and tokens per
 forward. What Jacobi decoding cannot honour (sampling, beams, logits processors, assistants) is refused in one
 line, never ignored. cllm_core/shipping.py bundles this module with the engine into the file a CLLM directory
@@ -64,7 +65,8 @@ def generate(inputs: torch.Tensor | None = None, *, model, generation_config=Non
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = (config.max_length or 20) - input_ids.shape[1]  # 20: generate's default max_length
-    n_tokens = jacobi.pop("n_tokens", getattr(model.config, "cllm_n_tokens", None) or 16)
+    chosen = (getattr(model.config, "cllm_decoding", None) or {}).get("n_tokens")  # measured fastest after training
+    n_tokens = jacobi.pop("n_tokens", chosen or getattr(model.config, "cllm_n_tokens", None) or 16)
     out = jacobi_generate(model, input_ids, attention_mask, n_tokens=n_tokens, max_new_tokens=max_new_tokens,
                           eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, streamer=streamer,
                           **jacobi)

@@ -14,8 +14,10 @@ the weights in it. fp32 keeps Jacobi output token-identical to greedy AR.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -35,6 +37,7 @@ class Resolved:
     name: Literal["bf16", "fp16", "fp32"]
     device: str
     reason: str
+    measured: bool = False  # chosen by a CLLM's own decoding measurement (`for_model`), not by `resolve`
 
     @property
     def dtype(self) -> torch.dtype:
@@ -77,6 +80,26 @@ def _resolve(setting: str, kind: str) -> Resolved:
 NATIVE_BF16_MAX_SLOWDOWN = 2.0
 """A CPU computes bf16 natively when its bf16 matmul takes at most this multiple of the fp32 time (measured here:
 0.6-1.2x with AMX, 36-107x with AVX2 kernels only)."""
+
+
+def device_name(device: str | torch.device) -> str:
+    """The kind of machine a measurement holds for: the CPU's kernel class (AVX512, AVX2, ...) or the GPU's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def for_model(setting: str, name_or_path: str, device: str | torch.device = "cpu") -> Resolved:
+    """`resolve`, except that with `auto` a CLLM directory whose config holds a decoding choice measured on this
+    kind of machine (`cllm_decoding`, cllm_core/tuning.py) decodes in the precision measured fastest for it."""
+    kind = torch.device(device).type if str(device) != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    config = Path(name_or_path) / "config.json"
+    choice = json.loads(config.read_text()).get("cllm_decoding") if config.is_file() else None
+    if setting == "auto" and choice and choice.get("device") == device_name(kind):
+        return Resolved(setting, choice["precision"], kind, f"measured fastest for this CLLM on {choice['device']}: "
+                        f"n_tokens {choice['n_tokens']}, {choice['speedup']:.2f}x the fastest AR", measured=True)
+    return resolve(setting, device)
 
 
 def cpu_bf16_slowdown(size: int = 192, repeats: int = 5) -> float:

@@ -9,13 +9,16 @@ stored with the model and run where it is loaded).
 `predict` decodes each prompt through the model directory's own `custom_generate/generate.py` (the engine,
 shipped with the CLLM), so loading it needs MLflow, torch and transformers, not this project. Each answer row
 carries the text, new tokens, forward passes and tokens per forward. Params: max_new_tokens, n_tokens (default:
-the block size the CLLM was trained with), chat (render the prompt with the tokenizer's chat template; default:
-whether it has one).
+the block size measured fastest for the CLLM after its training, else the one it was trained with), chat (render
+the prompt with the tokenizer's chat template; default: whether it has one). The weights load in the precision
+measured fastest for the CLLM when that measurement was made on this kind of machine (fp32 otherwise).
 """
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -28,7 +31,8 @@ class CllmPyfunc(mlflow.pyfunc.PythonModel):
         self.directory = context.artifacts["cllm"]
         # trust_remote_code binds the directory's own custom_generate/generate.py as `generate`, once: passing
         # custom_generate=dir to every call would resolve and import the file again each time (about 20 ms)
-        self.model = AutoModelForCausalLM.from_pretrained(self.directory, trust_remote_code=True).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.directory, trust_remote_code=True,
+                                                          dtype=_measured_dtype(self.directory)).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
@@ -52,6 +56,16 @@ class CllmPyfunc(mlflow.pyfunc.PythonModel):
                          "forwards": out.forwards, "tokens_per_forward": out.tokens_per_forward,
                          "seconds": time.perf_counter() - started})
         return pd.DataFrame(rows, columns=["text", "new_tokens", "forwards", "tokens_per_forward", "seconds"])
+
+
+def _measured_dtype(directory: str) -> torch.dtype:
+    """The precision measured fastest for this CLLM (`cllm_decoding` in its config), if measured on this kind of
+    machine (the CPU's kernel class or the GPU's name, as cllm_core/precision.py names them); fp32 otherwise."""
+    choice = json.loads((Path(directory) / "config.json").read_text()).get("cllm_decoding") or {}
+    here = (torch.cuda.get_device_name() if torch.cuda.is_available()
+            else f"cpu ({torch.backends.cpu.get_cpu_capability()})")
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    return named.get(choice.get("precision"), torch.float32) if choice.get("device") == here else torch.float32
 
 
 def _prompts(model_input) -> list[str]:

@@ -4,6 +4,7 @@ step with one clear line."""
 
 import json
 import shutil
+from functools import partial
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,9 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
 from cllm_core.config import FinetuneConfig
-from cllm_core.finetune import finetune, lr_factor
+from cllm_core.finetune import finetune, forcing_loss, lr_factor, step_loss
+from cllm_core.models import load_model
 from cllm_core.prompts import encode
-from cllm_core.samples import draw_items, load_trajectories, make_batch
+from cllm_core.samples import Sampler, draw_items, load_trajectories, make_batch
 from cllm_core.shipping import bundle
 
 FAST = FinetuneConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2, checkpoint_every=4,
@@ -58,14 +60,21 @@ def test_training_lowers_the_loss_and_writes_a_model_the_engine_decodes_exactly(
     record = finetune(config, teacher, store, tmp_path / "cllm", probe=(probe, False), log=quiet,
                       on_samples=lambda step, s: samples.append((step, s)))
     assert record.config["objective"] == objective
-    losses = [loss for _, loss in history(record)]
-    assert losses[-1] < 0.8 * losses[0]
+    batch = Sampler(load_trajectories(store), config).batch(1)  # the same batch before and after: no draw's noise
+    loss = forcing_loss if objective == "jacobi_forcing" else partial(step_loss, reuse_ar=True)
+    with torch.no_grad():
+        before, after = (loss(load_model(m).eval(), batch, config)[1]["loss"]
+                         for m in (teacher, ModelConfig(name_or_path=str(tmp_path / "cllm"))))
+    assert after < 0.8 * before
     assert [step for step, _ in samples] == [6, 12, 18, 24, 30] and all(len(s["texts"]) == 2 for _, s in samples)
     assert not (tmp_path / "cllm.checkpoints").exists()  # the finished model replaces its checkpoints
     assert (tmp_path / "cllm/custom_generate/generate.py").read_text() == bundle()  # generate(custom_generate=)
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").eval()
     assert model.config.cllm_n_tokens == 4 == record.n_tokens
+    chosen = model.config.cllm_decoding  # the block size and precision measured fastest here after training
+    assert chosen["n_tokens"] in config.decoding_sizes and chosen["precision"] in ("fp32", "bf16")
+    assert record.metrics["decoding_n_tokens"] == chosen["n_tokens"] and len(chosen["candidates"]) >= 4
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "cllm")))
     ids, mask = encode(tokenizer, probe, chat=False)
     greedy = ar_generate(model, ids, mask, max_new_tokens=12).sequences

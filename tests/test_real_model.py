@@ -41,7 +41,6 @@ def test_smollm2_becomes_a_cllm_that_loads_as_an_ordinary_model_and_decodes_exac
     assert parent.data.params["model.gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     finetune = children["finetune"].data
     assert finetune.metrics["train_steps"] == 2 and finetune.params["n_tokens"] == "8"
-    assert children["evaluate"].data.params["n_tokens"] == "8"  # decoded at the block size it was trained for
     for pair in ("teacher.jacobi", "cllm.jacobi"):  # Jacobi output equals the same model's greedy output
         assert parent.data.metrics[f"{pair}.exact_match"] == 1.0
     (version,) = client.search_model_versions("name='cllm'")
@@ -49,6 +48,9 @@ def test_smollm2_becomes_a_cllm_that_loads_as_an_ordinary_model_and_decodes_exac
 
     cllm = AutoModelForCausalLM.from_pretrained(work / "cllm", dtype=torch.float32).eval()  # no GGUF, no quantizer
     assert getattr(cllm, "hf_quantizer", None) is None and cllm.config.cllm_n_tokens == 8
+    chosen = cllm.config.cllm_decoding  # measured on SmolLM2 after training: the evaluation decodes with it
+    assert children["evaluate"].data.params["n_tokens"] == str(chosen["n_tokens"])
+    assert finetune.metrics["decoding_n_tokens"] == chosen["n_tokens"] and chosen["speedup"] > 0
     assert 130e6 < cllm.num_parameters() < 140e6
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(work / "cllm")))
     prompts, chat = read_prompt_table(work / "prompts/eval.parquet")

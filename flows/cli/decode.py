@@ -37,7 +37,8 @@ def decode(
         raise ValueError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
     if prompt is None and not chat:
         raise ValueError("no prompt: pass one (cllm decode --model DIR \"What is 3 + 4?\") or --chat for a session")
-    lm = load_model(profile.model, announce_precision(profile.precision, profile.model.device).dtype)
+    lm = load_model(profile.model, announce_precision(profile.precision, profile.model.device,
+                                                      profile.model.name_or_path).dtype)
     tokenizer = load_tokenizer(profile.model)
     if chat:
         return session(lm, tokenizer, profile, prompt, template)

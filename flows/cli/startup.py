@@ -14,11 +14,12 @@ from flows.cli.base import console, created, input_errors
 from flows.server import REMEDY, TemporaryServer
 
 
-def announce_precision(setting: str, device: str):
-    """Resolve the precision once for this process and say it, before any work: the same choice every stage uses."""
-    from cllm_core.precision import resolve
+def announce_precision(setting: str, device: str, name_or_path: str | None = None):
+    """Resolve the precision once for this process and say it, before any work: the same choice every stage uses
+    (with `name_or_path`, a CLLM's own measured choice where `auto` allows it)."""
+    from cllm_core.precision import for_model, resolve
 
-    resolved = resolve(setting, device)
+    resolved = for_model(setting, name_or_path, device) if name_or_path else resolve(setting, device)
     console.print(resolved.describe(), highlight=False, soft_wrap=True)
     return resolved
 
