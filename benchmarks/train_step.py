@@ -9,7 +9,9 @@ Variants, interleaved round by round (round 0 warms up, untimed):
   state in its own prompt + response-prefix context, one AR sequence per block);
 - `jacobi_forcing, a response a row`: Jacobi Forcing's packed noisy/clean sequence, one response per batch row
   padded to the longest (how the project first ran it);
-- `jacobi_forcing`: the same responses several to a row (`forcing.fit_rows`), as training runs it now.
+- `jacobi_forcing`: the same responses several to a row (`forcing.fit_rows`), as training runs it now;
+- with `--compile`, `jacobi_forcing, compiled`: the same under `torch.compile` (`finetune.compile`; its first round,
+  the compilation, is reported apart).
 Jacobi Forcing steps take the profile's `batch_size` responses (its objective's batch).
 
 Each step's model FLOPs are counted (6 x body weights per real token, 6 x hidden x vocabulary per logit read,
@@ -22,6 +24,7 @@ fed tokens that are padding. Figures, not assertions.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
                         help="default: fp32, and bf16 where this CPU computes it natively")
     parser.add_argument("--batch-size", type=int, help="Jacobi Forcing's responses a step (default: the profile's)")
+    parser.add_argument("--compile", action="store_true", help="also the Jacobi Forcing step under torch.compile")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     profile = load_profile(args.config)
@@ -165,15 +169,26 @@ def main() -> None:
     head = logits_head(lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-7, betas=(0.9, 0.95))  # tiny steps: the model stays put
     runs = {(name, precision): cfg for name, cfg in variants(config).items() for precision in precisions}
+    compiled = None
+    if args.compile:
+        compiled = copy.deepcopy(lm)
+        compiled.compile(dynamic=True)  # in place: the same parameters' names, as finetune.compile does it
+        runs |= {("jacobi_forcing, compiled", precision): runs["jacobi_forcing", precision] for precision in precisions}
+    first_round: dict[tuple, float] = {}
+    compiled_optimizer = torch.optim.AdamW(compiled.parameters(), lr=1e-7, betas=(0.9, 0.95)) if compiled else None
     samplers = {key: Sampler(data, cfg) for key, cfg in runs.items()}
     phases: dict[tuple, list[dict]] = {key: [] for key in runs}
     counts: dict[tuple, list[tuple]] = {key: [] for key in runs}
     for round_ in range(args.rounds + 1):
         for key, cfg in runs.items():
             batch = batch_of(samplers[key], round_ + 1, one_per_row="a row" in key[0])
-            timed = run_step(lm, batch, cfg, head, DTYPES[key[1]], optimizer)
+            model = compiled if "compiled" in key[0] else lm
+            timed = run_step(model, batch, cfg, head if model is lm else model.get_output_embeddings(), DTYPES[key[1]],
+                             optimizer if model is lm else compiled_optimizer)
             print(f"round {round_} {key[0]}, {key[1]}: {sum(timed.values()):.2f} s", flush=True)
-            if round_:
+            if not round_:
+                first_round[key] = sum(timed.values())
+            else:
                 phases[key].append(timed)
                 counts[key].append(step_flops(lm, batch))
     peaks = {precision: matmul_peak(lm, DTYPES[precision]) for precision in precisions}
@@ -191,7 +206,7 @@ def main() -> None:
                      "real_tokens_per_step": real, "fed_tokens_per_step": fed, "padding_share": 1 - real / fed,
                      "tokens_per_s": real / seconds, "tflops": flops / seconds / 1e12,
                      "share_of_peak": flops / seconds / 1e9 / peak, "steps_per_epoch": per_epoch,
-                     "minutes_per_epoch": per_epoch * seconds / 60})
+                     "minutes_per_epoch": per_epoch * seconds / 60, "first_round_s": first_round[key]})
     best = min((r for r in rows if r["objective"] == "jacobi_forcing" and "a row" not in r["variant"]),
                key=lambda r: r["seconds_per_step"])
     cfg = runs[(best["variant"], best["precision"])]

@@ -296,6 +296,9 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the gradient norm to this.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="Run each step's forward and backward through torch.compile (dynamic "
+                          "shapes; the first steps pay the compilation, minutes on a CPU). Measure it with "
+                          "benchmarks/train_step.py --compile.")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of every weight (peft); none: "
                                      "full fine-tuning.")
     launch: LaunchSection = Field(LaunchSection(), description="Processes and strategy (DDP, FSDP); gradient_"
@@ -350,7 +353,8 @@ class FinetuneConfig(Section):
         """What a checkpoint must match to be resumed (logging knobs and the time budget excluded; the objective's
         fields only when they decide something, so CLLMs trained before they existed stay valid)."""
         excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
-                    "registered_model", "decoding_sizes"} | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
+                    "registered_model", "decoding_sizes", "compile"} \
+            | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
             | ({"lora"} if self.lora is None else set()) | ({"epochs"} if self.epochs is None else set())
         if self.objective == "cllm":
             excluded |= {"objective", "noise_window"}

@@ -219,6 +219,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         probe_texts = []
     probe_ids = encode(run.tokenizer, probe_texts, chat=probe[1]) if probe_texts else None
     longest = max(len(r) for r in data.rows["response_ids"])
+    forward = torch.compile(lm, dynamic=True) if config.compile else lm  # the same weights; samples decode uncompiled
     history = run.history
     window, window_tokens, window_start = [], 0, time.perf_counter()
     step, began, stopped_early, samples = run.start_step, time.perf_counter() - run.spent, False, None
@@ -229,11 +230,11 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         share = shares(accelerator, batch)
         with accelerator.autocast():
             if isinstance(batch, PackedBatch):
-                loss, terms = forcing_loss(lm, _to(batch, accelerator.device), config, head=run.head,
+                loss, terms = forcing_loss(forward, _to(batch, accelerator.device), config, head=run.head,
                                            anchor=run.anchor, share=share)
             else:
-                loss, terms = step_loss(lm, _to(batch, accelerator.device), config, reuse_ar=run.labels is None,
-                                        head=run.head, anchor=run.anchor, share=share)
+                loss, terms = step_loss(forward, _to(batch, accelerator.device), config,
+                                        reuse_ar=run.labels is None, head=run.head, anchor=run.anchor, share=share)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()

@@ -3,6 +3,7 @@ decodes exactly, a killed run resumes at the same step with the same losses, and
 step with one clear line."""
 
 import json
+import math
 import shutil
 from functools import partial
 
@@ -449,3 +450,19 @@ def test_two_processes_under_ddp_train_one_model_keep_one_history_and_stop_toget
     assert records[0]["steps"] == 3 and records[0]["stopped_early"] is True
     assert [h["step"] for h in records[0]["history"]] == [2, 3]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "cllm").config.cllm_n_tokens == 4
+
+
+def test_epochs_set_the_steps_from_the_data_and_each_epoch_draws_every_item_once(tmp_path, teacher, store):
+    data = load_trajectories(store)
+    for total in (len(data.items), len(data.trained_rows)):
+        epoch = [i for step in range(1, total + 1) for i in draw_items(1, step, 0, total, seed=0)]
+        assert sorted(epoch) == list(range(total)) and epoch != list(range(total))  # every item once, shuffled
+        assert draw_items(2, 5, 0, total, 0, per_step=4) + draw_items(2, 5, 2, total, 0, per_step=4) == \
+            draw_items(4, 5, 0, total, 0)  # two processes' slots of a step: one process's draws of that step
+    config = FinetuneConfig(**FAST.model_dump(exclude={"steps"}) | {"epochs": 1.5, "objective": "jacobi_forcing"})
+    record = finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
+    steps = math.ceil(1.5 * len(data.trained_rows) / config.batch_size)
+    assert record.config["steps"] == steps == record.metrics["train_steps"]
+    assert record.history[-1]["epoch"] == pytest.approx(steps * config.batch_size / len(data.trained_rows))
+    with pytest.raises(ValueError, match="sets both steps \\(10\\) and epochs \\(2.0\\); set one"):
+        FinetuneConfig(steps=10, epochs=2)

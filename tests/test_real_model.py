@@ -60,3 +60,24 @@ def test_smollm2_becomes_a_cllm_that_loads_as_an_ordinary_model_and_decodes_exac
     jacobi = jacobi_generate(cllm, ids, mask, n_tokens=8, max_new_tokens=16)
     assert jacobi.sequences.tolist() == greedy.sequences.tolist()
     assert tokenizer.decode(ids[0][mask[0].bool()]).startswith("<|im_start|>")  # the chat template
+
+    # the step benchmark on the run's own trajectories: its figures are produced and agree with each other
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "train_step.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--config", str(ROOT / "configs/smollm2-smoke.yaml"),
+                    "--store", str(work / "trajectories"), "--rounds", "1", "--precisions", "fp32", "--batch-size",
+                    "2", "--json", str(out)], check=True, cwd=ROOT, capture_output=True)
+    figures = json.loads(out.read_text())
+    variants = {v["variant"]: v for v in figures["variants"]}
+    assert set(variants) == {"cllm", "jacobi_forcing, a response a row", "jacobi_forcing"}
+    for v in variants.values():
+        assert v["seconds_per_step"] > 0 and 0 <= v["padding_share"] < 1 and 0 < v["share_of_peak"]
+        assert v["tokens_per_s"] == pytest.approx(v["real_tokens_per_step"] / v["seconds_per_step"])
+        assert v["minutes_per_epoch"] == pytest.approx(v["steps_per_epoch"] * v["seconds_per_step"] / 60)
+    packed, alone = variants["jacobi_forcing"], variants["jacobi_forcing, a response a row"]
+    assert packed["real_tokens_per_step"] == alone["real_tokens_per_step"]  # the same responses, less padding
+    assert packed["fed_tokens_per_step"] <= alone["fed_tokens_per_step"]
+    assert min(figures["matmul_peak_gflops"]["fp32"].values()) > 0 and sum(figures["profile"]["seconds"].values()) > 0
