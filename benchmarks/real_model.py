@@ -5,8 +5,9 @@ by default, stage by stage (`cllm ingest`, `collect`, `train`), then one interle
 
 Resumable: rerun the same command after a stop; verified shards are skipped, training resumes from its last
 checkpoint, finished stages are reused. `--set` passes through to every stage. The evaluation decodes the held-out
-prompts, each with every pair in rotating order: the teacher's AR in each precision this machine computes natively,
-the teacher with prompt lookup (in its fastest AR's precision), and the CLLM's AR, Jacobi and Jacobi with lookup
+prompts, each with every pair in rotating order: the teacher's AR in the precision whose AR step is fastest here
+(an AR step is timed in each native precision and recorded; `--all-ar-precisions` decodes each, at a quarter more
+time), the teacher with prompt lookup in that precision, and the CLLM's AR, Jacobi and Jacobi with lookup
 drafts in fp32 (where Jacobi must equal its own greedy output), at the block size measured fastest for it after
 training, plus the CLLM's Jacobi in its measured precision when that is not fp32. Quality: GSM8K accuracy, and what
 a worse CLLM lowers where accuracy says nothing: final answers equal to the teacher's, outputs identical to the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -66,8 +68,10 @@ def run_stages(config: Path, sets: list[str], log_path: Path) -> dict[str, float
     return seconds
 
 
-def evaluate_run(profile, limit: int) -> tuple[list[SummaryRow], dict]:
-    """The interleaved evaluation: pairs as the module says, on the first `limit` held-out prompts at batch 1."""
+def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[SummaryRow], dict]:
+    """The interleaved evaluation: pairs as the module says, on the first `limit` held-out prompts at batch 1. The
+    teacher's AR is decoded in the precision of the fastest AR step (measured after training, and again here: an AR
+    step's time in each precision is recorded), or in every precision with `all_ar`."""
     from functools import partial
 
     from cllm_core import ModelConfig
@@ -76,43 +80,61 @@ def evaluate_run(profile, limit: int) -> tuple[list[SummaryRow], dict]:
     from cllm_core.jacobi import jacobi_generate
     from cllm_core.models import load_model, load_tokenizer
     from cllm_core.precision import DTYPES, resolve
+    from cllm_core.tuning import forward_seconds
 
     cllm_dir = profile.work_dir / "cllm"
     choice = json.loads((cllm_dir / "config.json").read_text()).get("cllm_decoding") or {}
     trained = json.loads((cllm_dir / "cllm.json").read_text())
     n_tokens = profile.evaluate.jacobi.n_tokens or choice.get("n_tokens") or trained["n_tokens"]
+    budget = profile.evaluate.jacobi.max_new_tokens
     native = resolve("auto", profile.model.device).name == "bf16"
     precisions = ["fp32", "bf16"] if native else ["fp32"]
     teacher_config = profile.model
     cllm_config = ModelConfig(name_or_path=str(cllm_dir), device=profile.model.device)
-    models = {f"teacher-{p}": load_model(teacher_config, DTYPES[p]) for p in precisions}
+    ar_fastest = choice.get("ar_precision", "fp32")
+    decoded = precisions if all_ar else [ar_fastest]
+    models = {f"teacher-{p}": load_model(teacher_config, DTYPES[p]) for p in decoded}
+    context = round(statistics.fmean(len(ids) for ids in _prompt_ids(profile, limit))) + budget // 2
+    ar_steps = {p: forward_seconds(models[f"teacher-{p}"] if p in decoded else load_model(teacher_config, DTYPES[p]),
+                                   context, 1) for p in precisions}
     models["cllm"] = load_model(cllm_config, torch.float32)
     if choice.get("precision", "fp32") != "fp32" and choice.get("precision") in precisions:
         models[f"cllm-{choice['precision']}"] = load_model(cllm_config, DTYPES[choice["precision"]])
-    budget = profile.evaluate.jacobi.max_new_tokens
     ar, jacobi = partial(ar_generate, max_new_tokens=budget), partial(jacobi_generate, n_tokens=n_tokens,
                                                                        max_new_tokens=budget)
-    ar_fastest = choice.get("ar_precision", "fp32")
-    pairs = {(f"teacher-{p}", "ar"): ar for p in precisions}
+    pairs = {(f"teacher-{p}", "ar"): ar for p in decoded}
     pairs[(f"teacher-{ar_fastest}", "lookup")] = partial(lookup_generate, max_new_tokens=budget,
                                                          prompt_lookup_num_tokens=profile.evaluate.lookup_tokens)
     pairs |= {("cllm", "ar"): ar, ("cllm", "jacobi"): jacobi,
               ("cllm", "jacobi_lookup"): partial(jacobi, lookup=LOOKUP_NGRAM)}
-    if len(models) > len(precisions) + 1:
+    if len(models) > len(decoded) + 1:
         pairs[(next(reversed(models)), "jacobi")] = jacobi
     prompts, chat = eval_prompts(profile.work_dir / "prompts/eval.parquet", limit)
     config = profile.evaluate.model_copy(update={"check": "math", "batch_size": 1})
     tokenizer = load_tokenizer(teacher_config)
-    samples = evaluate(models, tokenizer, prompts, chat, config, pairs=pairs, scorer="teacher-fp32")
+    samples = evaluate(models, tokenizer, prompts, chat, config, pairs=pairs, scorer=f"teacher-{ar_fastest}")
     out = profile.work_dir / "real_model"
     out.mkdir(parents=True, exist_ok=True)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(samples), out / "samples.parquet")
-    rows = summarize(samples, ("teacher-fp32", "ar"))
+    rows = summarize(samples, (f"teacher-{ar_fastest}", "ar"))
     return rows, {"n_tokens": n_tokens, "choice": choice, "precisions": precisions, "prompts": len(prompts),
-                  "max_new_tokens": budget}
+                  "max_new_tokens": budget, "ar_step_ms": {p: 1e3 * s for p, s in ar_steps.items()},
+                  "ar_decoded_in": decoded}
+
+
+def _prompt_ids(profile, limit: int) -> list[list[int]]:
+    """The held-out prompts' token ids, as the evaluation encodes them."""
+    from cllm_core.evaluate import eval_prompts
+    from cllm_core.models import load_tokenizer
+    from cllm_core.prompts import encode
+
+    prompts, chat = eval_prompts(profile.work_dir / "prompts/eval.parquet", limit)
+    tokenizer = load_tokenizer(profile.model)
+    ids, mask = encode(tokenizer, [p["prompt"] for p in prompts], torch.device("cpu"), chat)
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
 
 def headline(rows: list[SummaryRow]) -> dict:
@@ -125,7 +147,7 @@ def headline(rows: list[SummaryRow]) -> dict:
     best = max((by["cllm", "jacobi"], by["cllm", "jacobi_lookup"]), key=lambda r: r.tokens_per_s)
     fastest_cllm = max((r for r in rows if r.model.startswith("cllm") and r.method != "ar"),
                        key=lambda r: r.tokens_per_s)
-    teacher = by["teacher-fp32", "ar"]
+    teacher = fastest_ar
     return {"cllm_best_decoder": f"{best.model} {best.method}", "cllm_tokens_per_forward": best.tokens_per_forward,
             "speedup_vs_fastest_ar": best.tokens_per_s / fastest_ar.tokens_per_s,
             "speedup_vs_prompt_lookup": best.tokens_per_s / lookup.tokens_per_s,
@@ -180,7 +202,8 @@ def markdown(result: dict) -> str:
     """The README's table, from a results file."""
     lines = [f"{result['prompts']} held-out GSM8K test prompts, batch 1, {result['max_new_tokens']} new tokens; CLLM "
              f"Jacobi at n_tokens {result['n_tokens']}; {result['cpu_capability']} class, 2 cores, commit "
-             f"{result['commit'][:7]}:", "",
+             f"{result['commit'][:7]}; an AR step of the teacher: "
+             + ", ".join(f"{ms:.1f} ms in {p}" for p, ms in result["ar_step_ms"].items()) + ":", "",
              "| model | method | precision | tokens/forward | tokens/s | vs fastest AR | accuracy | same final answer "
              "as teacher | same output as teacher | same as own AR | teacher's log-likelihood |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -205,6 +228,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/smollm2-gsm8k.yaml"))
     parser.add_argument("--set", dest="set_", action="append", default=[], help="SECTION.FIELD=VALUE, as cllm run")
     parser.add_argument("--prompts", type=int, default=40, help="held-out prompts to evaluate (batch 1)")
+    parser.add_argument("--all-ar-precisions", action="store_true",
+                        help="decode the teacher's AR in every native precision, not only the fastest AR's")
     parser.add_argument("--report-only", action="store_true", help="print the results file's table, run nothing")
     parser.add_argument("--markdown", action="store_true", help="print the README's table")
     parser.add_argument("--json", type=Path, help=f"default: benchmarks/results/real_model-{cpu_class()}.json")
@@ -220,7 +245,7 @@ def main() -> None:
     started = time.perf_counter()
     wall = run_stages(args.config, args.set_, profile.work_dir / "real_model.log")
     start = time.perf_counter()
-    rows, setup = evaluate_run(profile, args.prompts)
+    rows, setup = evaluate_run(profile, args.prompts, args.all_ar_precisions)
     eval_seconds = time.perf_counter() - start
     figures = headline(rows)
     spent = budget(profile.work_dir, wall, eval_seconds)
@@ -229,7 +254,8 @@ def main() -> None:
               "command": " ".join(["python -m benchmarks.real_model", *sys.argv[1:]]), "config": str(args.config),
               "set": args.set_, "prompts": setup["prompts"], "n_tokens": setup["n_tokens"],
               "max_new_tokens": setup["max_new_tokens"], "decoding_choice": setup["choice"],
-              "precisions": setup["precisions"], **figures,
+              "precisions": setup["precisions"], "ar_step_ms": setup["ar_step_ms"],
+              "ar_decoded_in": setup["ar_decoded_in"], **figures,
               "run_minutes": sum(spent["minutes"].values()), "budget": spent,
               "wall_minutes_this_invocation": (time.perf_counter() - started) / 60,
               "table": [row.to_json() for row in rows], "curve": curve(profile.work_dir),

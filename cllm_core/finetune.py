@@ -312,8 +312,7 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
         if run.config.decoding_sizes and accelerator.distributed_type != DistributedType.FSDP:
             choice = decoding_choice(trained, run, log)
             trained.config.cllm_decoding = choice.to_json()
-            metrics = metrics | {"decoding_n_tokens": choice.n_tokens, "decoding_precision": choice.precision,
-                                 "decoding_speedup": choice.speedup}
+            metrics = metrics | {"decoding_n_tokens": choice.n_tokens, "decoding_speedup": choice.speedup}
         record = CllmRecord(run.config.model_dump(), run.fingerprint, run.precision, run.model.model_dump(),
                             {"store": run.store, "fingerprint": run.data.fingerprint, "decoding": run.data.decoding},
                             run.data.n_tokens, metrics, run.history)

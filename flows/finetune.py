@@ -40,7 +40,7 @@ def consistency_finetune(finetune: FinetuneConfig, model: ModelConfig, work_dir:
         if record.reused:  # the training run logged the curve; this run gets a copy so it reads complete
             for point in record.history:
                 mlflow.log_metrics({k: v for k, v in point.items() if k != "step"}, step=point["step"])
-        mlflow.log_metrics({k: float(v) for k, v in record.metrics.items()})
+        mlflow.log_metrics({k: float(v) for k, v in record.metrics.items() if isinstance(v, int | float)})
         mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(store), name="jacobi-trajectories", digest=data[:8]),
                          context="training")
         mlflow.log_artifact(str(out_dir / "cllm.json"))
