@@ -209,12 +209,13 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fastest = max(r["tokens_per_s"] for r in result["table"]
                   if r["model"].startswith("teacher") and r["method"] == "ar")
+    with_ar = {r["model"] for r in result["table"] if r["method"] == "ar"}  # same-as-own-AR needs its AR decoded
     for r in result["table"]:
         name, _, precision = r["model"].partition("-")
         lines.append(f"| {name} | {r['method']} | {precision or 'fp32'} | {r['tokens_per_forward']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fastest:.2f}x | {r['accuracy']:.1%} | "
                      f"{r['answer_agreement']:.0%} | {r['same_as_baseline']:.0%} | "
-                     f"{'' if r['method'] in ('ar',) and name == 'teacher' else format(r['exact_match'], '.0%')} | "
+                     f"{format(r['exact_match'], '.0%') if r['method'] != 'ar' and r['model'] in with_ar else '–'} | "
                      f"{r['baseline_logprob']:.3f} |")
     return "\n".join(lines)
 
