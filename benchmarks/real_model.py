@@ -79,11 +79,11 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
     from cllm_core.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate, summarize
     from cllm_core.jacobi import jacobi_generate
     from cllm_core.models import load_model, load_tokenizer
-    from cllm_core.precision import DTYPES, resolve
+    from cllm_core.precision import DTYPES, measured_choice, resolve
     from cllm_core.tuning import forward_seconds
 
     cllm_dir = profile.work_dir / "cllm"
-    choice = json.loads((cllm_dir / "config.json").read_text()).get("cllm_decoding") or {}
+    choice = measured_choice(str(cllm_dir)) or {}
     trained = json.loads((cllm_dir / "cllm.json").read_text())
     n_tokens = profile.evaluate.jacobi.n_tokens or choice.get("n_tokens") or trained["n_tokens"]
     budget = profile.evaluate.jacobi.max_new_tokens

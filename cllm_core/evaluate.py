@@ -147,20 +147,15 @@ def decode_precisions(setting: str, models: dict[str, ModelConfig]) -> dict[str,
     """The precision each model decodes in: `setting` resolved on its device; with `auto`, a CLLM whose decoding
     choice was measured on this kind of machine in the precision measured fastest for it, and the baseline (the
     first model, the teacher) in the precision of the fastest AR that measurement found."""
-    from cllm_core.precision import for_model
+    from cllm_core.precision import for_model, measured_choice
 
     resolved = {name: for_model(setting, source.name_or_path, source.device) for name, source in models.items()}
     used = {name: r.name for name, r in resolved.items()}
-    measured = [_choice(models[name]) for name, r in resolved.items() if r.measured]
+    measured = [measured_choice(models[name].name_or_path) for name, r in resolved.items() if r.measured]
     baseline = next(iter(models))
     if measured and not resolved[baseline].measured:
         used[baseline] = measured[-1]["ar_precision"]
     return used
-
-
-def _choice(source: ModelConfig) -> dict | None:
-    config = Path(source.name_or_path) / "config.json"
-    return json.loads(config.read_text()).get("cllm_decoding") if config.is_file() else None
 
 
 def eval_prompts(prompts_path: str | Path, limit: int | None = None) -> tuple[list[dict], bool]:

@@ -94,12 +94,17 @@ def for_model(setting: str, name_or_path: str, device: str | torch.device = "cpu
     """`resolve`, except that with `auto` a CLLM directory whose config holds a decoding choice measured on this
     kind of machine (`cllm_decoding`, cllm_core/tuning.py) decodes in the precision measured fastest for it."""
     kind = torch.device(device).type if str(device) != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    config = Path(name_or_path) / "config.json"
-    choice = json.loads(config.read_text()).get("cllm_decoding") if config.is_file() else None
+    choice = measured_choice(name_or_path)
     if setting == "auto" and choice and choice.get("device") == device_name(kind):
         return Resolved(setting, choice["precision"], kind, f"measured fastest for this CLLM on {choice['device']}: "
                         f"n_tokens {choice['n_tokens']}, {choice['speedup']:.2f}x the fastest AR", measured=True)
     return resolve(setting, device)
+
+
+def measured_choice(name_or_path: str) -> dict | None:
+    """The decoding choice a CLLM directory's config holds (`cllm_decoding`, cllm_core/tuning.py), if any."""
+    config = Path(name_or_path) / "config.json"
+    return json.loads(config.read_text()).get("cllm_decoding") if config.is_file() else None
 
 
 def cpu_bf16_slowdown(size: int = 192, repeats: int = 5) -> float:
