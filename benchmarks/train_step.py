@@ -27,6 +27,8 @@ import argparse
 import copy
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -212,7 +214,9 @@ def main() -> None:
     cfg = runs[(best["variant"], best["precision"])]
     breakdown = profile_step(lm, batch_of(Sampler(data, cfg), 1, False), cfg, head, DTYPES[best["precision"]],
                              optimizer)
-    result = {"config": str(args.config), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"commit": commit, "command": " ".join(["python -m benchmarks.train_step", *sys.argv[1:]]),
+              "config": str(args.config), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "bf16_matmul_slowdown": slowdown, "rounds": args.rounds, "epoch": {
                   "responses": epoch_size(data, "jacobi_forcing"), "blocks": epoch_size(data, "cllm")},
               "matmul_peak_gflops": peaks, "variants": rows,
