@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from cllm_core.files import parquet_schema
 from cllm_core.identity import digest, file_digest, model_identity
 from cllm_core.inputs import resolve_eos
 from cllm_core.jacobi import jacobi_generate
+from cllm_core.outputs import BlockTrajectory
 from cllm_core.prompts import encode
 from cllm_core.records import CollectionPlan, ShardManifest
 from cllm_core.shards import ShardStore
@@ -31,6 +33,8 @@ from cllm_core.trajectories import TRAJECTORY_SCHEMA, trajectory_row
 PROMPT_COLUMNS = ("prompt_id", "prompt")
 BATCH_FORWARD = "packed where the model allows"
 """How a batch meets the model (cllm_core.forwards); below fp32 it changes the rounding, so it is in the record."""
+MASK_WINDOW = 128
+"""Context tokens a masked state's filling is drawn from (Jacobi Forcing's progressive masking uses the last 128)."""
 
 
 def read_prompt_table(path: str | Path, limit: int | None = None) -> tuple[pa.Table, bool]:
@@ -58,7 +62,8 @@ def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: s
     tokenizer fingerprint, which fine-tuning checks its own against; `precision` is the resolved name (fp32,
     bf16, fp16) the teacher decodes in. The teacher is its content identity: not its path, not its device."""
     kept = config.model_dump(exclude={"jacobi", "batch_size", "devices", "max_repetitive"}
-                             | ({"finished_only"} if not config.finished_only else set()))  # old stores stay valid
+                             | ({"finished_only"} if not config.finished_only else set())
+                             | ({"noise"} if config.noise == "jacobi" else set()))  # old stores stay valid
     content = config.jacobi.model_dump() | kept | _rounding(config, model, precision)  # flat: old stores stay valid
     record = {"config": content, "precision": precision, "teacher": model_identity(model), "tokenizer": tokenizer,
               "prompts_sha256": file_digest(prompts_path)}
@@ -101,20 +106,12 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     lm, tokenizer = _teacher(model, collection["teacher"], collection["precision"])
     eos = resolve_eos(lm, None)
     start, seen = time.perf_counter(), len(part)
-    if config.finished_only:
-        part = ending_within_budget(lm, tokenizer, part, chat, config, eos)
-    rows, forwards = [], 0
-    for first in range(0, len(part), config.batch_size):
-        batch = part[first:first + config.batch_size]
-        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
-        seeds = [int(p["prompt_id"][:8], 16) ^ config.jacobi.seed for p in batch]
-        out = jacobi_generate(lm, ids, mask, **config.jacobi.arguments() | {"seed": seeds}, return_trajectories=True)
-        forwards += out.stats.forwards
-        for r, prompt in enumerate(batch):
-            response = out.response(r, ids.shape[1])
-            finished = bool(response) and response[-1] in eos
-            rows.append(trajectory_row(prompt["prompt_id"], ids[r][mask[r].bool()].tolist(), response,
-                                       out.trajectories[r], config.jacobi.n_tokens, finished))
+    if config.noise == "masked":
+        rows, forwards = _masked_rows(lm, tokenizer, part, chat, config, eos)
+    else:
+        if config.finished_only:
+            part = ending_within_budget(lm, tokenizer, part, chat, config, eos)
+        rows, forwards = _jacobi_rows(lm, tokenizer, part, chat, config, eos)
     seconds = time.perf_counter() - start
     tokens = sum(len(row["response_ids"]) for row in rows)
     passes = [p for row in rows for p in row["block_passes"]]
@@ -124,10 +121,77 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     manifest = ShardManifest.from_json(store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), {
         "config_hash": collection["config_hash"], "teacher": collection["teacher"], **figures}))
     unfinished = f", {manifest.unfinished} left out (no EOS within the budget)" if config.finished_only else ""
+    states = ("masked states (no Jacobi pass)" if config.noise == "masked"
+              else f"{manifest.mean_passes_per_block:.2f} passes per block")
     log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({manifest.prompts_per_s:.2f} "
-        f"prompts/s, {manifest.mean_passes_per_block:.2f} passes per block, {manifest.repetitive} repetitive"
-        f"{unfinished})")
+        f"prompts/s, {states}, {manifest.repetitive} repetitive{unfinished})")
     return manifest
+
+
+def _seed(prompt: dict, config: CollectConfig) -> int:
+    return int(prompt["prompt_id"][:8], 16) ^ config.jacobi.seed
+
+
+def _jacobi_rows(lm, tokenizer, part: list[dict], chat: bool, config: CollectConfig,
+                 eos: frozenset[int]) -> tuple[list[dict], int]:
+    """Trajectory rows from the teacher's batched Jacobi decoding, and the forwards it took."""
+    rows, forwards = [], 0
+    for first in range(0, len(part), config.batch_size):
+        batch = part[first:first + config.batch_size]
+        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
+        seeds = [_seed(p, config) for p in batch]
+        out = jacobi_generate(lm, ids, mask, **config.jacobi.arguments() | {"seed": seeds}, return_trajectories=True)
+        forwards += out.stats.forwards
+        for r, prompt in enumerate(batch):
+            response = out.response(r, ids.shape[1])
+            finished = bool(response) and response[-1] in eos
+            rows.append(trajectory_row(prompt["prompt_id"], ids[r][mask[r].bool()].tolist(), response,
+                                       out.trajectories[r], config.jacobi.n_tokens, finished))
+    return rows, forwards
+
+
+def _masked_rows(lm, tokenizer, part: list[dict], chat: bool, config: CollectConfig,
+                 eos: frozenset[int]) -> tuple[list[dict], int]:
+    """Trajectory rows whose noisy states are masked, not decoded (`collect.noise: masked`): one batched AR
+    pass gives each greedy response; with `finished_only` a response that runs out of budget is left out."""
+    rows, forwards = [], 0
+    for first in range(0, len(part), config.batch_size):
+        batch = part[first:first + config.batch_size]
+        ids, mask = encode(tokenizer, [p["prompt"] for p in batch], lm.device, chat)
+        out = ar_generate(lm, ids, mask, max_new_tokens=config.jacobi.max_new_tokens, eos_token_id=sorted(eos))
+        forwards += out.stats.forwards
+        for r, prompt in enumerate(batch):
+            response = out.response(r, ids.shape[1])
+            finished = bool(response) and response[-1] in eos
+            if config.finished_only and not finished:
+                continue
+            prompt_ids = ids[r][mask[r].bool()].tolist()
+            blocks = masked_blocks(prompt_ids, response, config.jacobi.n_tokens, random.Random(_seed(prompt, config)))
+            rows.append(trajectory_row(prompt["prompt_id"], prompt_ids, response, blocks, config.jacobi.n_tokens,
+                                       finished))
+    return rows, forwards
+
+
+def masked_blocks(prompt: list[int], response: list[int], n_tokens: int, rng: random.Random,
+                  window: int = MASK_WINDOW) -> list[BlockTrajectory]:
+    """Jacobi Forcing's model-free noisy states (its progressive masking): for each block of the response and
+    every k below the block's length, a state that keeps the fixed point's first k tokens and fills the rest
+    with tokens drawn from the `window` tokens before the block, the first of them unlike the fixed point's
+    there, so the state's noise is exactly (length - k) / length; then the fixed point. Every noise level the
+    schedule asks for is there. No pass made them: `passes` is 0."""
+    blocks = []
+    for start in range(0, len(response), n_tokens):
+        fixed_point = response[start:start + n_tokens]
+        context = (prompt + response[:start])[-window:]
+        states = []
+        for k in range(len(fixed_point)):
+            unlike = [t for t in context if t != fixed_point[k]]
+            if not unlike:  # a context of one repeated token: no state has its first wrong token at k
+                continue
+            fill = [rng.choice(context) for _ in range(len(fixed_point) - k - 1)]
+            states.append(fixed_point[:k] + [rng.choice(unlike)] + fill)
+        blocks.append(BlockTrajectory(states + [list(fixed_point)], list(fixed_point), 0))
+    return blocks
 
 
 def ending_within_budget(lm, tokenizer, prompts: list[dict], chat: bool, config: CollectConfig,

@@ -208,6 +208,13 @@ class CollectConfig(Section):
     finished_only: bool = Field(False, description="Collect only prompts whose greedy response ends (EOS) within "
                                 "the budget: a batched AR pass finds them first (and their lengths, so batches "
                                 "decode responses of similar length); the rest are counted, not collected.")
+    noise: Literal["jacobi", "masked"] = Field("jacobi", description="Where a block's noisy states come from. "
+                                               "jacobi: the teacher's Jacobi trajectory from random guesses (the "
+                                               "paper's; a pass per state, about n passes a block). masked: Jacobi "
+                                               "Forcing's model-free progressive masking: the greedy response from "
+                                               "one batched AR pass and, for every k, a state keeping the block's "
+                                               "first k tokens with the rest drawn from the 128 context tokens "
+                                               "before it (no Jacobi pass: about n times less compute a response).")
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
     devices: list[str] = Field([], description="Devices to spread shards over (e.g. [cuda:0, cuda:1]); "
                                "empty: the model's device.")

@@ -1,13 +1,15 @@
 """Stage 2 in the library: trajectory records, the shard store, and batched collection on a tiny model."""
 
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from cllm_core import ModelConfig, ar_generate, load_model, load_tokenizer
-from cllm_core.collect import collect, read_prompt_table
+from cllm_core.collect import collect, masked_blocks, read_prompt_table
+from cllm_core.forcing import noise, noisy_state
 from cllm_core.config import CollectConfig, IngestConfig
 from cllm_core.ingest import ingest
 from cllm_core.prompts import encode
@@ -66,6 +68,33 @@ def test_shards_hold_each_prompt_once_with_states_ending_at_fixed_points_that_sp
         assert ids[0].tolist() == record["prompt_ids"]
         greedy = ar_generate(model, ids, mask, max_new_tokens=CONFIG.jacobi.max_new_tokens)
         assert greedy.sequences[0, ids.shape[1]:].tolist()[:len(record["response_ids"])] == record["response_ids"]
+
+
+def test_masked_states_keep_a_prefix_of_the_fixed_point_and_cover_every_noise_level():
+    prompt, response = [7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    blocks = masked_blocks(prompt, response, 4, random.Random(0), window=6)
+    assert [b.fixed_point for b in blocks] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert all(b.passes == 0 and b.states[-1] == b.fixed_point for b in blocks)
+    for start, block in zip(range(0, 10, 4), blocks):
+        context = (prompt + response[:start])[-6:]
+        m = len(block.fixed_point)
+        assert [noise(s, block.fixed_point) for s in block.states] == [(m - k) / m for k in range(m + 1)]
+        for k, state in enumerate(block.states[:-1]):  # the filling comes from the context before the block
+            assert len(state) == m and state[:k] == block.fixed_point[:k] and set(state[k:]) <= set(context)
+        assert noisy_state(block.states, block.fixed_point, 0.5) == block.states[m - m // 2]
+    assert blocks == masked_blocks(prompt, response, 4, random.Random(0), window=6)  # seeded: reproducible
+    lone = masked_blocks([3, 3], [3, 5], 2, random.Random(0))[0]  # nothing unlike token 3 to draw: no k=0 state
+    assert [s[:1] for s in lone.states] == [[3], [3]] and lone.states[-1] == [3, 5]
+
+
+@pytest.mark.slow  # collects shards
+def test_masked_collection_holds_the_greedy_responses_with_states_made_without_a_pass(tmp_path, teacher, prompts):
+    config = CONFIG.model_copy(update={"noise": "masked"})
+    collect(config, teacher, prompts, str(tmp_path / "masked"), log=quiet)
+    collect(CONFIG, teacher, prompts, str(tmp_path / "jacobi"), log=quiet)
+    masked, decoded = rows(tmp_path / "masked", [0, 1, 2]), rows(tmp_path / "jacobi", [0, 1, 2])
+    assert [r["response_ids"] for r in masked] == [r["response_ids"] for r in decoded]
+    assert all(passes == 0 for r in masked for passes in r["block_passes"])
 
 
 @pytest.mark.slow  # collects shards
@@ -173,6 +202,9 @@ def test_finished_only_keeps_exactly_the_prompts_whose_response_ends_in_the_budg
     assert [m.unfinished for m in kept] == [m.rows - k.rows for m, k in zip(everything, kept)]
     assert ShardStore(str(tmp_path / "all")).collection()["config_hash"] != \
         ShardStore(str(tmp_path / "kept")).collection()["config_hash"]
+    masked = config.model_copy(update={"finished_only": True, "noise": "masked"})
+    collect(masked, teacher, prompts, str(tmp_path / "masked"), log=quiet)  # its AR pass is the filter itself
+    assert [r["response_ids"] for r in rows(tmp_path / "masked", [0, 1, 2])] == [r["response_ids"] for r in finished]
 
 
 def ending_on_a_common_token(teacher, prompts, config, out):
