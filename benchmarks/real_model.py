@@ -106,9 +106,9 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
     pairs[(f"teacher-{ar_fastest}", "lookup")] = partial(lookup_generate, max_new_tokens=budget,
                                                          prompt_lookup_num_tokens=profile.evaluate.lookup_tokens)
     pairs |= {("cllm", "ar"): ar, ("cllm", "jacobi"): jacobi,
-              ("cllm", "jacobi_lookup"): partial(jacobi, lookup=LOOKUP_NGRAM)}
-    if len(models) > len(decoded) + 1:
-        pairs[(next(reversed(models)), "jacobi")] = jacobi
+              ("cllm", "jacobi_lookup"): partial(jacobi, lookup=LOOKUP_NGRAM, lookup_branch=True)}
+    if len(models) > len(decoded) + 1:  # the CLLM in its measured precision, with lookup branches
+        pairs[(next(reversed(models)), "jacobi_lookup")] = pairs[("cllm", "jacobi_lookup")]
     prompts, chat = eval_prompts(profile.work_dir / "prompts/eval.parquet", limit)
     config = profile.evaluate.model_copy(update={"check": "math", "batch_size": 1})
     tokenizer = load_tokenizer(teacher_config)

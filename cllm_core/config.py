@@ -388,8 +388,9 @@ class EvalConfig(Section):
 
     methods: list[Literal["ar", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"]] = Field(
         ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy `generate` (ar), "
-        "Jacobi, prompt-lookup decoding, Jacobi with each new block's guess drafted from the context as prompt "
-        "lookup drafts (jacobi_lookup), Jacobi Forcing's multi-block decoding (jacobi_multiblock) and the same "
+        "Jacobi, prompt-lookup decoding, Jacobi with prompt lookup's drafts (jacobi_lookup: each new block's "
+        "guess drafted from the context, and every pass verifying the draft after the last token as a second "
+        "branch beside Jacobi's update), Jacobi Forcing's multi-block decoding (jacobi_multiblock) and the same "
         "with rejection recycling (jacobi_recycling); all but lookup are exact like Jacobi.")
     multiblock: MultiBlockConfig = Field(MultiBlockConfig(), description="jacobi_multiblock and "
                                          "jacobi_recycling's settings.")

@@ -43,7 +43,7 @@ def decoders(config: EvalConfig) -> dict[str, Callable]:
     multiblock = {"blocks": config.multiblock.blocks, "open_at": config.multiblock.open_at}
     table = {"ar": partial(ar_generate, **common),
              "jacobi": partial(jacobi_generate, **jacobi),
-             "jacobi_lookup": partial(jacobi_generate, **jacobi, lookup=LOOKUP_NGRAM),
+             "jacobi_lookup": partial(jacobi_generate, **jacobi, lookup=LOOKUP_NGRAM, lookup_branch=True),
              "jacobi_multiblock": partial(jacobi_generate, **jacobi, **multiblock),
              "jacobi_recycling": partial(jacobi_generate, **jacobi, **multiblock, pool=config.multiblock.pool),
              "lookup": partial(lookup_generate, prompt_lookup_num_tokens=config.lookup_tokens, **common)}

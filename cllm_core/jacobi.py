@@ -99,6 +99,7 @@ def jacobi_steps(
     blocks: int = 1,
     open_at: float = 0.85,
     pool: int = 0,
+    lookup_branch: bool = False,
 ) -> Iterator[JacobiStep]:
     """Yield one `JacobiStep` per forward pass until every row has its EOS or `max_new_tokens` tokens.
 
@@ -110,7 +111,9 @@ def jacobi_steps(
     the latest earlier occurrence of the context's last `lookup`..1 tokens, where there is one, and `init` fills
     the rest. Drafts are verified like any guess, so the output stays the greedy output. (Drafting after every
     pass too, over Jacobi's own update, was measured and dropped: a CLLM's updates are the better guesses, 2.48
-    against 3.40 tokens per forward on the demo.)
+    against 3.40 tokens per forward on the demo.) `lookup_branch` keeps both: every pass also feeds the lookup
+    draft after the last committed token, where there is one unlike the guess, as a second branch beside Jacobi's
+    update, and the branch that confirms most is committed; a pass then feeds up to twice the guess.
     `blocks` > 1 lets the guess span up to that many blocks: the next one opens once `open_at` of the last open
     block is committed or unchanged since the pass before (Jacobi Forcing's multi-block decoding, its K and r).
     `pool` > 0 keeps that many rejected guesses and feeds what they hold after the newly committed token as extra
@@ -118,11 +121,11 @@ def jacobi_steps(
     main branch. Arguments are checked here, before the first step is asked for.
     """
     return _steps(_setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id,
-                         init, seed, carry, lookup, blocks, open_at, pool))
+                         init, seed, carry, lookup, blocks, open_at, pool, lookup_branch))
 
 
 def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
-           carry=True, lookup=0, blocks=1, open_at=0.85, pool=0):
+           carry=True, lookup=0, blocks=1, open_at=0.85, pool=0, lookup_branch=False):
     """Check the arguments and build the loop's state."""
     check_model(model)
     check_positive("n_tokens", n_tokens)
@@ -131,6 +134,8 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         raise ValueError(f"init must be 'repeat' or 'random', got {init!r}")
     if lookup < 0:
         raise ValueError(f"lookup must be >= 0 (the longest n-gram drafts are matched on; 0: none), got {lookup}")
+    if lookup_branch and not lookup:
+        raise ValueError("lookup_branch feeds lookup drafts as a branch: set lookup > 0 (the longest n-gram matched)")
     check_positive("blocks", blocks)
     if not 0 < open_at <= 1:
         raise ValueError(f"open_at must be in (0, 1] (the share of a block solved before the next opens), "
@@ -147,7 +152,8 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)), pool=deque(maxlen=pool))
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
-    rule = _Rule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool)
+    rule = _Rule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool,
+                 lookup_branch)
     return _Loop(make_forward(model, input_ids.device, len(rows)), input_ids, kv_mask, rows, pad, rule)
 
 
@@ -162,6 +168,7 @@ class _Rule:
     blocks: int = 1  # the most blocks the guess spans
     open_after: int = 1  # solved tokens of the last open block before the next opens (ceil(open_at * n_tokens))
     pool: int = 0  # rejected guesses kept for recycling
+    lookup_branch: bool = False  # every pass also verifies the lookup draft as a branch
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,12 @@ def _pass(forward, rows, pad, rule) -> list[RowStep]:
     """Feed every row its last token, its guess and any recycled branches; commit what the predictions confirm on
     the branch that confirms most; keep in the cache only the slots of committed tokens."""
     branches = [[row.guess, *_recycled(row)] if rule.pool else [row.guess] for row in rows]
+    if rule.lookup_branch:
+        for row, bs in zip(rows, branches):
+            draft = lookup_draft(row.context, len(row.guess), rule.lookup)
+            branch = draft + row.guess[len(draft) :]
+            if draft and branch not in bs:
+                bs.append(branch)
     layouts = [_layout(bs) for bs in branches]  # per row: (branch of each slot, position offset of each slot)
     width = max(len(kinds) for kinds, _ in layouts)
     # lists padded to the width, then one tensor each (a batch has 100s of rows); kind: 0 the last token, j + 1
@@ -349,16 +362,18 @@ def jacobi_generate(
     blocks: int = 1,
     open_at: float = 0.85,
     pool: int = 0,
+    lookup_branch: bool = False,
     return_trajectories: bool = False,
     streamer=None,
 ) -> DecodeOutput:
     """Greedy Jacobi decoding shaped like `model.generate`: `out.sequences` is (B, L + T), rows that
     stopped early are padded; `out.stats` counts forwards, tokens, fast-forward and stationary tokens.
-    `lookup`, `blocks`, `open_at`, `pool`: drafts, multi-block and recycling, as in `jacobi_steps`.
+    `lookup`, `blocks`, `open_at`, `pool`, `lookup_branch`: drafts, multi-block, recycling and lookup branches,
+    as in `jacobi_steps`.
     `streamer` (a transformers streamer, one row as theirs take) gets the prompt, then each pass's committed tokens
     as one `put`, then `end()`: text arrives in bursts of several tokens."""
     loop = _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token_id, pad_token_id, init, seed,
-                  carry, lookup, blocks, open_at, pool)
+                  carry, lookup, blocks, open_at, pool, lookup_branch)
     batch = len(input_ids)
     if streamer is not None:
         if batch != 1:

@@ -155,6 +155,18 @@ def test_recycling_recovers_a_rejected_draft_behind_its_one_wrong_token(pool):
         assert model.calls[2] == (1, 1 + 6 + 6)  # the last token, the guess, the recycled branch
 
 
+def test_a_lookup_branch_recovers_the_prompts_run_after_the_rejected_draft():
+    """The same walk as above without a pool: after "3" the lookup draft ("4 5 6 7 8 1", from the prompt) is fed
+    beside Jacobi's wrong update, confirmed to its last token, and committed with the bonus token."""
+    model = scripted(SHIFTED_PROMPT, SHIFTED_TRUTH)
+    out = jacobi_generate(model, torch.tensor([SHIFTED_PROMPT]), n_tokens=8, max_new_tokens=16, eos_token_id=[],
+                          lookup=1, lookup_branch=True)
+    assert out.sequences[0, len(SHIFTED_PROMPT):].tolist() == SHIFTED_TRUTH
+    assert out.stats.forwards == 11 and model.calls[2] == (1, 1 + 6 + 6)
+    with pytest.raises(ValueError, match="lookup_branch"):
+        jacobi_generate(constant(), PROMPT, lookup_branch=True)
+
+
 def test_multi_block_opens_the_next_block_once_the_share_is_solved():
     """by_position: a pass makes every guess token right, so a block takes two passes; with the next block
     opened at half of the current one, its guess converges in the same passes and a block pair takes three."""

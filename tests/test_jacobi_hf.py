@@ -103,9 +103,11 @@ def test_uncarried_random_trajectories_equal_the_reference_codes_state_for_state
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize(("blocks", "pool"), [(2, 0), (1, 4), (3, 4)])
+@pytest.mark.parametrize(("blocks", "pool", "lookup_branch"), [(2, 0, False), (1, 4, False), (3, 4, False),
+                                                            (1, 0, True), (2, 4, True)])
 @pytest.mark.parametrize(("n_tokens", "batch"), [(4, 1), (16, 4)])
-def test_multi_block_and_recycling_equal_greedy_generate(model, n_tokens, batch, blocks, pool, attention):
+def test_multi_block_and_recycling_equal_greedy_generate(model, n_tokens, batch, blocks, pool, lookup_branch,
+                                                         attention):
     """Recycled branches go through a 4-D additive mask (eager adds it to the scores) and leave the cache
     compacted; random models repeat themselves, so the pool has branches to feed."""
     ids, mask = prompts(batch)
@@ -114,7 +116,8 @@ def test_multi_block_and_recycling_equal_greedy_generate(model, n_tokens, batch,
     model.set_attn_implementation(attention)
     try:
         out = jacobi_generate(model, ids, mask, n_tokens=n_tokens, max_new_tokens=MAX_NEW, eos_token_id=eos,
-                              pad_token_id=PAD, blocks=blocks, open_at=0.5, pool=pool, lookup=1)
+                              pad_token_id=PAD, blocks=blocks, open_at=0.5, pool=pool, lookup=1,
+                              lookup_branch=lookup_branch)
     finally:
         model.set_attn_implementation("sdpa")
     assert out.sequences.tolist() == expected
