@@ -9,8 +9,8 @@ import pytest
 
 from cllm_core import ModelConfig, ar_generate, load_model, load_tokenizer
 from cllm_core.collect import collect, masked_blocks, read_prompt_table
-from cllm_core.forcing import noise, noisy_state
 from cllm_core.config import CollectConfig, IngestConfig
+from cllm_core.forcing import noise, noisy_state
 from cllm_core.ingest import ingest
 from cllm_core.prompts import encode
 from cllm_core.shards import ShardStore
