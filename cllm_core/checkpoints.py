@@ -29,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from cllm_core.errors import UserError
+
 WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FORMAT = 3  # 1: the optimizer's own state_dict (by parameter index); 2: by name, inside state.pt
 
@@ -46,12 +48,12 @@ class Checkpoints:
             return None
         state = torch.load(done[-1], map_location="cpu", weights_only=True)
         if state.get("format") != FORMAT:
-            raise ValueError(f"the checkpoint {done[-1].parent} was written by an older cllm-pipeline; delete "
-                             f"{self.root} to start over, or resume it with the version that wrote it")
+            raise UserError(f"the checkpoint {done[-1].parent} was written by an older cllm-pipeline; delete "
+                            f"{self.root} to start over, or resume it with the version that wrote it")
         if state["fingerprint"] != self.fingerprint:
-            raise ValueError(f"the checkpoint {done[-1].parent} was made with another config, teacher or data "
-                             f"({state['fingerprint']}, now {self.fingerprint}); delete {self.root} to start over, "
-                             "or restore the config it was made with")
+            raise UserError(f"the checkpoint {done[-1].parent} was made with another config, teacher or data "
+                            f"({state['fingerprint']}, now {self.fingerprint}); delete {self.root} to start over, "
+                            "or restore the config it was made with")
         return done[-1].parent
 
     def save(self, step: int, states: tuple[dict, dict], scheduler, history: list, seconds: float,

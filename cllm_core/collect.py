@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from cllm_core.baselines import ar_generate
 from cllm_core.config import CollectConfig, ModelConfig
+from cllm_core.errors import UserError
 from cllm_core.files import parquet_schema
 from cllm_core.identity import digest, file_digest, model_identity
 from cllm_core.inputs import resolve_eos
@@ -41,12 +42,12 @@ def read_prompt_table(path: str | Path, limit: int | None = None) -> tuple[pa.Ta
     """The prompts (id and rendered text) and whether they were rendered with a chat template."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist; run `cllm ingest` first")
+        raise UserError(f"prompts file {path} does not exist; run `cllm ingest` first")
     schema = parquet_schema(path)
     missing = [c for c in PROMPT_COLUMNS if c not in schema.names]
     if missing:
-        raise ValueError(f"{path} is not a prompts file from `cllm ingest`: no column {missing[0]!r} "
-                         f"(columns: {', '.join(schema.names)})")
+        raise UserError(f"{path} is not a prompts file from `cllm ingest`: no column {missing[0]!r} "
+                        f"(columns: {', '.join(schema.names)})")
     table = pq.read_table(path, columns=list(PROMPT_COLUMNS))
     chat = (schema.metadata or {}).get(b"cllm.template") == b"chat"
     return (table.slice(0, limit) if limit else table), chat
@@ -102,7 +103,7 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
     table, chat = read_prompt_table(prompts_path, config.limit)
     part = table.slice(shard * config.shard_size, config.shard_size).to_pylist()
     if not part:
-        raise ValueError(f"shard {shard} is empty: the prompts make {shard_count(len(table), config.shard_size)}")
+        raise UserError(f"shard {shard} is empty: the prompts make {shard_count(len(table), config.shard_size)}")
     lm, tokenizer = _teacher(model, collection["teacher"], collection["precision"])
     eos = resolve_eos(lm, None)
     start, seen = time.perf_counter(), len(part)
@@ -203,8 +204,8 @@ def ending_within_budget(lm, tokenizer, prompts: list[dict], chat: bool, config:
     puts responses of similar length in a batch, so no batch waits long on one straggler. Each prompt's
     trajectory does not depend on its batch (its guesses are seeded by its id; in fp32 not a token changes)."""
     if not eos:
-        raise ValueError("collect.finished_only needs the teacher's EOS token (its generation config names none); "
-                         "set finished_only: false")
+        raise UserError("collect.finished_only needs the teacher's EOS token (its generation config names none); "
+                        "set finished_only: false")
     lengths = {}
     for first in range(0, len(prompts), config.batch_size):
         batch = prompts[first:first + config.batch_size]

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cllm_core.errors import UserError
 from cllm_core.identity import digest
 from cllm_core.sources import PRESETS, Preset
 from cllm_core.templates import CHAT, TEMPLATES
@@ -22,8 +23,8 @@ Precision = Literal["auto", "bf16", "fp16", "fp32"]
 def _moved(data, key: str, where: str) -> None:
     """Point a profile that still sets an old per-stage dtype at the one precision setting."""
     if isinstance(data, dict) and key in data:
-        raise ValueError(f"{where} is gone: set the profile's top-level `precision` (auto, bf16, fp16 or fp32; "
-                         "`--set precision=fp32`), which every stage uses")
+        raise UserError(f"{where} is gone: set the profile's top-level `precision` (auto, bf16, fp16 or fp32; "
+                        "`--set precision=fp32`), which every stage uses")
 
 
 class Section(BaseModel):
@@ -92,7 +93,7 @@ class JacobiConfig(Section):
     @model_validator(mode="after")
     def _block_fits(self) -> JacobiConfig:
         if self.n_tokens is not None and self.n_tokens > self.max_new_tokens:
-            raise ValueError(f"n_tokens ({self.n_tokens}) is larger than max_new_tokens ({self.max_new_tokens})")
+            raise UserError(f"n_tokens ({self.n_tokens}) is larger than max_new_tokens ({self.max_new_tokens})")
         return self
 
     def block_size(self, model=None) -> int:
@@ -119,8 +120,8 @@ def _jacobi_moved(data, section: str) -> None:
     """Point a profile that sets a Jacobi field flat in a stage at its place in the stage's `jacobi` section."""
     for key in JACOBI_FIELDS:
         if isinstance(data, dict) and key in data:
-            raise ValueError(f"{section}.{key} is now {section}.jacobi.{key} (one JacobiConfig: "
-                             f"{', '.join(JACOBI_FIELDS)}), e.g. --set {section}.jacobi.{key}=...")
+            raise UserError(f"{section}.{key} is now {section}.jacobi.{key} (one JacobiConfig: "
+                            f"{', '.join(JACOBI_FIELDS)}), e.g. --set {section}.jacobi.{key}=...")
 
 
 class TeacherConfig(Section):
@@ -186,11 +187,11 @@ class IngestConfig(Section):
     @model_validator(mode="after")
     def _known_names(self) -> IngestConfig:
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.template is not None and self.template not in [*TEMPLATES, CHAT]:
-            raise ValueError(f"unknown template {self.template!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
+            raise UserError(f"unknown template {self.template!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
         if self.system_prompt is not None and (self.template or self.resolved_preset().template) != CHAT:
-            raise ValueError("ingest.system_prompt needs the chat template (template: chat)")
+            raise UserError("ingest.system_prompt needs the chat template (template: chat)")
         return self
 
     def resolved_preset(self) -> Preset:
@@ -231,7 +232,7 @@ class CollectConfig(Section):
     @model_validator(mode="after")
     def _block_named(self) -> CollectConfig:
         if self.jacobi.n_tokens is None:
-            raise ValueError("collection needs a block size: set collect.jacobi.n_tokens (the n the CLLM learns)")
+            raise UserError("collection needs a block size: set collect.jacobi.n_tokens (the n the CLLM learns)")
         return self
 
 
@@ -331,15 +332,15 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _fsdp_trains_every_weight(self) -> FinetuneConfig:
         if self.launch.strategy == "fsdp" and self.lora is not None:
-            raise ValueError("finetune.lora under finetune.launch.strategy fsdp is not supported (the adapters "
-                             "would be merged into sharded weights); use strategy ddp with LoRA, or drop lora")
+            raise UserError("finetune.lora under finetune.launch.strategy fsdp is not supported (the adapters "
+                            "would be merged into sharded weights); use strategy ddp with LoRA, or drop lora")
         return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FinetuneConfig:
         if self.epochs is not None and "steps" in self.model_fields_set:
-            raise ValueError(f"finetune sets both steps ({self.steps}) and epochs ({self.epochs}); set one (the other "
-                             "follows from the data)")
+            raise UserError(f"finetune sets both steps ({self.steps}) and epochs ({self.epochs}); set one (the other "
+                            "follows from the data)")
         return self
 
     def with_steps_for(self, items: int) -> FinetuneConfig:
@@ -352,8 +353,8 @@ class FinetuneConfig(Section):
     @model_validator(mode="after")
     def _forcing_reads_the_teacher(self) -> FinetuneConfig:
         if self.objective == "jacobi_forcing" and (self.consistency, self.ar_labels) != ("global", "teacher"):
-            raise ValueError("objective jacobi_forcing trains each noisy block towards its fixed point with the "
-                             "teacher's response as AR labels; set consistency: global and ar_labels: teacher")
+            raise UserError("objective jacobi_forcing trains each noisy block towards its fixed point with the "
+                            "teacher's response as AR labels; set consistency: global and ar_labels: teacher")
         return self
 
     def fingerprint(self) -> str:
@@ -422,9 +423,9 @@ class TrackingConfig(Section):
     @model_validator(mode="after")
     def _no_credentials(self) -> TrackingConfig:
         if self.uri and urlsplit(self.uri).username is not None:  # profiles are logged and stored as parameters
-            raise ValueError("uri carries credentials; keep them out of profiles: set MLFLOW_TRACKING_URI in the "
-                             "environment, or for a server MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                             "(or MLFLOW_TRACKING_TOKEN)")
+            raise UserError("uri carries credentials; keep them out of profiles: set MLFLOW_TRACKING_URI in the "
+                            "environment, or for a server MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                            "(or MLFLOW_TRACKING_TOKEN)")
         return self
 
 
@@ -498,12 +499,12 @@ class Profile(Section):
             trained = min(trained, self.second_round.collect.jacobi.max_new_tokens)
             blocks = (self.collect.jacobi.n_tokens, self.second_round.collect.jacobi.n_tokens)
             if self.evaluate.jacobi.n_tokens is None and blocks[0] != blocks[1]:
-                raise ValueError(f"second_round collects at n_tokens {blocks[1]}, round 1 at {blocks[0]}: both CLLMs "
-                                 "are evaluated at one block size; set evaluate.jacobi.n_tokens")
+                raise UserError(f"second_round collects at n_tokens {blocks[1]}, round 1 at {blocks[0]}: both CLLMs "
+                                "are evaluated at one block size; set evaluate.jacobi.n_tokens")
         if asked > trained:
-            raise ValueError(f"evaluate.jacobi.max_new_tokens ({asked}) is over collect.jacobi.max_new_tokens "
-                             f"({trained}): the CLLM learns responses up to collection's budget; evaluate within it "
-                             "or collect longer responses")
+            raise UserError(f"evaluate.jacobi.max_new_tokens ({asked}) is over collect.jacobi.max_new_tokens "
+                            f"({trained}): the CLLM learns responses up to collection's budget; evaluate within it "
+                            "or collect longer responses")
         return self
 
     @model_validator(mode="before")
@@ -516,17 +517,17 @@ class Profile(Section):
 
 
 def read_profile(path: str | Path) -> dict:
-    """A YAML profile's raw sections, after checking that they validate (one ValueError naming the field)."""
+    """A YAML profile's raw sections, after checking that they validate (one UserError naming the field)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"profile {path} does not exist")
+        raise UserError(f"profile {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         Profile.model_validate(data)
     except yaml.YAMLError as error:
-        raise ValueError(f"profile {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"profile {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     except ValidationError as error:
-        raise ValueError(f"profile {path}: {describe(error)}") from None
+        raise UserError(f"profile {path}: {describe(error)}") from None
     return data
 
 
@@ -534,7 +535,7 @@ def set_value(data: dict, item: str) -> None:
     """Apply one `SECTION.FIELD=VALUE` override to a raw profile (the value read as YAML: 32, true, [a, b])."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ValueError(f"--set expects SECTION.FIELD=VALUE (e.g. collect.n_tokens=32), got {item!r}")
+        raise UserError(f"--set expects SECTION.FIELD=VALUE (e.g. collect.n_tokens=32), got {item!r}")
     put(data, key, yaml.safe_load(value))
 
 
@@ -547,12 +548,12 @@ def put(data: dict, key: str, value) -> None:
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
-            raise ValueError(f"{key}: {part} is not a section")
+            raise UserError(f"{key}: {part} is not a section")
     node[last] = value
 
 
 def load_profile(path: str | Path) -> Profile:
-    """Read a YAML profile; any problem is one ValueError naming the file and the field."""
+    """Read a YAML profile; any problem is one UserError naming the file and the field."""
     return Profile.model_validate(read_profile(path))
 
 

@@ -27,6 +27,7 @@ from cllm_core import report
 from cllm_core.answers import CHECKS, extract_answer
 from cllm_core.baselines import ar_generate, lookup_generate
 from cllm_core.config import EvalConfig, ModelConfig, chosen_block_size, trained_block_size
+from cllm_core.errors import UserError
 from cllm_core.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.prompts import encode
 from cllm_core.records import Evaluation, SummaryRow
@@ -110,15 +111,15 @@ def run_evaluation(config: EvalConfig, models: dict[str, ModelConfig], prompts_p
     vocabulary, loaded = tokenizer_fingerprint(tokenizer), {}
     for name, source in models.items():
         if tokenizer_fingerprint(load_tokenizer(source)) != vocabulary:
-            raise ValueError(f"{name} ({source.name_or_path}) uses another tokenizer than {baseline}; compare "
-                             "models trained from the same teacher")
+            raise UserError(f"{name} ({source.name_or_path}) uses another tokenizer than {baseline}; compare "
+                            "models trained from the same teacher")
     used = decode_precisions(precision, models)
     for name, source in models.items():
         try:
             loaded[name] = load_model(source, DTYPES[used[name]])
         except (OSError, ValueError) as error:
-            raise ValueError(f"{name}: {source.name_or_path} is not a causal language model "
-                             f"({str(error).splitlines()[0]})") from None
+            raise UserError(f"{name}: {source.name_or_path} is not a causal language model "
+                            f"({str(error).splitlines()[0]})") from None
     config = with_block_size(config, loaded, log, {name: _decoding(source) for name, source in models.items()})
     log(f"evaluating {', '.join(models)} x {', '.join(config.methods)} on {len(prompts)} prompts, "
         f"batch {config.batch_size}, " + ", ".join(f"{name} in {p}" for name, p in used.items()))
@@ -178,8 +179,8 @@ def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log:
     trained = {name: n for name, model in models.items() if (n := trained_block_size(model))}
     chosen = [name for name, model in models.items() if chosen_block_size(model)]
     if jacobi.n_tokens is None and not chosen and len(set(trained.values())) > 1:
-        raise ValueError(f"the CLLMs were trained for different block sizes ({_listed(trained)}); choose one with "
-                         "--n-tokens (evaluate.jacobi.n_tokens)")
+        raise UserError(f"the CLLMs were trained for different block sizes ({_listed(trained)}); choose one with "
+                        "--n-tokens (evaluate.jacobi.n_tokens)")
     if jacobi.n_tokens is None and chosen:  # the last CLLM: a pipeline's final one
         n = chosen_block_size(models[chosen[-1]])
         why = f"for {chosen[-1]}, {DecodingChoice.from_json(models[chosen[-1]].config.cllm_decoding).describe()}"

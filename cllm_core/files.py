@@ -9,15 +9,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cllm_core.errors import UserError
+
 
 def parquet_schema(path: str | Path):
-    """The schema of a Parquet file, or one ValueError line when the file is not readable Parquet."""
+    """The schema of a Parquet file, or one UserError line when the file is not readable Parquet."""
     import pyarrow.parquet as pq
 
     try:
         return pq.read_schema(path)
     except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
-        raise ValueError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
+        raise UserError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from cllm_core import forcing
 from cllm_core.checkpoints import Checkpoints, full_states, rng_state
 from cllm_core.collect import read_prompt_table
 from cllm_core.config import FinetuneConfig, ModelConfig
+from cllm_core.errors import UserError
 from cllm_core.files import publish_dir
 from cllm_core.guards import budget_warning
 from cllm_core.identity import model_identity
@@ -135,12 +136,12 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     accelerator = _accelerator(MIXED_PRECISION[resolved.name], cpu=resolve_device(model.device).type == "cpu")
     sharded = accelerator.distributed_type == DistributedType.FSDP  # its head is only whole inside its forward
     if config.launch.processes > 1 and accelerator.num_processes != config.launch.processes:
-        raise ValueError(f"finetune.launch.processes is {config.launch.processes} but {accelerator.num_processes} "
-                         "process(es) started: train through finetune() (it launches them), not by hand")
+        raise UserError(f"finetune.launch.processes is {config.launch.processes} but {accelerator.num_processes} "
+                        "process(es) started: train through finetune() (it launches them), not by hand")
     if (config.launch.strategy == "fsdp") != sharded:
-        raise ValueError(f"finetune.launch.strategy is {config.launch.strategy} but accelerate runs "
-                         f"{accelerator.distributed_type.value}: train through finetune() (it launches the "
-                         "processes), not by hand")
+        raise UserError(f"finetune.launch.strategy is {config.launch.strategy} but accelerate runs "
+                        f"{accelerator.distributed_type.value}: train through finetune() (it launches the "
+                        "processes), not by hand")
     torch.manual_seed(config.seed)
     lm = load_model(model.model_copy(update={"device": "cpu"})).train()  # fp32 weights; autocast computes
     if config.gradient_checkpointing and not sharded:  # under FSDP, its own activation checkpointing
@@ -586,7 +587,7 @@ def _check_writable(out_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise OSError(f"the model directory {out_dir} is not writable ({error.strerror or error})") from None
+        raise UserError(f"the model directory {out_dir} is not writable ({error.strerror or error})") from None
 
 
 def _block_positions(batch: Batch) -> torch.Tensor:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cllm_core.errors import UserError
+
 PROMPT, NOISY, CLEAN, PADDING = 0, 1, 2, 3
 
 
@@ -70,7 +72,7 @@ def pack(prompt: list[int], noisy: list[list[int]], clean: list[list[int]]) -> P
     for state, fixed_point in zip(noisy, clean):
         size = len(fixed_point)
         if len(state) != size:
-            raise ValueError(f"a noisy state of {len(state)} tokens for a block of {size}")
+            raise UserError(f"a noisy state of {len(state)} tokens for a block of {size}")
         k, f = len(ids), len(ids) + size
         ids += list(state) + list(fixed_point)
         positions += 2 * list(range(offset, offset + size))

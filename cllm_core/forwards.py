@@ -30,6 +30,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from cllm_core.errors import UserError
+
 COMPACT_AT = 0.5
 """A padded cache is compacted before a pass when that frees more than this share of its slots."""
 PACK = True
@@ -230,8 +232,8 @@ class _PackedCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Rows of a packed batch hold different lengths: a model that asks for one cannot be packed."""
-        raise ValueError("packed decoding does not serve a model that reads its cache's length; decode it with "
-                         "attn_implementation: eager (the padded forward) and report it")
+        raise UserError("packed decoding does not serve a model that reads its cache's length; decode it with "
+                        "attn_implementation: eager (the padded forward) and report it")
 
 
 class PackedForward(_Counts):
@@ -357,8 +359,8 @@ def _packed_sdpa(module, query, key, value, attention_mask, **kwargs):
     unserved = [name for name in ("sliding_window", "s_aux", "position_bias") if kwargs.get(name) is not None]
     if unserved or getattr(module, "sinks", None) is not None:
         what = ", ".join(unserved) or "sinks"
-        raise ValueError(f"packed decoding does not serve this {type(module).__name__} ({what}); decode it with "
-                         "attn_implementation: eager (the padded forward) and report it")
+        raise UserError(f"packed decoding does not serve this {type(module).__name__} ({what}); decode it with "
+                        "attn_implementation: eager (the padded forward) and report it")
     layout.calls += 1
     heads, d = query.shape[1], query.shape[-1]
     grid = query.new_zeros(layout.rows * layout.width, heads, d).index_copy_(0, layout.q_index,

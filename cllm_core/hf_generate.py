@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from cllm_core.errors import UserError
 from cllm_core.jacobi import jacobi_generate
 
 JACOBI_OPTIONS = ("n_tokens", "lookup", "blocks", "open_at", "pool")  # jacobi_generate's, accepted as keywords
@@ -45,7 +46,7 @@ def generate(inputs: torch.Tensor | None = None, *, model, generation_config=Non
     the prompt may then come first, positionally, as in `model.generate(input_ids, ...)`."""
     input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
     if input_ids is None:
-        raise ValueError("input_ids: pass the tokenized prompt (tokenizer(..., return_tensors='pt'))")
+        raise UserError("input_ids: pass the tokenized prompt (tokenizer(..., return_tensors='pt'))")
     attention_mask = kwargs.pop("attention_mask", None)
     jacobi = {key: kwargs.pop(key) for key in JACOBI_OPTIONS if kwargs.get(key) is not None}
     for key, default in IGNORED.items():
@@ -54,14 +55,14 @@ def generate(inputs: torch.Tensor | None = None, *, model, generation_config=Non
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     unused = [key for key in config.update(**{key: kwargs[key] for key in unused}) if key in unused]
     if unused:
-        raise ValueError(f"{', '.join(sorted(unused))}: not supported by Jacobi decoding, which is greedy; "
-                         "call generate without them (or without custom_generate)")
+        raise UserError(f"{', '.join(sorted(unused))}: not supported by Jacobi decoding, which is greedy; "
+                        "call generate without them (or without custom_generate)")
     if config.do_sample or (config.num_beams or 1) > 1:
-        raise ValueError("do_sample/num_beams: Jacobi decoding is greedy; set do_sample=False and num_beams=1")
+        raise UserError("do_sample/num_beams: Jacobi decoding is greedy; set do_sample=False and num_beams=1")
     unhonoured = [key for key in UNHONOURED if _asks(key, getattr(config, key, None))]
     if unhonoured:
-        raise ValueError(f"{', '.join(unhonoured)}: set in the generation config, but Jacobi decoding commits the "
-                         "model's plain greedy tokens; unset them (or call generate without custom_generate)")
+        raise UserError(f"{', '.join(unhonoured)}: set in the generation config, but Jacobi decoding commits the "
+                        "model's plain greedy tokens; unset them (or call generate without custom_generate)")
     max_new_tokens = config.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = (config.max_length or 20) - input_ids.shape[1]  # 20: generate's default max_length

@@ -8,24 +8,26 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from cllm_core.errors import UserError
+
 
 def check_model(model: nn.Module) -> None:
     """A decoder needs a causal LM: logits over the vocabulary at every position."""
     if isinstance(model, PreTrainedModel):
         name = type(model).__name__
         if getattr(model.config, "is_encoder_decoder", False):
-            raise TypeError(f"model: {name} is an encoder-decoder; Jacobi decoding needs a causal LM "
+            raise UserError(f"model: {name} is an encoder-decoder; Jacobi decoding needs a causal LM "
                             "(load it with AutoModelForCausalLM)")
         if not model.can_generate():
-            raise TypeError(f"model: {name} is not a causal LM (it has no language-model head); "
+            raise UserError(f"model: {name} is not a causal LM (it has no language-model head); "
                             "load it with AutoModelForCausalLM")
     elif not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
+        raise UserError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
 
 
 def check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -56,26 +58,26 @@ def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, p
     Padding must be on the left, as for `generate` with decoder-only models.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a 2-D tensor of shape (batch, prompt_len); "
-                         "wrap a single prompt as ids[None]")
+        raise UserError("input_ids must be a 2-D tensor of shape (batch, prompt_len); "
+                        "wrap a single prompt as ids[None]")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); "
-                         "every row needs at least one prompt token")
+        raise UserError(f"input_ids is empty (shape {tuple(input_ids.shape)}); "
+                        "every row needs at least one prompt token")
     if attention_mask is None:
         if input_ids.shape[0] > 1 and bool((input_ids[:, 0] == pad_token_id).any()):
-            raise ValueError(f"input_ids has rows that start with the pad token {pad_token_id} but "
-                             "attention_mask is None; pass the attention_mask the tokenizer returned")
+            raise UserError(f"input_ids has rows that start with the pad token {pad_token_id} but "
+                            "attention_mask is None; pass the attention_mask the tokenizer returned")
         return torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                         f"input_ids has {tuple(input_ids.shape)}; they must match")
+        raise UserError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                        f"input_ids has {tuple(input_ids.shape)}; they must match")
     mask = attention_mask.to(torch.long)
     if bool((mask.sum(-1) == 0).any()):
-        raise ValueError("input_ids has an empty prompt: a row of attention_mask is all zeros")
+        raise UserError("input_ids has an empty prompt: a row of attention_mask is all zeros")
     if bool((mask[:, -1] == 0).any()):
-        raise ValueError("attention_mask pads on the right; decoder-only models need left padding "
-                         "(tokenizer.padding_side = 'left')")
+        raise UserError("attention_mask pads on the right; decoder-only models need left padding "
+                        "(tokenizer.padding_side = 'left')")
     if bool((mask.diff(dim=-1) < 0).any()):
-        raise ValueError("attention_mask has holes inside a prompt; only left padding is supported")
+        raise UserError("attention_mask has holes inside a prompt; only left padding is supported")
     return mask
 

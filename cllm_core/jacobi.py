@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cllm_core.errors import UserError
 from cllm_core.forwards import make_forward
 from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
 from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_forward_counts, pad_sequences
@@ -131,23 +132,23 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
     check_positive("n_tokens", n_tokens)
     check_positive("max_new_tokens", max_new_tokens)
     if init not in ("repeat", "random"):
-        raise ValueError(f"init must be 'repeat' or 'random', got {init!r}")
+        raise UserError(f"init must be 'repeat' or 'random', got {init!r}")
     if lookup < 0:
-        raise ValueError(f"lookup must be >= 0 (the longest n-gram drafts are matched on; 0: none), got {lookup}")
+        raise UserError(f"lookup must be >= 0 (the longest n-gram drafts are matched on; 0: none), got {lookup}")
     if lookup_branch and not lookup:
-        raise ValueError("lookup_branch feeds lookup drafts as a branch: set lookup > 0 (the longest n-gram matched)")
+        raise UserError("lookup_branch feeds lookup drafts as a branch: set lookup > 0 (the longest n-gram matched)")
     check_positive("blocks", blocks)
     if not 0 < open_at <= 1:
-        raise ValueError(f"open_at must be in (0, 1] (the share of a block solved before the next opens), "
-                         f"got {open_at}")
+        raise UserError(f"open_at must be in (0, 1] (the share of a block solved before the next opens), "
+                        f"got {open_at}")
     if pool < 0:
-        raise ValueError(f"pool must be >= 0 (rejected guesses kept for recycling; 0: none), got {pool}")
+        raise UserError(f"pool must be >= 0 (rejected guesses kept for recycling; 0: none), got {pool}")
     eos = resolve_eos(model, eos_token_id)
     pad = resolve_pad(model, pad_token_id, eos)
     kv_mask = check_prompt(input_ids, attention_mask, pad)
     seeds = [seed + b for b in range(len(input_ids))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(input_ids):
-        raise ValueError(f"seed has {len(seeds)} entries for {len(input_ids)} rows; give one per row or an int")
+        raise UserError(f"seed has {len(seeds)} entries for {len(input_ids)} rows; give one per row or an int")
     rows = [
         _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)), pool=deque(maxlen=pool))
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
@@ -377,7 +378,7 @@ def jacobi_generate(
     batch = len(input_ids)
     if streamer is not None:
         if batch != 1:
-            raise ValueError(f"streamer: streams one row; got a batch of {batch} (decode them one by one)")
+            raise UserError(f"streamer: streams one row; got a batch of {batch} (decode them one by one)")
         streamer.put(input_ids.cpu())
     stats = DecodeStats.empty(batch)
     responses: list[list[int]] = [[] for _ in range(batch)]

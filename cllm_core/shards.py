@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from cllm_core.errors import UserError
 from cllm_core.identity import digest
 from cllm_core.trajectories import SCHEMA_VERSION, check_schema
 
@@ -57,15 +58,15 @@ class ShardStore:
         if fs.exists(path):
             held = json.loads(fs.cat_file(path))
             if held["config_hash"] != collection["config_hash"]:
-                raise ValueError(f"the shard store {self.url} holds a collection with another config (differs in: "
-                                 f"{_differences(held, collection)}); use a new store (e.g. another work dir) or "
-                                 "delete this one to start over")
+                raise UserError(f"the shard store {self.url} holds a collection with another config (differs in: "
+                                f"{_differences(held, collection)}); use a new store (e.g. another work dir) or "
+                                "delete this one to start over")
             return
         try:
             fs.makedirs(self.root, exist_ok=True)
             self._write_atomically("collection.json", _json(collection))
         except OSError as error:
-            raise OSError(f"the shard store {self.url} is not writable ({error.strerror or error})") from None
+            raise UserError(f"the shard store {self.url} is not writable ({error.strerror or error})") from None
 
     def collection(self) -> dict | None:
         """The pinned collection record (config, teacher, tokenizer, hash), or None for an empty store."""

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from cllm_core.errors import UserError
+
 HERE = Path(__file__).parent
 ENGINE = ("inputs", "stopping", "outputs", "forwards", "jacobi", "hf_generate")  # each only imports the ones before it
 SHIPPED = Path("custom_generate") / "generate.py"
@@ -49,8 +51,8 @@ def bundle() -> str:
                 drop.update(range(node.lineno, node.end_lineno + 1))
             for top in _names(node):
                 if top in defined:
-                    raise ValueError(f"{top} is defined in cllm_core/{defined[top]}.py and cllm_core/{name}.py; "
-                                     "rename one, the shipped file holds both")
+                    raise UserError(f"{top} is defined in cllm_core/{defined[top]}.py and cllm_core/{name}.py; "
+                                    "rename one, the shipped file holds both")
                 defined[top] = name
         kept = [line for number, line in enumerate(source.splitlines(keepends=True), 1) if number not in drop]
         parts.append(f"\n\n# ---- cllm_core/{name}.py ----\n" + "".join(kept).strip("\n") + "\n")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cllm_core.errors import UserError
 from cllm_core.files import parquet_schema
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -20,7 +21,7 @@ ROLES = ("question", "answer", "context", "conversations")
 SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "gsm8k"
 
 
-class IngestError(ValueError):
+class IngestError(UserError):
     """A prompt source that cannot be ingested; the message is one line for the user."""
 
 

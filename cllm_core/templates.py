@@ -6,6 +6,8 @@ Spider's schema). `chat` is not a format string: it asks for the tokenizer's own
 
 from __future__ import annotations
 
+from cllm_core.errors import UserError
+
 INSTRUCTION = "### Instruction:\n{instruction}\n### Response:\n"
 
 TEMPLATES: dict[str, str] = {
@@ -22,7 +24,7 @@ CHAT = "chat"
 def render_template(name: str, record: dict[str, str]) -> str:
     """The prompt text of one record under the named template (not `chat`: that needs a tokenizer)."""
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
+        raise UserError(f"unknown template {name!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
     return TEMPLATES[name].format_map(_Fields(record))
 
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from cllm_core.errors import UserError
+
 if TYPE_CHECKING:  # a type only: reading shards needs no torch
     from cllm_core.outputs import BlockTrajectory
 
@@ -33,7 +35,7 @@ def trajectory_row(prompt_id: str, prompt_ids: list[int], response: list[int], b
                    n_tokens: int, finished: bool) -> dict:
     """One record; the response is checked to be the concatenation of the blocks' fixed points."""
     if [t for block in blocks for t in block.fixed_point] != response:
-        raise ValueError(f"prompt {prompt_id}: the blocks' fixed points do not spell the response")
+        raise UserError(f"prompt {prompt_id}: the blocks' fixed points do not spell the response")
     return {"prompt_id": prompt_id, "prompt_ids": prompt_ids, "response_ids": response,
             "block_states": [block.states for block in blocks], "block_passes": [block.passes for block in blocks],
             "n_tokens": n_tokens, "finished": finished, "repetitive": repetitive(response)}
@@ -43,13 +45,13 @@ def check_schema(schema: pa.Schema, where: str) -> None:
     """Refuse a table that is not this version of the trajectory schema, naming the first column that differs."""
     version = (schema.metadata or {}).get(b"cllm.schema_version", b"?").decode()
     if version != str(SCHEMA_VERSION):
-        raise ValueError(f"{where} has trajectory schema version {version}, this code reads {SCHEMA_VERSION}")
+        raise UserError(f"{where} has trajectory schema version {version}, this code reads {SCHEMA_VERSION}")
     for expected in TRAJECTORY_SCHEMA:
         if expected.name not in schema.names:
-            raise ValueError(f"{where} has no column {expected.name!r}")
+            raise UserError(f"{where} has no column {expected.name!r}")
         if not schema.field(expected.name).type.equals(expected.type):
-            raise ValueError(f"{where}: column {expected.name!r} is {schema.field(expected.name).type}, "
-                             f"expected {expected.type}")
+            raise UserError(f"{where}: column {expected.name!r} is {schema.field(expected.name).type}, "
+                            f"expected {expected.type}")
 
 
 def repetitive(tokens: list[int], run: int = 10, max_period: int = 8) -> bool:

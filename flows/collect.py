@@ -32,7 +32,8 @@ from prefect.states import Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cllm_core.config import CollectConfig, ModelConfig, Precision, TrackingConfig
-from cllm_core.guards import check_repetition
+from cllm_core.errors import UserError
+from cllm_core.guards import check_collected, check_repetition
 from cllm_core.records import CollectionPlan, ShardManifest, collection_figures
 from cllm_core.shards import ShardsFailed, ShardStore
 from cllm_core.stopping import request_stop
@@ -82,8 +83,9 @@ def collect_trajectories(collect: CollectConfig, model: ModelConfig, work_dir: P
         if failed:
             raise ShardsFailed(f"shards {failed} failed; run `{_retry_command()}` or the same command again: "
                                "finished shards are skipped")
-        check_repetition([ShardManifest.from_json(ShardStore(store).manifest(shard)) for shard in range(work.shards)],
-                         collect.max_repetitive)
+        every = [ShardManifest.from_json(ShardStore(store).manifest(shard)) for shard in range(work.shards)]
+        check_collected(every, collect.finished_only, collect.jacobi.max_new_tokens)
+        check_repetition(every, collect.max_repetitive)
     return summary | {"store": store, "config_hash": work.config_hash}
 
 
@@ -101,7 +103,7 @@ def task_runner(name: Literal["threads", "dask"], collect: CollectConfig, model:
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise ValueError("the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'") from None
+        raise UserError("the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'") from None
     with get_client(sync_client=True) as client:  # starts the temporary server now if there is no other
         api = str(client.api_url)
     logging.getLogger("distributed").setLevel(logging.WARNING)  # the shard lines are the news, not the nannies

@@ -16,6 +16,7 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact
 
 from cllm_core.config import ModelConfig, Profile, masked
+from cllm_core.errors import UserError
 from cllm_core.records import CllmRecord, headline_metrics
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
@@ -29,7 +30,7 @@ from tasks.tracking import mlflow_run
 def cllm_pipeline(profile: Profile) -> dict:
     """Turn the profile's teacher into a CLLM and measure it; returns the evaluation summary and where it is."""
     if profile.ingest is None or profile.model is None:
-        raise ValueError("the pipeline needs a profile with `ingest` and a `model` (or a demo `teacher`)")
+        raise UserError("the pipeline needs a profile with `ingest` and a `model` (or a demo `teacher`)")
     params = profile.model_dump(mode="json", exclude={"tracking"})  # a tracking URI may hold credentials
     with mlflow_run(profile.tracking, profile.work_dir, "pipeline", params, resume=True) as run:
         precision = profile.precision

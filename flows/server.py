@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cllm_core.errors import UserError
+
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # found here, not after fork
 REMEDY = ("set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher (e.g. 300) on a slow or busy machine, or "
           "PREFECT_API_URL to a running server (`prefect server start`)")
@@ -50,14 +52,14 @@ class TemporaryServer:
         deadline = self.started + timeout
         while True:  # asked long after its start, a server that is up answers the first time
             if self.process.poll() is not None:
-                raise ConnectionError(f"Prefect's temporary server exited (code {self.process.returncode}) before "
+                raise UserError(f"Prefect's temporary server exited (code {self.process.returncode}) before "
                                       f"it answered; see {self.log}, or set PREFECT_API_URL to a running server")
             try:
                 urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
                 return
             except OSError:
                 if time.monotonic() >= deadline:
-                    raise ConnectionError(f"Prefect's temporary server did not answer within {timeout:g} s; "
+                    raise UserError(f"Prefect's temporary server did not answer within {timeout:g} s; "
                                           f"{REMEDY}") from None
                 time.sleep(0.2)
 

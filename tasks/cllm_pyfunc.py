@@ -25,6 +25,8 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cllm_core.errors import UserError
+
 
 class CllmPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
@@ -71,8 +73,8 @@ def _measured_dtype(directory: str) -> torch.dtype:
 def _prompts(model_input) -> list[str]:
     """Prompt texts from the `prompt` column (MLflow turns a request's records into this DataFrame)."""
     if not isinstance(model_input, pd.DataFrame) or "prompt" not in model_input.columns:
-        raise ValueError("the input needs a 'prompt' column: pd.DataFrame({'prompt': [...]}) or, over HTTP, "
-                         '{"dataframe_records": [{"prompt": "..."}]}')
+        raise UserError("the input needs a 'prompt' column: pd.DataFrame({'prompt': [...]}) or, over HTTP, "
+                        '{"dataframe_records": [{"prompt": "..."}]}')
     return [str(p) for p in model_input["prompt"]]
 
 

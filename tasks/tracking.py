@@ -12,6 +12,7 @@ import mlflow
 from prefect.runtime import flow_run
 
 from cllm_core.config import TrackingConfig
+from cllm_core.errors import UserError
 
 
 def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:
@@ -31,8 +32,8 @@ def move_credentials() -> None:
     if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
         return
     if parts.password is None:
-        raise ValueError("MLFLOW_TRACKING_URI carries a user name but no password; put a token in "
-                         "MLFLOW_TRACKING_TOKEN and leave it out of the URI")
+        raise UserError("MLFLOW_TRACKING_URI carries a user name but no password; put a token in "
+                        "MLFLOW_TRACKING_TOKEN and leave it out of the URI")
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
     os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
     os.environ["MLFLOW_TRACKING_URI"] = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
@@ -49,7 +50,7 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ConnectionError(f"the MLflow tracking server {uri} does not answer ({reason}); start it or set "
+        raise UserError(f"the MLflow tracking server {uri} does not answer ({reason}); start it or set "
                               "MLFLOW_TRACKING_URI / tracking.uri to a reachable one") from None
 
 
@@ -121,7 +122,7 @@ def latest_evaluations(experiment: str = "cllm", count: int = 2) -> list:
     found = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`cllm.stage` = 'evaluate'",
                                order_by=["start_time DESC"], max_results=count, output_format="list")
     if len(found) < count:
-        raise ValueError(f"fewer than {count} evaluation runs in experiment {experiment!r}; give run ids")
+        raise UserError(f"fewer than {count} evaluation runs in experiment {experiment!r}; give run ids")
     return found
 
 
@@ -129,4 +130,4 @@ def _run(run_id: str):
     try:
         return mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        raise ValueError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None
+        raise UserError(f"no MLflow run {run_id} in {mlflow.get_tracking_uri()}") from None

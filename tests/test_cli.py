@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from benchmarks import decoding
+from cllm_core.errors import UserError
 from flows.cli import app
 from flows.cli.base import STOP_GRACE_S
 from flows.server import TemporaryServer
@@ -37,6 +38,32 @@ def test_decode_bad_input_is_one_line_and_a_non_zero_exit(tiny_model_dir, tmp_pa
     assert result.output.strip().endswith("error: decode.n_tokens: Input should be greater than or equal to 1 (got 0)")
     result = runner.invoke(app, ["decode", "--model", "package:not_installed_model", "Hi"])
     assert result.exit_code == 1 and "not installed" in result.output and "Traceback" not in result.output
+
+
+def test_a_bug_keeps_its_traceback_and_says_it_is_not_the_users_input(tiny_model_dir, monkeypatch):
+    """A KeyError from a bug once read `error: 'metrics'`, exit 1, nothing to report; bad input stays one line."""
+    import cllm_core
+
+    def broken(*args, **kwargs):
+        raise KeyError("metrics")
+
+    monkeypatch.setattr(cllm_core, "jacobi_steps", broken)
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "Hi"])
+    assert result.exit_code == 1
+    assert "Traceback" in result.output and "in broken" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: KeyError: 'metrics' (a bug in cllm-pipeline")
+
+
+def test_a_work_dir_under_a_file_and_a_missing_gpu_are_one_line(tiny_model_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, ["ingest", "gsm8k", "--model", str(tiny_model_dir), "--work-dir",
+                                 str(tmp_path / "file" / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == f"error: --work-dir {tmp_path}/file/run: {tmp_path}/file is a file, not a " \
+                                    "directory; choose another work dir"
+    result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--device", "cuda:7", "Hi"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "device cuda:7: this machine has" in result.output
 
 
 def test_decode_chat_streams_each_turn_and_keeps_the_conversation(tiny_model_dir):
@@ -200,7 +227,7 @@ def test_a_prefect_server_that_is_not_up_in_time_is_one_line_with_the_remedy(tmp
     before the CLI set its startup timeout (#14). The CLI now starts the server itself, and waits for it."""
     server = TemporaryServer(tmp_path)
     try:
-        with pytest.raises(ConnectionError) as error:
+        with pytest.raises(UserError) as error:
             server.wait(timeout=0)
     finally:
         server.stop()

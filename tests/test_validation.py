@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaModel
 
 from cllm_core import ar_generate, jacobi_generate, lookup_generate, reference_jacobi_generate
+from cllm_core.errors import UserError
 from tests.fakes import constant
 from tests.tiny import tiny_model
 
@@ -55,9 +56,9 @@ def test_right_padding_is_refused():
 
 def test_model_without_language_model_head_is_refused():
     base = LlamaModel(tiny_model("llama").config)
-    with pytest.raises(TypeError, match="LlamaModel is not a causal LM"):
+    with pytest.raises(UserError, match="LlamaModel is not a causal LM"):
         jacobi_generate(base, PROMPT)
-    with pytest.raises(TypeError, match="not a causal LM"):
+    with pytest.raises(UserError, match="not a causal LM"):
         ar_generate(base, PROMPT)
 
 

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cllm_core.config import Profile, describe, put, read_profile, set_value
+from cllm_core.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
@@ -176,7 +178,7 @@ def _parsed(path: str, value):
             key, sep, column = item.partition("=")
             if not sep or not key or not column:
                 flag = OPTION_NAMES.get(path, path.rsplit(".", 1)[1])
-                raise ValueError(f"--{flag} expects {PAIRS.get(path, 'KEY=VALUE')}, got {item!r}")
+                raise UserError(f"--{flag} expects {PAIRS.get(path, 'KEY=VALUE')}, got {item!r}")
             pairs[key] = column
         return pairs
     return value
@@ -189,7 +191,8 @@ def _field_info(path: str):
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Bad input ends the command with one line and exit code 1, never a traceback."""
+    """Bad input (a `UserError`, a profile that does not validate, failed shards) ends the command with one line
+    and exit code 1. Anything else is a bug: its traceback is printed, then one line that says so, exit code 1."""
     try:
         yield
     except ValidationError as error:
@@ -204,12 +207,17 @@ def one_line_errors() -> Iterator[None]:
         request_stop()  # in case it came another way: no thread may keep the process alive
         console.print(f"[bold red]stopped:[/] {STOPPED}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 - a bug: shown whole, then named in one line
+        console.print(escape(traceback.format_exc().rstrip()), highlight=False, soft_wrap=True)
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise fail(f"{type(error).__name__}{': ' if first else ''}{first} (a bug in cllm-pipeline, not your input: "
+                   "the traceback is above; please report it)") from None
 
 
 def input_errors() -> tuple[type[Exception], ...]:
     """What bad input raises. ShardsFailed counts once its module is loaded (it loads pyarrow: not for --help)."""
     shards = sys.modules.get("cllm_core.shards")
-    return (ValueError, OSError, TypeError, KeyError) + ((shards.ShardsFailed,) if shards else ())
+    return (UserError,) + ((shards.ShardsFailed,) if shards else ())
 
 
 def stop_on_signals() -> Callable[[], None]:
@@ -279,7 +287,7 @@ created: dict = {}
 def drop_new_work_dir() -> None:
     """A command refused before any work leaves no work dir behind: only Prefect's state would be in it."""
     work_dir, server = created.pop("work_dir", None), created.pop("server", None)
-    if work_dir is not None and [p.name for p in work_dir.iterdir()] == [".prefect"]:
+    if work_dir is not None and work_dir.is_dir() and [p.name for p in work_dir.iterdir()] == [".prefect"]:
         if server is not None:
             server.stop()
         shutil.rmtree(work_dir, ignore_errors=True)

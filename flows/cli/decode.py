@@ -12,6 +12,7 @@ from rich.live import Live
 from rich.text import Text
 
 from cllm_core.config import Profile
+from cllm_core.errors import UserError
 from flows.cli.base import command, console
 from flows.cli.startup import announce_precision
 
@@ -32,11 +33,11 @@ def decode(
     from cllm_core.prompts import encode, render
 
     if no_chat:
-        raise ValueError("--no-chat is now --no-template (skip the chat template); --chat starts a session")
+        raise UserError("--no-chat is now --no-template (skip the chat template); --chat starts a session")
     if profile.model is None:
-        raise ValueError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+        raise UserError("no model: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
     if prompt is None and not chat:
-        raise ValueError("no prompt: pass one (cllm decode --model DIR \"What is 3 + 4?\") or --chat for a session")
+        raise UserError("no prompt: pass one (cllm decode --model DIR \"What is 3 + 4?\") or --chat for a session")
     lm = load_model(profile.model, announce_precision(profile.precision, profile.model.device,
                                                       profile.model.name_or_path).dtype)
     tokenizer = load_tokenizer(profile.model)

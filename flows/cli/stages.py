@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import typer
 
 from cllm_core.config import ModelConfig, Profile, TeacherConfig, masked
+from cllm_core.errors import UserError
 from flows.cli.base import command, console
 from flows.cli.progress import live_progress
 from flows.cli.startup import announce_precision, start_prefect
@@ -22,10 +23,10 @@ StoreOption = Annotated[str | None, typer.Option(help="Shard store of the trajec
 def ingest(profile: Profile) -> None:
     """Ingest prompts (a preset, a Hugging Face dataset or a local file) into <work_dir>/prompts/."""
     if profile.ingest is None:
-        raise ValueError("no prompt source: give SOURCE (a preset, dataset id or file) or --config")
+        raise UserError("no prompt source: give SOURCE (a preset, dataset id or file) or --config")
     if profile.model is None:
-        raise ValueError("no tokenizer: pass --model ID_OR_DIR (the teacher whose tokenizer renders and counts "
-                         "the prompts) or --config configs/PROFILE.yaml")
+        raise UserError("no tokenizer: pass --model ID_OR_DIR (the teacher whose tokenizer renders and counts "
+                        "the prompts) or --config configs/PROFILE.yaml")
     start_prefect(profile.work_dir, profile.tracking)
     from flows.ingest import ingest_prompts
 
@@ -65,9 +66,9 @@ def collect(
 ) -> None:
     """Collect Jacobi trajectories of <work_dir>/prompts/train.parquet into shards; reruns skip finished ones."""
     if profile.model is None:
-        raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+        raise UserError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
     if task_runner == "dask" and importlib.util.find_spec("prefect_dask") is None:
-        raise ValueError("the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'")
+        raise UserError("the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'")
     announce_precision(profile.precision, profile.model.device)
     start_prefect(profile.work_dir, profile.tracking)
     from flows.collect import collect_trajectories
@@ -88,7 +89,7 @@ def collect(
 def train(profile: Profile, store: StoreOption = None, progress: ProgressOption = True) -> None:
     """Consistency-fine-tune the teacher on its trajectories into <work_dir>/cllm; a killed run resumes."""
     if profile.model is None:
-        raise ValueError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
+        raise UserError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
     announce_precision(profile.precision, profile.model.device)
     start_prefect(profile.work_dir, profile.tracking)
     from cllm_core.finetune import describe_cllm
@@ -132,7 +133,7 @@ def evaluate(
     models = dict(_name_model(item) for item in model or [])
     if not models:
         if profile.model is None:
-            raise ValueError("no models: pass --model teacher=DIR --model cllm=DIR or --config")
+            raise UserError("no models: pass --model teacher=DIR --model cllm=DIR or --config")
         models = {"teacher": profile.model}
         if (profile.work_dir / "cllm").is_dir():
             models["cllm"] = ModelConfig(name_or_path=str(profile.work_dir / "cllm"))
@@ -150,5 +151,5 @@ def evaluate(
 def _name_model(item: str) -> tuple[str, ModelConfig]:
     name, sep, source = item.partition("=")
     if not sep or not name or not source:
-        raise ValueError(f"--model expects NAME=DIR_OR_ID (e.g. cllm=runs/demo/cllm), got {item!r}")
+        raise UserError(f"--model expects NAME=DIR_OR_ID (e.g. cllm=runs/demo/cllm), got {item!r}")
     return name, ModelConfig(name_or_path=source)

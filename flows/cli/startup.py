@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cllm_core.config import TrackingConfig
+from cllm_core.errors import UserError
 from flows.cli.base import console, created, input_errors
 from flows.server import REMEDY, TemporaryServer
 
@@ -72,8 +73,8 @@ def start_prefect_server() -> None:
     try:
         SubprocessASGIServer().start()
     except RuntimeError as error:
-        raise ConnectionError(f"Prefect's temporary server did not come up ({str(error).splitlines()[0]}); "
-                              f"{REMEDY}") from None
+        raise UserError(f"Prefect's temporary server did not come up ({str(error).splitlines()[0]}); "
+                        f"{REMEDY}") from None
 
 
 def quiet_input_errors() -> None:
@@ -97,10 +98,21 @@ class _QuietInputErrors(logging.Filter):
         return True
 
 
+def check_work_dir(work_dir: Path) -> None:
+    """A work dir that cannot be one (it, or a folder above it, is a file; a folder that cannot be written) is one
+    line before any work."""
+    existing = next(p for p in (work_dir, *work_dir.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise UserError(f"--work-dir {work_dir}: {existing} is a file, not a directory; choose another work dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--work-dir {work_dir}: {existing} is not writable; choose another work dir")
+
+
 def use_work_dir(work_dir: Path) -> TemporaryServer | None:
     """Keep Prefect's local state in the work dir and start its temporary server there, unless the user points
     Prefect elsewhere. Returns the server; None if Prefect was imported already: it has read its settings then,
     and starts its own server, which still finds the work dir in $PREFECT_HOME."""
+    check_work_dir(work_dir)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     if "PREFECT_API_URL" in os.environ or "PREFECT_HOME" in os.environ:
