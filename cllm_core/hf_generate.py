@@ -22,7 +22,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from cllm_core.errors import UserError
 from cllm_core.jacobi import jacobi_generate
 
-JACOBI_OPTIONS = ("n_tokens", "lookup", "blocks", "open_at", "pool")  # jacobi_generate's, accepted as keywords
+# jacobi_generate's options, accepted as keywords
+JACOBI_OPTIONS = ("n_tokens", "lookup", "lookup_branch", "blocks", "open_at", "pool")
 IGNORED = {"synced_gpus": False, "use_model_defaults": None}  # generate's arguments that change nothing here
 UNHONOURED = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length",
               "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
@@ -33,10 +34,13 @@ NEUTRAL = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0
 
 @dataclass
 class JacobiGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate`'s output with Jacobi's counts: forward passes and new tokens per row, tokens per forward."""
+    """`generate`'s output with Jacobi's counts: the batch's forward passes, each row's new tokens and forwards,
+    and tokens per forward as every figure of the project counts it (new tokens over the forwards each row took
+    part in: a batch of 3 rows that share 10 passes took 30, so the figure does not grow with the batch)."""
 
     forwards: int | None = None
     new_tokens: list[int] | None = None
+    row_forwards: list[int] | None = None
     tokens_per_forward: float | None = None
 
 
@@ -75,7 +79,7 @@ def generate(inputs: torch.Tensor | None = None, *, model, generation_config=Non
         return out.sequences
     stats = out.stats
     return JacobiGenerateOutput(sequences=out.sequences, forwards=stats.forwards, new_tokens=stats.row_new_tokens,
-                                tokens_per_forward=sum(stats.row_new_tokens) / max(stats.forwards, 1))
+                                row_forwards=stats.row_forwards, tokens_per_forward=stats.tokens_per_forward)
 
 
 def _asks(key: str, value) -> bool:
