@@ -133,7 +133,7 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
     checkpoints = Checkpoints(out_dir.parent / f"{out_dir.name}.checkpoints", fingerprint)
     resume = checkpoints.latest()
 
-    accelerator = _accelerator(MIXED_PRECISION[resolved.name], cpu=resolve_device(model.device).type == "cpu")
+    accelerator = _accelerator(MIXED_PRECISION[resolved.name], device=resolve_device(model.device))
     sharded = accelerator.distributed_type == DistributedType.FSDP  # its head is only whole inside its forward
     if config.launch.processes > 1 and accelerator.num_processes != config.launch.processes:
         raise UserError(f"finetune.launch.processes is {config.launch.processes} but {accelerator.num_processes} "
@@ -537,14 +537,23 @@ def save_cllm(lm, tokenizer, directory: Path, record: CllmRecord, weights: dict 
     (directory / "cllm.json").write_text(json.dumps(record.stored(), indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
-    """This run's Accelerator. accelerate keeps one process-wide state and refuses a second precision in the
-    same process (a notebook, a test session, a flow run that trains twice); the precision belongs to this run,
-    so the cached precision is dropped while the process group (PartialState) is kept."""
+def _accelerator(mixed_precision: str, device: torch.device) -> Accelerator:
+    """This run's Accelerator on `device` (the model's). accelerate keeps one process-wide state and refuses a
+    second precision in the same process (a notebook, a test session, a flow run that trains twice); the precision
+    belongs to this run, so the cached precision is dropped while the process group (PartialState) is kept.
+    A single process trains on accelerate's current CUDA device, so `cuda:N` is made current first (launched
+    processes take theirs from their rank)."""
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device.index)
     patience = InitProcessGroupKwargs(timeout=timedelta(hours=2))  # the main process saving a 7B checkpoint
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[patience])
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu", kwargs_handlers=[patience])
+    if accelerator.num_processes == 1 and accelerator.device.type == device.type and device.index is not None \
+            and accelerator.device.index not in (None, device.index):
+        raise UserError(f"model.device is {device} but accelerate chose {accelerator.device} "
+                        "(CUDA_VISIBLE_DEVICES or an earlier run in this process set it); name the device it sees")
+    return accelerator
 
 
 def shares(accelerator: Accelerator, batch: Batch | PackedBatch) -> tuple[float, float]:

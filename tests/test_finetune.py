@@ -466,3 +466,20 @@ def test_epochs_set_the_steps_from_the_data_and_each_epoch_draws_every_item_once
     assert record.history[-1]["epoch"] == pytest.approx(steps * config.batch_size / len(data.trained_rows))
     with pytest.raises(ValueError, match="sets both steps \\(10\\) and epochs \\(2.0\\); set one"):
         FinetuneConfig(steps=10, epochs=2)
+
+
+def test_a_single_process_trains_on_the_cuda_device_the_model_names(monkeypatch):
+    """accelerate trains a single process on its *current* CUDA device: `model.device: cuda:1` trained on cuda:0
+    until that device is made current (#32.2). No GPU here: the CUDA calls are recorded, not made."""
+    import types
+
+    import cllm_core.finetune
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(cllm_core.finetune, "Accelerator",
+                        lambda **kwargs: types.SimpleNamespace(num_processes=1, device=torch.device("cuda"),
+                                                               kwargs=kwargs))
+    accelerator = cllm_core.finetune._accelerator("no", torch.device("cuda", 1))
+    assert made_current == [1] and accelerator.kwargs["cpu"] is False
+    assert cllm_core.finetune._accelerator("no", torch.device("cpu")).kwargs["cpu"] is True and made_current == [1]
