@@ -13,6 +13,7 @@ import urllib.request
 import mlflow
 import pandas as pd
 import pytest
+import torch
 
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
 from cllm_core.prompts import encode, render
@@ -103,3 +104,27 @@ def stop(server: subprocess.Popen) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_the_pyfunc_serves_on_a_gpu_when_there_is_one_or_where_cllm_device_says(monkeypatch):
+    """It always served on the CPU (#32.3). It is stored with the model and loaded without this project: it
+    imports none of it."""
+    import ast
+    from pathlib import Path
+
+    import tasks.cllm_pyfunc as pyfunc
+
+    source = Path(pyfunc.__file__).read_text()
+    imported = {n.module or "" for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m.split(".")[0] in ("cllm_core", "flows", "tasks")]
+    monkeypatch.delenv(pyfunc.DEVICE_VARIABLE, raising=False)
+    assert pyfunc._device() == torch.device("cpu")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pyfunc._device() == torch.device("cuda")
+    monkeypatch.setenv(pyfunc.DEVICE_VARIABLE, "cpu")
+    assert pyfunc._device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(pyfunc.DEVICE_VARIABLE, "cuda:1")
+    with pytest.raises(ValueError, match="CLLM_DEVICE=cuda:1: this machine has no CUDA GPU"):
+        pyfunc._device()
