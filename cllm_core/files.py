@@ -22,6 +22,34 @@ def parquet_schema(path: str | Path):
         raise UserError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
 
 
+def replace_file(path: str | Path, text: str) -> bool:
+    """Make `path` hold `text`, whole or not at all: written beside it, fsynced and renamed into place, so a reader
+    (a `generate` loading the file) sees the old text or the new, never a truncated one. A file that already holds
+    `text` is left untouched. Returns whether it was written."""
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(staging, 0o666 & ~_umask())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextmanager
 def publish_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty staging directory beside `target`; when the block succeeds it replaces `target` whole.

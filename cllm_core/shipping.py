@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from cllm_core.errors import UserError
+from cllm_core.files import replace_file
 
 HERE = Path(__file__).parent
-ENGINE = ("inputs", "stopping", "outputs", "forwards", "jacobi", "hf_generate")  # each only imports the ones before it
+# each only imports the ones before it
+ENGINE = ("errors", "inputs", "stopping", "outputs", "forwards", "jacobi", "hf_generate")
 SHIPPED = Path("custom_generate") / "generate.py"
 
 HEADER = '''"""Jacobi decoding for this CLLM, called by transformers:
@@ -52,8 +53,8 @@ def bundle() -> str:
                 drop.update(range(node.lineno, node.end_lineno + 1))
             for top in _names(node):
                 if top in defined:
-                    raise UserError(f"{top} is defined in cllm_core/{defined[top]}.py and cllm_core/{name}.py; "
-                                    "rename one, the shipped file holds both")
+                    raise RuntimeError(f"{top} is defined in cllm_core/{defined[top]}.py and cllm_core/{name}.py; "
+                                       "rename one, the shipped file holds both")
                 defined[top] = name
         kept = [line for number, line in enumerate(source.splitlines(keepends=True), 1) if number not in drop]
         parts.append(f"\n\n# ---- cllm_core/{name}.py ----\n" + "".join(kept).strip("\n") + "\n")
@@ -63,11 +64,9 @@ def bundle() -> str:
 def ship_generate(model_dir: str | Path) -> Path:
     """Write `<model_dir>/custom_generate/generate.py` (and its requirements) from the engine; returns its path."""
     path = Path(model_dir) / SHIPPED
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(bundle())
-    (path.parent / "requirements.txt").write_text(
-        f"torch>={torch.__version__.split('+')[0].rsplit('.', 1)[0]}\n"
-        f"transformers>={transformers.__version__.rsplit('.', 1)[0]}\n")
+    replace_file(path, bundle())  # whole or not at all, untouched when unchanged: a reused CLLM may be loading
+    replace_file(path.parent / "requirements.txt", f"torch>={torch.__version__.split('+')[0].rsplit('.', 1)[0]}\n"
+                 f"transformers>={transformers.__version__.rsplit('.', 1)[0]}\n")
     return path
 
 

@@ -139,3 +139,26 @@ def test_a_text_streamer_prints_the_decoded_text(model, cllm_dir, tiny_model_dir
     out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, streamer=streamer,
                          custom_generate=str(cllm_dir), trust_remote_code=True)
     assert "".join(streamer) == tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_reshipping_leaves_an_unchanged_file_alone_and_replaces_a_changed_one_whole(tmp_path, monkeypatch):
+    """A reused CLLM's generate.py was truncated and rewritten in place while a `generate` might load it (#32.11)."""
+    import cllm_core.files
+
+    path = ship_generate(tmp_path)
+    before = path.stat()
+    ship_generate(tmp_path)  # unchanged: not written again
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    path.write_text("# an older engine\n")
+
+    def failing(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cllm_core.files.os, "fsync", failing)
+    with pytest.raises(OSError, match="disk full"):
+        ship_generate(tmp_path)
+    assert path.read_text() == "# an older engine\n"  # the old file whole, no half-written new one
+    assert sorted(p.name for p in path.parent.iterdir()) == ["generate.py", "requirements.txt"]
+    monkeypatch.undo()
+    ship_generate(tmp_path)
+    assert path.read_text() == bundle()
