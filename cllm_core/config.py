@@ -53,7 +53,10 @@ class ModelConfig(Section):
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path to load (dequantised).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, mps, or auto (cuda when present).")
-    attn_implementation: str | None = Field(None, description="Attention kernel (sdpa, eager, ...); None: default.")
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        None, description="Attention kernel: sdpa (the default, None) or eager. Both apply the custom attention masks "
+        "Jacobi decoding and fine-tuning need (a cache with holes, branches, packed rows); flash_attention_2 and "
+        "the paged kernels do not, so they are refused.")
     trust_remote_code: bool = Field(False, description="Run modelling code from the hub repo. Off unless you trust it.")
 
     @model_validator(mode="before")

@@ -25,6 +25,20 @@ def check_model(model: nn.Module) -> None:
         raise UserError(f"model: expected a torch.nn.Module causal LM, got {type(model).__name__}")
 
 
+MASKED_KERNELS = ("sdpa", "eager")
+"""Attention kernels that apply a custom 4-D mask: Jacobi's cache with holes, recycled branches, packed rows and
+Jacobi Forcing's packed objective all rely on one. flash_attention_2/3 and the paged kernels take at most a padding
+mask and would let a token see what it must not (or crash)."""
+
+
+def check_attention(implementation: str | None, where: str = "model") -> None:
+    """Refuse an attention kernel that cannot apply the masks every CLLM feature needs, before any work."""
+    if implementation is not None and implementation not in MASKED_KERNELS:
+        raise UserError(f"{where}: attention {implementation!r} does not apply the custom attention masks Jacobi "
+                        "decoding and fine-tuning need (a cache with holes, branches, packed rows); use sdpa (the "
+                        "default: its fused kernels where a mask allows) or eager")
+
+
 def check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be a positive integer, got {value!r}")

@@ -37,7 +37,7 @@ from torch import nn
 
 from cllm_core.errors import UserError
 from cllm_core.forwards import make_forward
-from cllm_core.inputs import check_model, check_positive, check_prompt, resolve_eos, resolve_pad
+from cllm_core.inputs import check_attention, check_model, check_positive, check_prompt, resolve_eos, resolve_pad
 from cllm_core.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_forward_counts, pad_sequences
 from cllm_core.stopping import raise_if_stopped
 
@@ -129,6 +129,8 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
            carry=True, lookup=0, blocks=1, open_at=0.85, pool=0, lookup_branch=False):
     """Check the arguments and build the loop's state."""
     check_model(model)
+    check_attention(getattr(getattr(model, "config", None), "_attn_implementation", None),
+                    f"model {type(model).__name__}")
     check_positive("n_tokens", n_tokens)
     check_positive("max_new_tokens", max_new_tokens)
     if init not in ("repeat", "random"):

@@ -87,3 +87,18 @@ def test_every_shipped_profile_and_deployment_parameter_set_validates():
     local = next(d for d in pipeline if d["name"] == "local")
     assert Profile.model_validate(local["parameters"]["profile"]) == load_profile(root / "configs/demo.yaml")
     assert load_profile(root / "configs/smollm2-gsm8k.yaml").model.device == "auto"  # `gpu` runs it unchanged
+
+
+def test_an_attention_kernel_that_ignores_custom_masks_is_refused_before_any_work():
+    """flash_attention_2 applies no 4-D mask: noisy blocks would see clean ones, a cache's holes would be read
+    (#32.4). A profile says so when it is read, a model loaded with it at the first decode."""
+    from pydantic import ValidationError
+
+    from cllm_core.config import ModelConfig
+
+    with pytest.raises(ValidationError, match="Input should be 'sdpa' or 'eager'"):
+        ModelConfig(name_or_path="x", attn_implementation="flash_attention_2")
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UserError, match="attention 'flash_attention_2' does not apply the custom attention masks"):
+        jacobi_generate(model, PROMPT)
