@@ -43,16 +43,22 @@ about 1.0x at 8 and 12, 1.06x at 16 and 1.34x at 64."""
 REBUILD_AT = 0.75
 """A packed buffer drops its finished rows once fewer than this share of its rows are still decoding."""
 PACKED = "cllm_packed_sdpa"  # the attention implementation name registered with transformers
+PACKED_DEVICES = ("cpu",)
+"""Devices the packed forward runs on. It gives SDPA a dense (rows, 1, width, slots) mask: on a CPU that costs
+less than the padding it saves (measured above); on CUDA a dense mask keeps SDPA off its flash and cuDNN kernels
+and makes transformers repeat the K/V heads per layer per pass, so CUDA decodes padded until a variable-length
+path (flash-attention's varlen, flex attention) is measured there."""
 
 
 def make_forward(model: nn.Module, device: torch.device, batch: int) -> PaddedForward | PackedForward:
-    """The packed forward where the model allows it and the batch has `PACK_FROM` rows or more, else the padded
-    one. Allowed: SDPA attention (another decode's switch to the packed name counts as SDPA, so a decode's path
-    does not depend on timing), one config (a composite model's parts have kernels of their own), `logits_to_keep`
-    taken, the weights on one device, and every cache layer a plain full-attention one (no sliding window, no
-    extra state)."""
+    """The packed forward where the model allows it, on a device of `PACKED_DEVICES`, with `PACK_FROM` rows or
+    more, else the padded one. Allowed: SDPA attention (another decode's switch to the packed name counts as SDPA,
+    so a decode's path does not depend on timing), one config (a composite model's parts have kernels of their
+    own), `logits_to_keep` taken, the weights on one device, and every cache layer a plain full-attention one (no
+    sliding window, no extra state)."""
     config = getattr(model, "config", None)
-    if (PACK and batch >= PACK_FROM and getattr(config, "_attn_implementation", None) in ("sdpa", PACKED)
+    if (PACK and device.type in PACKED_DEVICES and batch >= PACK_FROM
+            and getattr(config, "_attn_implementation", None) in ("sdpa", PACKED)
             and not config.sub_configs and _takes_logits_to_keep(model)
             and len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1):
         layers = DynamicCache(config=config).layers

@@ -228,6 +228,9 @@ def test_models_the_packed_forward_cannot_serve_and_batches_below_pack_from_get_
     cpu = torch.device("cpu")
     assert isinstance(forwards.make_forward(model, cpu, 7), forwards.PaddedForward)
     assert isinstance(forwards.make_forward(model, cpu, 8), forwards.PackedForward)
+    # CUDA decodes padded until a variable-length path is measured there (#32.5): the packed one's dense mask
+    # keeps SDPA off its fused kernels (a CUDA device object needs no GPU)
+    assert isinstance(forwards.make_forward(model, torch.device("cuda"), 64), forwards.PaddedForward)
 
     model.set_attn_implementation("eager")
     try:
