@@ -242,13 +242,13 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         if not accelerator.optimizer_step_was_skipped:  # fp16's grad scaler skips steps of inf/NaN gradients:
             run.scheduler.step()  # the schedule counts the updates made
         run.optimizer.zero_grad(set_to_none=True)
-        window.append(terms | {"grad_norm": float(grad_norm)})
+        window.append(terms | {"grad_norm": grad_norm})  # device tensors: read once a log interval, not a step
         window_tokens += batch.tokens
         out_of_time = config.max_minutes is not None and _anyone(  # every process stops at the same step
             accelerator, time.perf_counter() - began > 60 * config.max_minutes)
         last = step == config.steps or out_of_time
         if step % config.log_every == 0 or last:
-            metrics = {key: sum(w[key] for w in window) / len(window) for key in window[0]}
+            metrics = _window_means(window)
             metrics |= {"lr": run.scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens / (time.perf_counter() - window_start)}
             metrics = _across_processes(accelerator, metrics) | {"epoch": step / per_epoch}  # the data seen
@@ -403,11 +403,11 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
     ar = ar_loss(at_labels, batch.ar_targets[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
                  config.label_smoothing) * share[1]
     loss = config.consistency_weight * consistency + config.ar_weight * ar
-    agreement = (student.argmax(-1) == batch.fixed_points)[mask].float().mean() if mask.any() else torch.tensor(1.0)
-    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item() * share[0]}
+    agreement = _share_of(student.argmax(-1) == batch.fixed_points, mask)
+    terms = {"consistency": consistency.detach(), "ar": ar.detach(), "agreement": agreement * share[0]}
     if anchor is not None:
         loss, terms = _anchored(loss, terms, at_labels, anchor(ar_ids)(*labelled), config, share[1])
-    return loss, {"loss": loss.item(), **terms}
+    return loss, {"loss": loss.detach(), **terms}
 
 
 def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None,
@@ -437,11 +437,17 @@ def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.
     ar = ar_loss(at_labels, batch.labels[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
                  config.label_smoothing) * share[1]
     loss = config.consistency_weight * consistency + config.ar_weight * ar
-    agreement = (student[0].argmax(-1) == batch.labels[row, clean]).float().mean() if len(row) else torch.tensor(1.0)
-    terms = {"consistency": consistency.item(), "ar": ar.item(), "agreement": agreement.item() * share[0]}
+    agreement = _share_of(student[0].argmax(-1) == batch.labels[row, clean], counted[0])
+    terms = {"consistency": consistency.detach(), "ar": ar.detach(), "agreement": agreement * share[0]}
     if anchor is not None:
         loss, terms = _anchored(loss, terms, at_labels, anchor(batch.ids, **inputs)(*labelled), config, share[1])
-    return loss, {"loss": loss.item(), **terms}
+    return loss, {"loss": loss.detach(), **terms}
+
+
+def _share_of(hits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """The share of counted positions that are hits, 1 when none is counted; a device tensor (no host sync)."""
+    total = counted.sum()
+    return torch.where(total > 0, (hits & counted).sum() / total.clamp(min=1), 1.0)
 
 
 Anchor = Callable[..., Callable[..., torch.Tensor]]  # (ids, **forward inputs) -> (rows, positions) -> logits
@@ -463,7 +469,7 @@ def _anchored(loss: torch.Tensor, terms: dict, student: torch.Tensor, start: tor
     """The loss plus the anchor term: KL(starting model ‖ student) at the AR labels (student, start: (P, V))."""
     anchor = consistency_kl(student[None], start[None], torch.ones(student.shape[:1], dtype=torch.bool,
                                                                    device=student.device)[None]) * share
-    return loss + config.anchor_weight * anchor, terms | {"anchor": anchor.item()}
+    return loss + config.anchor_weight * anchor, terms | {"anchor": anchor.detach()}
 
 
 def with_lora(lm, config: FinetuneConfig):
@@ -577,6 +583,14 @@ def _anyone(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+
+
+def _window_means(window: list[dict]) -> dict[str, float]:
+    """Each term's mean over the steps of a log interval: one read of the device for all of them."""
+    keys = list(window[0])
+    means = torch.stack([torch.stack([torch.as_tensor(w[key], dtype=torch.float32) for w in window]).mean()
+                         for key in keys])
+    return dict(zip(keys, means.tolist()))
 
 
 def _across_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:

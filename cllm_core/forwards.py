@@ -78,7 +78,11 @@ class _Counts:
 
 
 class PaddedForward(_Counts):
-    """Rows padded to the widest, the cache a `DynamicCache` whose mask (`kv_mask`, (B, S)) marks live slots."""
+    """Rows padded to the widest, the cache a `DynamicCache` whose mask (`kv_mask`, (B, S)) marks live slots.
+
+    The mask lives on the host: every decision (compact, crop, which slots to keep) and every count is made there,
+    and the device gets copies, so a pass waits on the device only for its predictions (on a GPU each host read of
+    a device tensor stalls the queue)."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         super().__init__()
@@ -90,34 +94,34 @@ class PaddedForward(_Counts):
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
         """Feed the left-padded prompts (B, L); each row's greedy next token ([] when L is 0)."""
-        self.kv_mask = mask
+        self.kv_mask = mask.cpu()
         if ids.shape[1] == 0:
             return []
-        logits = self._call(ids, mask, _positions(mask), last_only=True)  # (B, 1, V)
+        logits = self._call(ids, self.kv_mask, _positions(self.kv_mask), last_only=True)  # (B, 1, V)
         return logits[:, -1].argmax(-1).tolist()
 
     def predict(self, fed: torch.Tensor, kind: torch.Tensor, offset: torch.Tensor) -> list[list[int]]:
         """Feed (B, W) tokens: `kind` 0 the last token, j + 1 branch j, -1 padding; `offset` each slot's position
         after the row's last committed token. The greedy token after each slot, on its branch."""
+        kind, offset = kind.cpu(), offset.cpu()
         live = self.kv_mask.bool()
         if self.compactable and int(live.sum(-1).max()) < (1 - COMPACT_AT) * live.shape[1]:
             self._compact()
-        kv_mask, device = self.kv_mask, self.device
-        positions = kv_mask.sum(-1, keepdim=True) + offset.to(device)  # (B, W)
+        kv_mask = self.kv_mask
+        positions = kv_mask.sum(-1, keepdim=True) + offset  # (B, W)
         self.branched = bool((kind > 1).any())
-        mask = (_branch_mask(kv_mask, kind.to(device), self.dtype) if self.branched
-                else torch.cat([kv_mask, (kind >= 0).to(device, kv_mask.dtype)], 1))
-        return self._call(fed.to(device), mask, positions).argmax(-1).tolist()
+        mask = (_branch_mask(kv_mask, kind, self.dtype) if self.branched
+                else torch.cat([kv_mask, (kind >= 0).to(kv_mask.dtype)], 1))
+        return self._call(fed, mask, positions).argmax(-1).tolist()
 
     def commit(self, kept: torch.Tensor) -> None:
         """Keep in the cache the slots of the last pass that `kept` (B, W) marks; the rest become holes, trailing
         slots no row keeps are cropped (branches: every slot no row keeps is dropped)."""
-        kept = kept.to(self.device, self.kv_mask.dtype)
+        kept = kept.to("cpu", self.kv_mask.dtype)
         if self.branched:
-            keep = torch.cat([torch.ones(self.kv_mask.shape[1], dtype=torch.bool, device=self.device),
-                              kept.bool().any(0)])
+            keep = torch.cat([torch.ones(self.kv_mask.shape[1], dtype=torch.bool), kept.bool().any(0)])
             if not keep.all():
-                self._keep(keep.nonzero().squeeze(1))
+                self._keep(keep.nonzero().squeeze(1).to(self.device))
             self.kv_mask = torch.cat([self.kv_mask, kept], 1)[:, keep]
             return
         used = kept.bool().any(0).nonzero()
@@ -139,17 +143,19 @@ class PaddedForward(_Counts):
 
     @torch.inference_mode()
     def _call(self, ids, mask, positions, last_only=False):
+        """One forward; `mask` and `positions` on the host, where the counts are made, then copied to the device."""
         if mask.dim() == 2:
             queries = mask[:, -ids.shape[1]:].sum(-1)
             self.slots += mask.numel() * ids.shape[1]
             self.live_slots += int((queries * mask.sum(-1)).sum())
             self.fed, self.live_fed = self.fed + ids.numel(), self.live_fed + int(queries.sum())
         kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
+        # no holes: let the kernel use its causal path; a 4-D mask is the branches' own
+        attention_mask = mask if mask.dim() == 4 else None if bool(mask.all()) else mask
         out = self.model(
-            input_ids=ids,
-            # no holes: let the kernel use its causal path; a 4-D mask is the branches' own
-            attention_mask=mask if mask.dim() == 4 else None if bool(mask.all()) else mask,
-            position_ids=positions,
+            input_ids=ids.to(self.device),
+            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+            position_ids=positions.to(self.device),
             past_key_values=self.cache,
             use_cache=True,
             **kwargs,
@@ -170,8 +176,9 @@ class PaddedForward(_Counts):
         live = self.kv_mask.bool()
         width = int(live.sum(-1).max())
         order = torch.sort(live.to(torch.int8), dim=-1, stable=True).indices[:, -width:]  # dead slots first
+        on_device = order.to(self.device)
         for layer in self.cache.layers:
-            layer.keys, layer.values = _gather_slots(layer.keys, order), _gather_slots(layer.values, order)
+            layer.keys, layer.values = _gather_slots(layer.keys, on_device), _gather_slots(layer.values, on_device)
         self.kv_mask = self.kv_mask.gather(1, order)
 
 

@@ -21,11 +21,10 @@ def consistency_kl(student_logits: torch.Tensor, target_logits: torch.Tensor, ma
     detached here, so gradient reaches the student only. mask: (B, n) bool, True where the loss counts (from
     the first wrong token to the block's end, never padding or post-EOS positions). 0 when nothing counts.
     """
-    if not mask.any():
-        return student_logits.sum() * 0.0
     student = F.log_softmax(student_logits[mask].float(), dim=-1)  # (P, V)
     target = F.log_softmax(target_logits[mask].detach().float(), dim=-1)
-    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+    # a sum over a count clamped at 1 (not `if not mask.any()`: a host read of the device every step)
+    return F.kl_div(student, target, log_target=True, reduction="sum") / mask.sum().clamp(min=1)
 
 
 def ar_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0
@@ -35,9 +34,8 @@ def ar_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, labe
     logits: (B, T, V) of a sequence; labels: (B, T), the tokens logits[:, t] predicts (the sequence shifted
     left by one); mask: (B, T) bool, True where a label counts (response tokens; never padding).
     """
-    if not mask.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), labels[mask], label_smoothing=label_smoothing)
+    return F.cross_entropy(logits[mask].float(), labels[mask], label_smoothing=label_smoothing,
+                           reduction="sum") / mask.sum().clamp(min=1)
 
 
 def first_wrong(states: torch.Tensor, fixed_points: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,25 @@ def test_one_packed_forward_equals_the_separate_forwards_it_stands_for(attention
     torch.testing.assert_close(logits[noisy_at], noisy_context[len(prompt):], rtol=1e-5, atol=1e-5)
 
 
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
+    """Each `.item()` on a loss term stalled a GPU's queue every step (#32.6): the terms stay device tensors, read
+    once a log interval. Here any read of a tensor's value as a Python number fails."""
+    from cllm_core.finetune import _window_means
+
+    model = tiny_model("llama").float()
+    batch = _batch([forcing.pack([5, 6], noisy=[[10, 40], [42, 43]], clean=[[10, 11], [12, 2]])], ar_from=1)
+    config = FinetuneConfig(objective="jacobi_forcing", label_smoothing=0.0, ar_weight=10.0)
+    reads = ("item", "tolist", "__float__", "__int__", "__bool__")
+    originals = {name: getattr(torch.Tensor, name) for name in reads}
+    for name in reads:
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name: pytest.fail(f"Tensor.{_name}"))
+    loss, terms = forcing_loss(model, batch, config)
+    loss.backward()
+    for name, original in originals.items():
+        monkeypatch.setattr(torch.Tensor, name, original)
+    assert _window_means([terms, terms]) == pytest.approx(numbers(terms))
+
+
 def test_the_loss_reads_the_counted_pairs_and_the_clean_stream():
     model = tiny_model("llama").float()
     packed = forcing.pack([5, 6], noisy=[[10, 40], [42, 43]], clean=[[10, 11], [12, 2]])
@@ -101,9 +120,9 @@ def test_the_loss_reads_the_counted_pairs_and_the_clean_stream():
                                     reduction="batchmean")
     labelled = [1, 4, 5, 8]  # the last prompt token (the bridge into f0) and f0, f1 except the final token
     ar = torch.nn.functional.cross_entropy(logits[labelled], torch.tensor([10, 11, 12, 2]))
-    assert terms["consistency"] == pytest.approx(kl.item(), rel=1e-5)
-    assert terms["ar"] == pytest.approx(ar.item(), rel=1e-5)
-    assert terms["loss"] == pytest.approx(kl.item() + 10 * ar.item(), rel=1e-5)
+    assert float(terms["consistency"]) == pytest.approx(kl.item(), rel=1e-5)
+    assert float(terms["ar"]) == pytest.approx(ar.item(), rel=1e-5)
+    assert float(terms["loss"]) == pytest.approx(kl.item() + 10 * ar.item(), rel=1e-5)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
@@ -135,7 +154,7 @@ def test_the_loss_under_bf16_autocast_is_the_fp32_loss_to_rounding():
     _, exact = forcing_loss(model, batch, config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, rounded = forcing_loss(model, batch, config)
-    assert torch.isfinite(loss) and rounded["loss"] == pytest.approx(exact["loss"], rel=0.05)
+    assert torch.isfinite(loss) and float(rounded["loss"]) == pytest.approx(float(exact["loss"]), rel=0.05)
 
 
 def test_a_packed_batch_pads_rows_and_counts_the_ar_labels_of_each_response():
@@ -202,7 +221,7 @@ def test_responses_packed_beside_each_other_see_only_themselves_and_give_the_one
     assert alone.ids.shape[0] == 3
     loss_alone, terms_alone = forcing_loss(model, alone, config)
     loss_alone.backward()
-    assert terms == pytest.approx(terms_alone, rel=1e-5)
+    assert numbers(terms) == pytest.approx(numbers(terms_alone), rel=1e-5)
     for grad, parameter in zip(packed_grad, model.parameters()):
         torch.testing.assert_close(grad, parameter.grad, rtol=1e-4, atol=1e-6)
 
@@ -210,3 +229,8 @@ def test_responses_packed_beside_each_other_see_only_themselves_and_give_the_one
 def test_rows_are_filled_first_fit_longest_first_no_longer_than_the_longest():
     assert forcing.fit_rows([5, 9, 4, 3, 2]) == [[1], [0, 2], [3, 4]]
     assert forcing.fit_rows([3]) == [[0]]
+
+
+def numbers(terms: dict) -> dict[str, float]:
+    """A loss's terms (device tensors, read once a log interval in training) as numbers."""
+    return {key: float(value) for key, value in terms.items()}
