@@ -393,6 +393,20 @@ class MultiBlockConfig(Section):
                       "committed token proposes a branch of the next pass.")
 
 
+class PromoteConfig(Section):
+    """When the pipeline's CLLM earns the registry alias users load (`models:/cllm@champion`): its evaluation must
+    pass every floor set here (null: that floor is not checked). A CLLM that fails stays a registered candidate
+    without the alias, and the run ends in one line naming the floor."""
+
+    alias: str = Field("champion", min_length=1, description="The registered-model alias a passing CLLM gets.")
+    min_answer_agreement: float | None = Field(0.8, ge=0, le=1, description="The CLLM's Jacobi final answers equal "
+                                               "to the teacher's AR answers on at least this share of prompts.")
+    max_accuracy_drop: float | None = Field(0.05, ge=0, le=1, description="The CLLM's Jacobi accuracy at most this "
+                                            "far below the teacher's AR accuracy (0.05: 5 points).")
+    min_speedup: float | None = Field(1.0, gt=0, description="The CLLM's Jacobi at least this many times the "
+                                      "teacher's AR tokens/s.")
+
+
 class EvalConfig(Section):
     """Speed and quality evaluation: which methods, how they decode, how answers are judged."""
 
@@ -414,6 +428,8 @@ class EvalConfig(Section):
     check: Literal["auto", "math", "exact"] = Field(
         "auto", description="How an answer is judged: the number after `####` (math), the whole text (exact), "
         "or auto: the ingest preset's own (math for gsm8k and synthetic-math, exact otherwise).")
+    promote: PromoteConfig = Field(PromoteConfig(), description="The floors a pipeline's CLLM must pass to get "
+                                   "the registry alias users load.")
 
     @model_validator(mode="before")
     @classmethod

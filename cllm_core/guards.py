@@ -9,8 +9,9 @@ one line).
 
 from __future__ import annotations
 
+from cllm_core.config import PromoteConfig
 from cllm_core.errors import UserError
-from cllm_core.records import ShardManifest
+from cllm_core.records import ShardManifest, SummaryRow
 
 
 class BelowQualityFloor(UserError):
@@ -53,3 +54,29 @@ def check_collected(manifests: list[ShardManifest], finished_only: bool, max_new
            f"max_new_tokens {max_new_tokens}; raise collect.jacobi.max_new_tokens or set collect.finished_only: false"
            if finished_only else "")
     raise NothingCollected(f"the collection holds no trajectory{why}")
+
+
+EXACT_METHODS = ("jacobi", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling")
+"""The CLLM's decoders whose quality the floors read, the first evaluated in this order."""
+
+
+def quality_failures(summary: list[SummaryRow], cllm: str, floors: PromoteConfig) -> list[str]:
+    """The floors of `floors` that model `cllm`'s evaluation misses, each as a phrase ([] when it passes all).
+    The summary's first row is the baseline (the teacher's AR): agreement and speedup are against it."""
+    baseline = summary[0]
+    row = next((r for method in EXACT_METHODS for r in summary if r.model == cllm and r.method == method), None)
+    if row is None:
+        return [f"the evaluation decoded no {cllm} with Jacobi ({', '.join(EXACT_METHODS)})"]
+    name, failures = f"{cllm} {row.method}", []
+    if floors.min_answer_agreement is not None and (row.answer_agreement or 0.0) < floors.min_answer_agreement:
+        failures.append(f"{name} answers agree with {baseline.model}'s on {row.answer_agreement or 0.0:.1%} of "
+                        f"prompts, below evaluate.promote.min_answer_agreement {floors.min_answer_agreement:.0%}")
+    drop = baseline.accuracy - row.accuracy
+    if floors.max_accuracy_drop is not None and drop > floors.max_accuracy_drop:
+        failures.append(f"{name} accuracy {row.accuracy:.1%} is {drop:.1%} below {baseline.model}'s "
+                        f"{baseline.accuracy:.1%}, more than evaluate.promote.max_accuracy_drop "
+                        f"{floors.max_accuracy_drop:.0%}")
+    if floors.min_speedup is not None and (row.speedup or 0.0) < floors.min_speedup:
+        failures.append(f"{name} runs at {row.speedup or 0.0:.2f}x {baseline.model} {baseline.method}, below "
+                        f"evaluate.promote.min_speedup {floors.min_speedup:g}x")
+    return failures

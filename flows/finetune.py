@@ -44,6 +44,6 @@ def consistency_finetune(finetune: FinetuneConfig, model: ModelConfig, work_dir:
         mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(store), name="jacobi-trajectories", digest=data[:8]),
                          context="training")
         mlflow.log_artifact(str(out_dir / "cllm.json"))
-        record = dataclasses.replace(record, logged=log_cllm(out_dir, finetune.registered_model))
+        record = dataclasses.replace(record, logged=log_cllm(out_dir, finetune.registered_model, record.fingerprint))
     create_markdown_artifact(key="cllm", markdown=f"**CLLM** {describe_cllm(record)}.")
     return record

@@ -17,12 +17,14 @@ from prefect.artifacts import create_link_artifact
 
 from cllm_core.config import ModelConfig, Profile, masked
 from cllm_core.errors import UserError
+from cllm_core.guards import BelowQualityFloor, quality_failures
 from cllm_core.records import CllmRecord, headline_metrics
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
 from flows.finetune import consistency_finetune
 from flows.ingest import ingest_prompts
 from flows.teacher import train_teacher
+from tasks.finetune import promote_cllm
 from tasks.tracking import mlflow_run
 
 
@@ -49,10 +51,18 @@ def cllm_pipeline(profile: Profile) -> dict:
         result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, precision)
         mlflow.set_tag("cllm.precision", result.precision)
         mlflow.log_metrics(headline_metrics(result.summary))
+        floors = profile.evaluate.promote
+        failures = quality_failures(result.summary, "cllm", floors)
+        promoted = promote_cllm(cllm.logged or {}, floors.alias, failures)
+        mlflow.set_tag("cllm.promoted", str(promoted))
         uri = f"{masked(mlflow.get_tracking_uri())} experiment {run.info.experiment_id} run {run.info.run_id}"
+        if failures:  # after the evaluation is logged: the run, failed, shows what fell short
+            create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
+            raise BelowQualityFloor(f"the CLLM {cllm.path} is below its quality floors: {'; '.join(failures)}. It is "
+                                    f"not given @{floors.alias} (evaluate.promote sets the floors)")
     create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
     return {"summary": result.summary, "cllm": cllm.path, "mlflow_run_id": run.info.run_id,
-            "registered": cllm.logged}
+            "registered": cllm.logged, "promoted": promoted}
 
 
 def second_round(profile: Profile, round1: ModelConfig, precision: str) -> CllmRecord:

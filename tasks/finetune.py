@@ -31,9 +31,11 @@ def train_cllm(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: 
 
 
 @task(name="log-cllm")
-def log_cllm(directory: Path, registered_model: str | None) -> dict:
+def log_cllm(directory: Path, registered_model: str | None, fingerprint: str | None = None) -> dict:
     """Log the CLLM as an MLflow pyfunc that decodes with Jacobi (tasks/cllm_pyfunc.py, with the model directory
-    as its artifact) in the active run; register it when named, with how to serve it on the version's page."""
+    as its artifact) in the active run; register it when named, with how to serve it on the version's page, the
+    version tagged with the CLLM's `fingerprint`. A CLLM whose fingerprint a version already carries (a rerun
+    that reused it) is not logged or registered again: the run is tagged with that version."""
     import json
 
     import mlflow
@@ -41,6 +43,13 @@ def log_cllm(directory: Path, registered_model: str | None) -> dict:
     import transformers
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if registered_model and fingerprint:
+        held = registered_version(registered_model, fingerprint)
+        if held is not None:
+            mlflow.set_tag("cllm.registered_version", held.version)
+            return {"model_uri": f"models:/{registered_model}/{held.version}", "registered_model": registered_model,
+                    "version": held.version, "reused_version": True}
 
     n_tokens = json.loads((directory / "config.json").read_text()).get("cllm_n_tokens") or 16
     signature = ModelSignature(
@@ -58,9 +67,47 @@ def log_cllm(directory: Path, registered_model: str | None) -> dict:
     if registered_model and version is not None:  # the model's page and the version's say how to serve it
         client, note = mlflow.MlflowClient(), serving_note(registered_model, version, n_tokens)
         client.update_model_version(registered_model, version, description=note)
+        if fingerprint:
+            client.set_model_version_tag(registered_model, version, FINGERPRINT_TAG, fingerprint)
+        client.set_model_version_tag(registered_model, version, PROMOTION_TAG, "candidate: not evaluated yet")
+        mlflow.set_tag("cllm.registered_version", version)
         client.update_registered_model(registered_model, description=note.replace(
             f"models:/{registered_model}/{version}", f"models:/{registered_model}/<version>"))
     return {"model_uri": info.model_uri, "registered_model": registered_model, "version": version}
+
+
+FINGERPRINT_TAG = "cllm.fingerprint"
+PROMOTION_TAG = "cllm.promotion"
+
+
+def registered_version(name: str, fingerprint: str):
+    """The version of registered model `name` that holds the CLLM with this fingerprint, if any."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get(FINGERPRINT_TAG) == fingerprint), None)
+
+
+@task(name="promote-cllm")
+def promote_cllm(logged: dict, alias: str, failures: list[str]) -> bool:
+    """Give the registered CLLM version the alias users load when its evaluation missed no floor (`failures`
+    empty); otherwise leave it a candidate, its `cllm.promotion` tag saying why. Returns whether it got the alias."""
+    import mlflow
+
+    name, version = logged.get("registered_model"), logged.get("version")
+    if not name or version is None:
+        return False
+    client = mlflow.MlflowClient()
+    if failures:
+        client.set_model_version_tag(name, version, PROMOTION_TAG, "candidate: " + "; ".join(failures))
+        return False
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, PROMOTION_TAG, f"passed its floors: @{alias}")
+    return True
 
 
 def serving_note(name: str, version: int | str, n_tokens: int) -> str:

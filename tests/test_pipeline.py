@@ -111,6 +111,13 @@ def test_the_pipeline_records_a_run_per_stage_into_a_real_mlflow_server_with_cre
         (version,) = client.search_model_versions("name = 'cllm'")
         assert version.run_id == children["finetune"].info.run_id
         assert experiment.artifact_location.startswith("mlflow-artifacts:")  # the server's store, not a local path
+        assert client.get_model_version_by_alias("cllm", "champion").version == version.version  # it passed
+        rerun = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", "finetune.lr=1e-3"])
+        assert rerun.exit_code == 0, rerun.output
+        reused = [r for r in client.search_runs([experiment.experiment_id])
+                  if r.data.tags["cllm.stage"] == "finetune" and r.data.tags.get("cllm.reused") == "True"]
+        assert len(reused) == 1 and reused[0].data.tags["cllm.registered_version"] == version.version
+        assert len(client.search_model_versions("name = 'cllm'")) == 1  # a reused CLLM is no new version (#32.8)
 
         with get_client(sync_client=True) as prefect:
             artifacts = [f"{a.data} {a.description}" for a in read_all(prefect.read_artifacts)]
@@ -153,6 +160,19 @@ def test_a_mostly_repetitive_collection_stops_the_pipeline_before_fine_tuning(pr
            "50%" in result.output
     work = tiny_profile.parent / "work"
     assert (work / "trajectories").is_dir() and not (work / "cllm").exists() and not (work / "eval").exists()
+
+
+def test_a_cllm_below_a_quality_floor_stays_a_candidate_without_the_alias_and_the_run_fails_in_one_line(
+        prefect_server, tiny_profile, tracking):
+    """A collapsed CLLM was registered and `cllm run` exited 0 (#32.8): users loading the registry got it."""
+    result = runner.invoke(app, ["run", "--config", str(tiny_profile), "--set", "evaluate.promote.min_speedup=1000"])
+    assert result.exit_code == 1, result.output
+    assert "error: the CLLM " in result.output and "is below its quality floors: cllm jacobi runs at " \
+        in result.output and "below evaluate.promote.min_speedup 1000x. It is not given @champion" in result.output
+    client = mlflow.MlflowClient(tracking)
+    (version,) = client.search_model_versions("name = 'cllm'")
+    assert version.tags["cllm.promotion"].startswith("candidate: cllm jacobi runs at ")
+    assert not client.get_registered_model("cllm").aliases
 
 
 def test_a_collection_that_keeps_no_prompt_stops_the_pipeline_in_one_line_naming_the_remedy(prefect_server,
