@@ -22,6 +22,63 @@ def parquet_schema(path: str | Path):
         raise UserError(f"{path} is not a readable Parquet file ({str(error).splitlines()[0]})") from None
 
 
+@contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, or fail at once in one line naming the holder's pid. An
+    flock: the kernel releases it when its process ends however it ends, so a killed run leaves no stale lock."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise UserError(f"another process (pid {holder}) is {what}; wait for it to end, or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def shared_until_exit(path: str | Path) -> None:
+    """Hold a shared lock on `path` until this process ends (the descriptor is kept open): `wait_unheld` on the
+    same path then waits for every such process to be gone."""
+    import fcntl
+
+    handle = open(path, "a+")  # noqa: SIM115 - open for the process's life
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    _held.append(handle)
+
+
+def wait_unheld(path: str | Path, seconds: float, what: str) -> None:
+    """Wait until no process holds a lock on `path` (at most `seconds`), else one line naming `what` still runs."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + seconds
+    with open(path, "a+") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"{what} still run after {seconds:g} s; stop them (pkill -f cllm_core.launch) "
+                                    "and run again") from None
+                time.sleep(0.2)
+
+
+_held: list = []
+
+
 def replace_file(path: str | Path, text: str) -> bool:
     """Make `path` hold `text`, whole or not at all: written beside it, fsynced and renamed into place, so a reader
     (a `generate` loading the file) sees the old text or the new, never a truncated one. A file that already holds

@@ -36,7 +36,7 @@ from cllm_core.checkpoints import Checkpoints, full_states, rng_state
 from cllm_core.collect import read_prompt_table
 from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.errors import UserError
-from cllm_core.files import publish_dir
+from cllm_core.files import exclusive, publish_dir, wait_unheld
 from cllm_core.guards import budget_warning
 from cllm_core.identity import model_identity
 from cllm_core.jacobi import jacobi_generate
@@ -71,13 +71,25 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     run that its `max_minutes` guard stops is announced through `warn`, published, and retrained by a rerun.
     """
     out_dir, warn = Path(out_dir), warn or log
-    if launched(config.launch):  # N processes under `accelerate launch`, their events replayed here
-        held = held_cllm(config, model, store, out_dir, precision, log)
-        return held or launch_finetune(config, model, store, out_dir, answers=answers, probe=probe,
-                                       precision=precision, log=log, warn=warn, on_metrics=on_metrics,
-                                       on_samples=on_samples, progress=progress)
-    return train_here(config, model, store, out_dir, answers=answers, probe=probe, log=log, warn=warn,
-                      on_metrics=on_metrics, on_samples=on_samples, progress=progress, precision=precision)
+    with exclusive(lock_path(out_dir), f"fine-tuning into {out_dir}"):  # one run a model directory and checkpoints
+        wait_unheld(workers_lock_path(out_dir), 30, f"training processes an earlier launch into {out_dir} left")
+        if launched(config.launch):  # N processes under `accelerate launch`, their events replayed here
+            held = held_cllm(config, model, store, out_dir, precision, log)
+            return held or launch_finetune(config, model, store, out_dir, answers=answers, probe=probe,
+                                           precision=precision, log=log, warn=warn, on_metrics=on_metrics,
+                                           on_samples=on_samples, progress=progress)
+        return train_here(config, model, store, out_dir, answers=answers, probe=probe, log=log, warn=warn,
+                          on_metrics=on_metrics, on_samples=on_samples, progress=progress, precision=precision)
+
+
+def lock_path(out_dir: Path) -> Path:
+    """The lock a fine-tuning into `out_dir` holds (beside it: `<out>.checkpoints` and `<out>.launch` are its too)."""
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def workers_lock_path(out_dir: Path) -> Path:
+    """The lock every launched training process holds while it lives: a rerun waits for an earlier launch's."""
+    return out_dir.parent / f".{out_dir.name}.workers.lock"
 
 
 def train_here(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, *,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
 from cllm_core.errors import UserError
+from cllm_core.files import shared_until_exit
 from cllm_core.records import CllmRecord
 from cllm_core.stopping import Stopped, stop_requested
 
@@ -99,7 +100,8 @@ def launch_finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_
     work.mkdir(parents=True)
     (work / "spec.json").write_text(json.dumps({
         "config": config.model_dump(), "model": model.model_dump(), "store": store, "out_dir": str(out_dir),
-        "answers": answers, "probe": list(probe), "precision": precision, "caller": os.getpid()}))
+        "answers": answers, "probe": list(probe), "precision": precision, "caller": os.getpid(),
+        "caller_started": process_start(os.getpid())}))
     (work / "accelerate.yaml").write_text(ACCELERATE_CONFIG)
     command = accelerate_command(launch, precision, config.gradient_checkpointing, cuda, _free_port(), work)
     log(f"launching {launch.processes} training process(es) ({launch.strategy}): {' '.join(command[1:])}")
@@ -245,7 +247,10 @@ def main(spec_path: str) -> None:
 
     spec, work = json.loads(Path(spec_path).read_text()), Path(spec_path).parent
     rank = int(os.environ.get("RANK", "0"))
-    _end_with(spec["caller"])
+    from cllm_core.finetune import workers_lock_path
+
+    shared_until_exit(workers_lock_path(Path(spec["out_dir"])))  # a rerun waits until this process is gone
+    _end_with(spec["caller"], spec.get("caller_started"))
     if hasattr(signal, "SIGUSR1"):  # (not on Windows)
         stacks[:] = [open(work / f"stacks-{rank}.txt", "w")]  # kept open: faulthandler writes to its descriptor
         faulthandler.register(signal.SIGUSR1, file=stacks[0], all_threads=True)
@@ -275,21 +280,39 @@ stacks: list = []
 """This process's `stacks-<rank>.txt`, where SIGUSR1 (the caller's `Stall`) has every thread's stack written."""
 
 
-def _end_with(caller: int) -> None:
+def _end_with(caller: int, started: str | None) -> None:
     """End this process if the caller that launched it dies without stopping it (killed, out of memory): a
-    launch nobody waits for would go on training into the same directory as the caller's rerun."""
+    launch nobody waits for would go on training into the same directory as the caller's rerun. The caller is
+    its pid and, where the system says it (Linux), the time it started: a pid the system gives to a new process
+    is not the caller."""
 
     def watch() -> None:
         while True:
             time.sleep(2)
-            try:
-                os.kill(caller, 0)
-            except ProcessLookupError:
+            if not _alive(caller, started):
                 os._exit(1)
-            except PermissionError:  # alive, someone else's
-                pass
 
     threading.Thread(target=watch, daemon=True, name="caller-watch").start()
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's: not the caller, who is ours
+        return started is None
+    return started is None or process_start(pid) == started
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22); None where there is no
+    /proc or no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces and parentheses
 
 
 if __name__ == "__main__":

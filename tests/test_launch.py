@@ -195,3 +195,32 @@ def test_a_launch_that_sends_nothing_for_long_says_so_once_with_every_processs_s
     stacks = {rank: (tmp_path / f"cllm.launch/stacks-{rank}.txt").read_text() for rank in (0, 1)}
     assert "sitecustomize.py" in stacks[1] and "in batch" in stacks[1], stacks[1]  # where rank 1 sleeps
     assert "in fit" in stacks[0], stacks[0]  # rank 0: in the training loop, waiting for rank 1
+
+
+def test_two_fine_tunings_into_one_directory_are_refused_and_a_reused_pid_is_not_the_caller(tmp_path):
+    """`launch.py` deleted `<out>.launch` unconditionally and both runs shared `<out>.checkpoints`; its processes
+    watched the caller's pid, which the system may give to a new process (#32.10)."""
+    import os
+    import subprocess
+
+    from cllm_core.errors import UserError
+    from cllm_core.files import exclusive, wait_unheld
+    from cllm_core.finetune import lock_path, workers_lock_path
+    from cllm_core.launch import _alive, process_start
+
+    out = tmp_path / "cllm"
+    with exclusive(lock_path(out), "fine-tuning into it"):  # another run holds the directory
+        with pytest.raises(UserError, match=rf"another process \(pid {os.getpid()}\) is fine-tuning into {out}"):
+            finetune(FinetuneConfig(steps=1), ModelConfig(name_or_path="x"), str(tmp_path / "store"), out)
+    assert _alive(os.getpid(), process_start(os.getpid()))
+    assert not _alive(os.getpid(), "1")  # the same pid, started at another time: another process
+    assert not _alive(2 ** 22 + 7, None)  # above the kernel's largest pid: no such process
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cllm_core.files import "
+                               f"shared_until_exit; shared_until_exit({str(workers_lock_path(out))!r}); "
+                               "print('held', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"  # an earlier launch's process, still alive
+    with pytest.raises(UserError, match="training processes .* still run after 0.2 s"):
+        wait_unheld(workers_lock_path(out), 0.2, "training processes an earlier launch left")
+    wait_unheld(workers_lock_path(out), 30, "training processes an earlier launch left")  # until it ends
+    assert holder.wait(timeout=30) == 0
