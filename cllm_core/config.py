@@ -304,7 +304,9 @@ class FinetuneConfig(Section):
     epochs: float | None = Field(None, gt=0, description="Passes over the trajectories instead of `steps`: the steps "
                                  "follow from the data (each response once an epoch for jacobi_forcing, each block "
                                  "for cllm, over batch_size x processes a step).")
-    max_minutes: float | None = Field(None, gt=0, description="Stop early after this much wall time (recorded).")
+    max_minutes: float | None = Field(None, gt=0, description="Wall-clock guard of one run: training stops (loudly, "
+                                      "with a checkpoint) after this many minutes, and a rerun resumes there for as "
+                                      "many again.")
     batch_size: int = Field(32, ge=1, description="Blocks sampled per step per process (each with its AR "
                             "sequence and states_per_block states).")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")

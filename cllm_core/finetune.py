@@ -19,7 +19,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -68,11 +69,11 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
     `probe` (prompt texts, chat) are decoded with Jacobi every `sample_every` steps; `on_samples` gets
     tokens per forward, the repetition count and the texts. `on_metrics` gets the losses every `log_every`,
     `progress` (step, steps, figures) too. Training autocasts to the resolved `precision` over fp32 weights; a
-    run that its `max_minutes` guard stops is announced through `warn`, published, and retrained by a rerun.
+    run that its `max_minutes` guard stops is announced through `warn`, published, and resumed by a rerun (the
+    budget is each run's).
     """
     out_dir, warn = Path(out_dir), warn or log
-    with exclusive(lock_path(out_dir), f"fine-tuning into {out_dir}"):  # one run a model directory and checkpoints
-        wait_unheld(workers_lock_path(out_dir), 30, f"training processes an earlier launch into {out_dir} left")
+    with _one_run_into(out_dir):
         if launched(config.launch):  # N processes under `accelerate launch`, their events replayed here
             held = held_cllm(config, model, store, out_dir, precision, log)
             return held or launch_finetune(config, model, store, out_dir, answers=answers, probe=probe,
@@ -80,6 +81,18 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
                                            on_samples=on_samples, progress=progress)
         return train_here(config, model, store, out_dir, answers=answers, probe=probe, log=log, warn=warn,
                           on_metrics=on_metrics, on_samples=on_samples, progress=progress, precision=precision)
+
+
+@contextmanager
+def _one_run_into(out_dir: Path) -> Iterator[None]:
+    """One fine-tuning a model directory (and its checkpoints): the caller holds `lock_path`, after any training
+    processes an earlier launch left there are gone. Processes started by hand (torchrun) lock from rank 0."""
+    if int(os.environ.get("RANK") or 0) != 0:
+        yield
+        return
+    with exclusive(lock_path(out_dir), f"fine-tuning into {out_dir}"):
+        wait_unheld(workers_lock_path(out_dir), 30, f"training processes an earlier launch into {out_dir} left")
+        yield
 
 
 def lock_path(out_dir: Path) -> Path:
@@ -236,6 +249,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
     history = run.history
     window, window_tokens, window_start = [], 0, time.perf_counter()
     step, began, stopped_early, samples = run.start_step, time.perf_counter() - run.spent, False, None
+    invoked = time.perf_counter()  # the guard's budget is this run's: a rerun resumes for another max_minutes
     while step < config.steps:
         raise_if_stopped()
         step += 1
@@ -257,7 +271,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         window.append(terms | {"grad_norm": grad_norm})  # device tensors: read once a log interval, not a step
         window_tokens += batch.tokens
         out_of_time = config.max_minutes is not None and _anyone(  # every process stops at the same step
-            accelerator, time.perf_counter() - began > 60 * config.max_minutes)
+            accelerator, time.perf_counter() - invoked > 60 * config.max_minutes)
         last = step == config.steps or out_of_time
         if step % config.log_every == 0 or last:
             metrics = _window_means(window)
@@ -283,7 +297,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
             warning = " (collapse: the same tokens over and over)" if samples["repetitive"] else ""
             log(f"step {step}: Jacobi samples at {samples['tokens_per_forward']:.2f} tokens per forward, "
                 f"{samples['repetitive']} of {len(samples['texts'])} repetitive{warning}")
-        if step % config.checkpoint_every == 0 and not last:
+        if (step % config.checkpoint_every == 0 and not last) or out_of_time:  # a stopped run resumes here
             rng = gather_object([rng_state()])  # every process's own RNG (a collective: all wait here)
             states = full_states(accelerator.unwrap_model(lm), run.optimizer)  # whole, gathered under FSDP
             if accelerator.is_main_process:
@@ -291,8 +305,8 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
                                      time.perf_counter() - began, rng, accelerator.scaler)
         if out_of_time:
             stopped_early = True
-            warn(budget_warning("fine-tuning", step, config.steps, time.perf_counter() - began, run.precision,
-                                "finetune.max_minutes"))
+            warn(budget_warning("fine-tuning", step, config.steps, time.perf_counter() - invoked, run.precision,
+                                "finetune.max_minutes") + f"; the next run resumes at step {step}")
             break
 
     skipped = step - run.scheduler.last_epoch  # (the scheduler's count is checkpointed: resumes keep it)
@@ -331,7 +345,8 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
                             run.data.n_tokens, metrics, run.history)
         with publish_dir(run.out_dir) as staging:
             save_cllm(trained, run.tokenizer, staging, record, None if run.config.lora else weights)
-        shutil.rmtree(run.checkpoints.root, ignore_errors=True)
+        if not metrics["stopped_early"]:  # a run its guard stopped keeps its checkpoint: the next resumes there
+            shutil.rmtree(run.checkpoints.root, ignore_errors=True)
         log(f"saved the CLLM to {run.out_dir} after {metrics['train_steps']} steps in "
             f"{metrics['train_seconds']:.0f} s")
     accelerator.wait_for_everyone()

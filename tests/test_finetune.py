@@ -484,3 +484,17 @@ def test_a_single_process_trains_on_the_cuda_device_the_model_names(monkeypatch)
     accelerator = cllm_core.finetune._accelerator("no", torch.device("cuda", 1))
     assert made_current == [1] and accelerator.kwargs["cpu"] is False
     assert cllm_core.finetune._accelerator("no", torch.device("cpu")).kwargs["cpu"] is True and made_current == [1]
+
+
+def test_a_run_its_guard_stops_is_published_loudly_and_the_next_run_resumes_at_that_step(tmp_path, teacher, store):
+    """A max_minutes stop was retrained from scratch by the rerun, so a budget shorter than the run never ended."""
+    warned, said = [], []
+    stopped = finetune(FAST.model_copy(update={"max_minutes": 1e-9}), teacher, store, tmp_path / "cllm", log=quiet,
+                       warn=warned.append)
+    assert stopped.metrics["stopped_early"] and stopped.metrics["train_steps"] == 1
+    assert "STOPPED EARLY" in warned[0] and warned[0].endswith("the next run resumes at step 1")
+    assert [p.name for p in (tmp_path / "cllm.checkpoints").iterdir()] == ["step-000001"]
+    resumed = finetune(FAST, teacher, store, tmp_path / "cllm", log=said.append)
+    assert "stopped by its guard at step 1" in said[0] and "resuming from" in said[1] and said[1].endswith("at step 1")
+    assert not resumed.metrics["stopped_early"] and resumed.metrics["train_steps"] == 12
+    assert not (tmp_path / "cllm.checkpoints").exists()
