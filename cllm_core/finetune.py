@@ -206,8 +206,10 @@ def _held(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path,
     """The reusable record, if any, and what identifies this run: (precision, tokenizer, data, fingerprint)."""
     resolved = resolve(precision, model.device)
     tokenizer = load_tokenizer(model)
-    data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer))
-    fingerprint = f"{_as_started(config).fingerprint()}-{resolved.name}-{data.fingerprint}-{model_identity(model)}"
+    teacher = model_identity(model)
+    data = load_trajectories(store, config.include_repetitive, len(tokenizer), tokenizer_fingerprint(tokenizer),
+                             teacher)
+    fingerprint = f"{_as_started(config).fingerprint()}-{resolved.name}-{data.fingerprint}-{teacher}"
     identity = (resolved, tokenizer, data, fingerprint)
     record_path = out_dir / "cllm.json"
     held = json.loads(record_path.read_text()) if record_path.is_file() else {}

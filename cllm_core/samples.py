@@ -49,10 +49,12 @@ class TrajectoryData:
 
 
 def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_size: int | None = None,
-                      tokenizer_fingerprint: str | None = None) -> TrajectoryData:
+                      tokenizer_fingerprint: str | None = None, teacher: str | None = None) -> TrajectoryData:
     """The store's verified shards as one dataset; any shard that is not verifiably complete is an error.
 
-    `vocab_size` / `tokenizer_fingerprint` (of the model to train) catch trajectories from another tokenizer.
+    `vocab_size` / `tokenizer_fingerprint` (of the model to train) catch trajectories from another tokenizer;
+    `teacher` (its content identity) catches trajectories another model made, such as the teacher before it was
+    retrained in place: a CLLM learns its own fixed points, not another model's.
     """
     store = ShardStore(store_url)
     collection = store.collection()
@@ -70,6 +72,10 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
     if unverified:
         raise UserError(f"shards {unverified} in {store_url} are incomplete or damaged; run `cllm collect` "
                         "again to redo them")
+    if teacher and collection.get("teacher") and collection["teacher"] != teacher:
+        raise UserError(f"the trajectories in {store_url} were collected from another model (identity "
+                        f"{collection['teacher']}) than the one to train ({teacher}), e.g. the teacher before it was "
+                        "retrained in place; collect them again from this model (`cllm collect`)")
     held = collection.get("tokenizer")
     if tokenizer_fingerprint and held and held != tokenizer_fingerprint:
         raise UserError(f"the trajectories in {store_url} were collected with another tokenizer ({held}, this "

@@ -498,3 +498,19 @@ def test_a_run_its_guard_stops_is_published_loudly_and_the_next_run_resumes_at_t
     assert "stopped by its guard at step 1" in said[0] and "resuming from" in said[1] and said[1].endswith("at step 1")
     assert not resumed.metrics["stopped_early"] and resumed.metrics["train_steps"] == 12
     assert not (tmp_path / "cllm.checkpoints").exists()
+
+
+def test_trajectories_another_model_made_are_refused_as_the_teacher_retrained_in_place(tmp_path, tiny_model_dir,
+                                                                                      store):
+    """`cllm train` alone after the teacher was retrained in place trained on the old teacher's fixed points and
+    exited 0: a silent stale result."""
+    from cllm_core.errors import UserError
+
+    retrained = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, retrained)
+    model = AutoModelForCausalLM.from_pretrained(retrained)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(retrained)  # the same path and tokenizer, other weights
+    with pytest.raises(UserError, match="were collected from another model .* retrained in place; collect them"):
+        finetune(FAST, ModelConfig(name_or_path=str(retrained)), store, tmp_path / "cllm", log=quiet)
