@@ -8,11 +8,15 @@ checkpoints and models are written to a staging name and renamed when complete, 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 
 _requested = threading.Event()
 _listeners: list[Callable[[], None]] = []
+STOP_FILE = "CLLM_STOP_FILE"
+"""An environment variable naming a file whose existence is a stop request too: how a request reaches worker
+processes that a parent started (a Dask cluster's), which share no memory with it."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -33,11 +37,13 @@ def on_stop_request(listener: Callable[[], None]) -> Callable[[], None]:
 
 
 def stop_requested() -> bool:
+    if not _requested.is_set() and (path := os.environ.get(STOP_FILE)) and os.path.exists(path):
+        _requested.set()  # the parent asked: from now on this process's loops stop as if asked here
     return _requested.is_set()
 
 
 def raise_if_stopped() -> None:
-    if _requested.is_set():
+    if stop_requested():
         raise Stopped("stopped at your request")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -36,7 +37,7 @@ from cllm_core.errors import UserError
 from cllm_core.guards import check_collected, check_repetition
 from cllm_core.records import CollectionPlan, ShardManifest, collection_figures
 from cllm_core.shards import ShardsFailed, ShardStore
-from cllm_core.stopping import request_stop
+from cllm_core.stopping import STOP_FILE, on_stop_request, request_stop
 from tasks.collect import collect_one_shard, plan_collection
 from tasks.tracking import mlflow_run
 
@@ -110,7 +111,15 @@ def task_runner(name: Literal["threads", "dask"], collect: CollectConfig, model:
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": len(set(_devices(collect, model))), "threads_per_worker": 1, "processes": True,
         "dashboard_address": None,
-        "env": {"PREFECT_API_URL": api}})  # without it, each worker would start a temporary server of its own
+        "env": {"PREFECT_API_URL": api,  # without it, each worker would start a temporary server of its own
+                STOP_FILE: _stop_file()}})  # a stop request here reaches the workers' Jacobi loops
+
+
+def _stop_file() -> str:
+    """A file that this process creates when a stop is requested here; the Dask workers watch it (`STOP_FILE`)."""
+    path = Path(tempfile.mkdtemp(prefix="cllm-stop-")) / "stop"
+    on_stop_request(path.touch)
+    return str(path)
 
 
 def _devices(collect: CollectConfig, model: ModelConfig) -> list[str]:

@@ -207,3 +207,26 @@ def test_the_dask_runner_without_the_extra_is_one_line(fresh, tiny_model_dir, mo
     result = runner.invoke(app, [*options(tiny_model_dir, fresh), "--task-runner", "dask"])
     assert result.exit_code == 1
     assert "error: the dask task runner needs the dask extra: pip install 'cllm-pipeline[dask]'" in result.output
+
+
+def test_a_stop_request_reaches_the_dask_workers_through_their_stop_file(tmp_path, prefect_server, tiny_model_dir):
+    """Dask workers are processes of their own: a stop request set a flag only the parent saw, so their shards
+    decoded on to the end."""
+    import subprocess
+
+    from cllm_core.stopping import STOP_FILE, clear_stop, request_stop
+    from flows.collect import task_runner
+
+    runner_ = task_runner("dask", CollectConfig(jacobi={"n_tokens": 4}), ModelConfig(name_or_path=str(tiny_model_dir)))
+    stop_file = runner_.cluster_kwargs["env"][STOP_FILE]
+    worker = subprocess.Popen([sys.executable, "-c", "import time\nfrom cllm_core.stopping import Stopped, "
+                               "raise_if_stopped\nprint('up', flush=True)\ntry:\n    while True:\n"
+                               "        raise_if_stopped(); time.sleep(0.05)\nexcept Stopped:\n    print('stopped')"],
+                              env=os.environ | {STOP_FILE: stop_file}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout.readline().strip() == "up"
+        request_stop()  # here, in the parent
+        assert worker.wait(timeout=30) == 0 and worker.stdout.read().strip() == "stopped"
+    finally:
+        clear_stop()
+        worker.kill()
