@@ -29,7 +29,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import deployment as deployment_runtime
 from prefect.runtime import flow_run
-from prefect.states import Scheduled
+from prefect.states import Cancelled, Cancelling, Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from cllm_core.config import CollectConfig, ModelConfig, Precision, TrackingConfig
@@ -165,17 +165,33 @@ def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s:
                 client.set_flow_run_state(child.id, Scheduled(), force=True)
             runs[shard] = child.id
         manifests, failed = {}, []
-        while len(manifests) + len(failed) < len(runs):
-            time.sleep(poll_s)
-            for shard, run_id in runs.items():
-                child = client.read_flow_run(run_id)
-                if shard not in manifests and shard not in failed and child.state.is_final():
-                    if child.state.is_completed():
-                        manifests[shard] = ShardManifest.from_json(ShardStore(store).manifest(shard))
-                    else:
-                        failed.append(shard)
-                    progress.ended(shard, manifests.get(shard))
+        try:
+            while len(manifests) + len(failed) < len(runs):
+                time.sleep(poll_s)
+                for shard, run_id in runs.items():
+                    child = client.read_flow_run(run_id)
+                    if shard not in manifests and shard not in failed and child.state.is_final():
+                        if child.state.is_completed():
+                            manifests[shard] = ShardManifest.from_json(ShardStore(store).manifest(shard))
+                        else:
+                            failed.append(shard)
+                        progress.ended(shard, manifests.get(shard))
+        except (KeyboardInterrupt, TerminationSignal):  # the parent cancelled, stopped or interrupted: so are they
+            cancel_runs(client, list(runs.values()))
+            raise
     return manifests, failed
+
+
+def cancel_runs(client, run_ids: list) -> list:
+    """Cancel the flow runs of `run_ids` that have not ended (a scheduled one at once, a running one through its
+    worker); returns those it cancelled. A parent's cancellation does not reach the runs it started on a pool."""
+    cancelled = []
+    for run_id in run_ids:
+        state = client.read_flow_run(run_id).state
+        if state is not None and not state.is_final():
+            client.set_flow_run_state(run_id, Cancelled() if state.is_scheduled() else Cancelling(), force=True)
+            cancelled.append(run_id)
+    return cancelled
 
 
 class _Progress:

@@ -230,3 +230,22 @@ def test_a_stop_request_reaches_the_dask_workers_through_their_stop_file(tmp_pat
     finally:
         clear_stop()
         worker.kill()
+
+
+def test_a_cancelled_parent_cancels_the_shard_runs_it_started_on_the_pool(prefect_server):
+    """Cancelling a collection that runs its shards as deployment runs left them running on the pool."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running, Scheduled
+
+    from flows.collect import cancel_runs
+
+    @flow(name="shard-stand-in")
+    def stand_in():
+        pass
+
+    with get_client(sync_client=True) as client:
+        runs = [client.create_flow_run(stand_in, state=state).id for state in (Scheduled(), Running(), Completed())]
+        assert cancel_runs(client, runs) == runs[:2]  # the ended one is left as it is
+        states = [client.read_flow_run(run).state for run in runs]
+    assert states[0].is_cancelled() and states[1].name == "Cancelling" and states[2].is_completed()
