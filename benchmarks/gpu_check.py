@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny import PAD, VOCAB, prompts, tiny_model
+from benchmarks.tiny_model import PAD, VOCAB, prompts, tiny_model
 
 SIZES = {"small": {"new_tokens": 16, "decode_tokens": 32, "rounds": 1, "train_steps": 2, "prompts": 8,
                    "smollm2": False},
