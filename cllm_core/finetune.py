@@ -90,6 +90,7 @@ def _one_run_into(out_dir: Path) -> Iterator[None]:
     if int(os.environ.get("RANK") or 0) != 0:
         yield
         return
+    _check_writable(out_dir)  # one line before the lock beside it is made
     with exclusive(lock_path(out_dir), f"fine-tuning into {out_dir}"):
         wait_unheld(workers_lock_path(out_dir), 30, f"training processes an earlier launch into {out_dir} left")
         yield
