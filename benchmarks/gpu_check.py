@@ -128,26 +128,25 @@ def decode(device: torch.device, size: dict, cllm: Path | None) -> dict:
     budget = {"max_new_tokens": size["decode_tokens"], "eos_token_id": [], "pad_token_id": PAD}
     ways = {"ar": lambda: _ar(model, ids, mask, size["decode_tokens"]),
             "jacobi": lambda: jacobi_generate(model, ids, mask, n_tokens=n_tokens, **budget).stats}
-    times, forwards = {way: [] for way in ways}, {}
+    times, stats = {way: [] for way in ways}, {}
     for run in ways.values():  # warm-up
         run()
     for _ in range(size["rounds"]):
         for way, run in ways.items():
             started = _sync_time(device)
-            stats = run()
+            stats[way] = run()
             times[way].append(_sync_time(device) - started)
-            forwards[way] = stats
     ar, jacobi = statistics.median(times["ar"]), statistics.median(times["jacobi"])
     tokens = size["decode_tokens"]
     return {"model": name, "dtype": str(dtype).removeprefix("torch."), "n_tokens": n_tokens,
             "ar_tokens_per_s": tokens / ar, "jacobi_tokens_per_s": tokens / jacobi, "speedup": ar / jacobi,
-            "jacobi_tokens_per_forward": forwards["jacobi"].tokens_per_forward}
+            "jacobi_tokens_per_forward": stats["jacobi"].tokens_per_forward}
 
 
-def _ar(model, ids, mask, tokens):
+def _ar(model, ids, mask, tokens) -> None:
+    """Greedy `generate` of exactly `tokens` new tokens (its counts are the tokens: one a forward)."""
     model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
                    pad_token_id=PAD)
-    return None
 
 
 def collection(device: torch.device, size: dict) -> dict:

@@ -117,9 +117,7 @@ def publish_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-staging-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published directory is an ordinary one
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the published directory is an ordinary one
     try:
         yield staging
         if target.exists():
