@@ -56,11 +56,10 @@ def cllm_pipeline(profile: Profile) -> dict:
         promoted = promote_cllm(cllm.logged or {}, floors.alias, failures)
         mlflow.set_tag("cllm.promoted", str(promoted))
         uri = f"{masked(mlflow.get_tracking_uri())} experiment {run.info.experiment_id} run {run.info.run_id}"
+        create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
         if failures:  # after the evaluation is logged: the run, failed, shows what fell short
-            create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
             raise BelowQualityFloor(f"the CLLM {cllm.path} is below its quality floors: {'; '.join(failures)}. It is "
                                     f"not given @{floors.alias} (evaluate.promote sets the floors)")
-    create_link_artifact(key="mlflow-run", link=_run_link(run), description=f"MLflow parent run ({uri})")
     return {"summary": result.summary, "cllm": cllm.path, "mlflow_run_id": run.info.run_id,
             "registered": cllm.logged, "promoted": promoted}
 
