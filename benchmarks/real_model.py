@@ -33,7 +33,7 @@ import torch
 
 from benchmarks import write_json
 from cllm_core.config import Profile, read_profile, set_value
-from cllm_core.records import SummaryRow
+from cllm_core.runtime.records import SummaryRow
 
 GOALS = {"cllm_tokens_per_forward": 2.5, "speedup_vs_fastest_ar": 1.5, "speedup_vs_prompt_lookup": 1.2,
          "final_answer_agreement": 0.8, "identical_to_own_ar_fp32": 1.0}
@@ -75,12 +75,12 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
     from functools import partial
 
     from cllm_core import ModelConfig
-    from cllm_core.baselines import ar_generate, lookup_generate
-    from cllm_core.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate, summarize
-    from cllm_core.jacobi import jacobi_generate
-    from cllm_core.models import load_model, load_tokenizer
-    from cllm_core.precision import DTYPES, measured_choice, resolve
-    from cllm_core.tuning import forward_seconds
+    from cllm_core.engine.baselines import ar_generate, lookup_generate
+    from cllm_core.engine.jacobi import jacobi_generate
+    from cllm_core.evaluation.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate, summarize
+    from cllm_core.evaluation.tuning import forward_seconds
+    from cllm_core.runtime.models import load_model, load_tokenizer
+    from cllm_core.runtime.precision import DTYPES, measured_choice, resolve
 
     cllm_dir = profile.work_dir / "cllm"
     choice = measured_choice(str(cllm_dir)) or {}
@@ -127,9 +127,9 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
 
 def _prompt_ids(profile, limit: int) -> list[list[int]]:
     """The held-out prompts' token ids, as the evaluation encodes them."""
-    from cllm_core.evaluate import eval_prompts
-    from cllm_core.models import load_tokenizer
-    from cllm_core.prompts import encode
+    from cllm_core.data.prompts import encode
+    from cllm_core.evaluation.evaluate import eval_prompts
+    from cllm_core.runtime.models import load_tokenizer
 
     prompts, chat = eval_prompts(profile.work_dir / "prompts/eval.parquet", limit)
     tokenizer = load_tokenizer(profile.model)
@@ -181,7 +181,7 @@ def curve(work_dir: Path) -> list[dict]:
 
 def budget(work_dir: Path, wall: dict[str, float], eval_seconds: float) -> dict:
     """Prompts, tokens, steps and minutes per stage, from the run's records."""
-    from cllm_core.shards import ShardStore
+    from cllm_core.data.shards import ShardStore
 
     store = ShardStore(str(work_dir / "trajectories"))
     manifests = [store.manifest(shard) for shard in store.shards()]

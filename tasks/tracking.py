@@ -12,7 +12,7 @@ import mlflow
 from prefect.runtime import flow_run
 
 from cllm_core.config import TrackingConfig
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 
 
 def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:

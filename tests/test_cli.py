@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from benchmarks import decoding
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 from flows.cli import app
 from flows.cli.base import STOP_GRACE_S
 from flows.server import TemporaryServer
@@ -68,7 +68,7 @@ def test_a_work_dir_under_a_file_and_a_missing_gpu_are_one_line(tiny_model_dir, 
 
 def test_decode_chat_streams_each_turn_and_keeps_the_conversation(tiny_model_dir):
     from cllm_core import ModelConfig, load_model, load_tokenizer
-    from cllm_core.prompts import encode
+    from cllm_core.data.prompts import encode
 
     result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--n-tokens", "4",
                                  "--chat"], input="What is 2 + 3?\nAnd 4 + 4?\n\n")
@@ -212,7 +212,7 @@ def test_any_stop_request_arms_the_deadline_and_a_command_that_ended_is_left_alo
     """A stop that came without our signal handler (Prefect's SIGTERM handler, a cancellation: the flows call
     request_stop) arms it too; a command that ended while its process goes on (a notebook, a test) is not killed."""
     start = ("import time\n"
-             "from cllm_core.stopping import request_stop\n"
+             "from cllm_core.engine.stopping import request_stop\n"
              "from flows.cli.base import stop_on_signals\n"
              "restore = stop_on_signals()\n"
              "request_stop()\n")

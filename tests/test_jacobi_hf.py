@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cllm_core import forwards, jacobi_generate, reference_jacobi_generate
+from cllm_core import jacobi_generate, reference_jacobi_generate
+from cllm_core.engine import forwards
 from tests.tiny import PAD, prompts, tiny_model
 
 MAX_NEW = 40

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaModel
 
 from cllm_core import ar_generate, jacobi_generate, lookup_generate, reference_jacobi_generate
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 from tests.fakes import constant
 from tests.tiny import tiny_model
 

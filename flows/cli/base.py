@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cllm_core.config import Profile, describe, put, read_profile, set_value
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()
@@ -202,7 +202,7 @@ def one_line_errors() -> Iterator[None]:
         drop_new_work_dir()
         raise fail(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (stop_on_signals), wherever it landed
-        from cllm_core.stopping import request_stop
+        from cllm_core.engine.stopping import request_stop
 
         request_stop()  # in case it came another way: no thread may keep the process alive
         console.print(f"[bold red]stopped:[/] {STOPPED}", highlight=False, soft_wrap=True)
@@ -216,16 +216,16 @@ def one_line_errors() -> Iterator[None]:
 
 def input_errors() -> tuple[type[Exception], ...]:
     """What bad input raises. ShardsFailed counts once its module is loaded (it loads pyarrow: not for --help)."""
-    shards = sys.modules.get("cllm_core.shards")
+    shards = sys.modules.get("cllm_core.data.shards")
     return (UserError,) + ((shards.ShardsFailed,) if shards else ())
 
 
 def stop_on_signals() -> Callable[[], None]:
-    """Make SIGTERM and Ctrl-C ask every long loop to stop (cllm_core.stopping) and interrupt the main thread, so
+    """Make SIGTERM and Ctrl-C ask every long loop to stop (cllm_core.engine.stopping) and interrupt the main thread, so
     a command ends within about one Jacobi pass or training step, with one line; returns what undoes it. During a
     flow Prefect's SIGTERM handler raises in the main thread instead, and the flows pass the request on. Any stop
     request, however it came, arms a deadline (`StopDeadline`)."""
-    from cllm_core.stopping import clear_stop, on_stop_request
+    from cllm_core.engine.stopping import clear_stop, on_stop_request
 
     clear_stop()
     if threading.current_thread() is not threading.main_thread():
@@ -244,7 +244,7 @@ def stop_on_signals() -> Callable[[], None]:
 
 
 def _stop(signum: int, frame) -> None:
-    from cllm_core.stopping import Stopped, request_stop
+    from cllm_core.engine.stopping import Stopped, request_stop
 
     request_stop()
     raise Stopped(STOPPED)

@@ -1,0 +1,37 @@
+"""Named prompt templates: the paper's per-dataset prompts (notes/cllm_reference.md §1.1).
+
+A template is a format string over the record's fields after field mapping (`question`, and `context` for
+Spider's schema). `chat` is not a format string: it asks for the tokenizer's own chat template instead.
+"""
+
+from __future__ import annotations
+
+from cllm_core.engine.errors import UserError
+
+INSTRUCTION = "### Instruction:\n{instruction}\n### Response:\n"
+
+TEMPLATES: dict[str, str] = {
+    "gsm8k": "Question:\n{question}\nAnswer:\nLet's think step by step.\n",
+    "spider": INSTRUCTION.format(instruction="Could you translate the following question into SQL. Please only "
+                                 "generate SQL, don't include explanation in the answer. Database: {context}\n"
+                                 "Question: {question}"),
+    "code": INSTRUCTION.format(instruction="Please generate code based on the following doc:\n{question}"),
+    "plain": "{question}",
+}
+CHAT = "chat"
+
+
+def render_template(name: str, record: dict[str, str]) -> str:
+    """The prompt text of one record under the named template (not `chat`: that needs a tokenizer)."""
+    if name not in TEMPLATES:
+        raise UserError(f"unknown template {name!r}; choose one of {', '.join([*TEMPLATES, CHAT])}")
+    return TEMPLATES[name].format_map(_Fields(record))
+
+
+class _Fields(dict):
+    """Missing optional fields (Spider's `context`) render as empty text."""
+
+    def __missing__(self, key: str) -> str:
+        if key == "question":
+            raise KeyError("question")
+        return ""

@@ -1,0 +1,3 @@
+"""The runtime pieces every stage shares: loading models and choosing the device, precision, identities (what an
+artifact was made from), atomic files and locks, typed records, and the guards that stop a wrong result.
+"""
