@@ -14,7 +14,7 @@ _HOMES = {
     "ar_generate": "engine.baselines", "lookup_generate": "engine.baselines",
     "reference_jacobi_generate": "engine.baselines",
     "SMOLLM2": "config", "ModelConfig": "config",
-    "JacobiStep": "engine.jacobi", "RowStep": "engine.jacobi", "jacobi_generate": "engine.jacobi",
+    "JacobiStep": "engine.jacobi", "RowStep": "engine.rows", "jacobi_generate": "engine.jacobi",
     "jacobi_steps": "engine.jacobi",
     "load_model": "runtime.models", "load_tokenizer": "runtime.models",
     "BlockTrajectory": "engine.outputs", "DecodeOutput": "engine.outputs", "DecodeStats": "engine.outputs",

@@ -123,7 +123,7 @@ def test_lookup_drafts_turn_a_cycle_the_successor_model_walks_token_by_token_int
 
 
 def test_a_lookup_draft_continues_the_latest_earlier_occurrence_of_the_longest_matching_tail():
-    from cllm_core.engine.jacobi import lookup_draft
+    from cllm_core.engine.drafts import lookup_draft
 
     context = [5, 1, 2, 9, 7, 1, 2, 3, 4, 1, 2]
     assert lookup_draft(context, 3, ngram=2) == [3, 4, 1]  # "1 2" last seen at 5..6

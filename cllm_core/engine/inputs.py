@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from cllm_core.engine.errors import UserError
+from cllm_core.engine.packed import PACKED
 
 
 def check_model(model: nn.Module) -> None:
@@ -32,8 +33,9 @@ mask and would let a token see what it must not (or crash)."""
 
 
 def check_attention(implementation: str | None, where: str = "model") -> None:
-    """Refuse an attention kernel that cannot apply the masks every CLLM feature needs, before any work."""
-    if implementation is not None and implementation not in MASKED_KERNELS:
+    """Refuse an attention kernel that cannot apply the masks every CLLM feature needs, before any work. The packed
+    forward's name is SDPA underneath: a model shows it while another thread's packed decode runs."""
+    if implementation is not None and implementation not in (*MASKED_KERNELS, PACKED):
         raise UserError(f"{where}: attention {implementation!r} does not apply the custom attention masks Jacobi "
                         "decoding and fine-tuning need (a cache with holes, branches, packed rows); use sdpa (the "
                         "default: its fused kernels where a mask allows) or eager")

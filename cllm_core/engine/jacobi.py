@@ -10,10 +10,11 @@ its last token is free: it is carried in as the first token of the next block.
 Invariant: the cache holds K/V for the prompt and every committed token except the last one (`last`).
 Rows of a batch keep their own progress, each feeding its own number of tokens on top of its own number of cached
 ones; finished rows leave the batch. How such a batch meets the model (rows packed into one sequence over a ragged
-cache, or padded with holes) is `forwards.py`'s business: the loop sees greedy predictions per fed slot.
+cache, or padded with holes) is `forwards.py`'s business: the loop sees greedy predictions per fed slot. A row's
+progress and what a pass accepts into it are `rows.py`'s; drafts and branches are `drafts.py`'s.
 With exact arithmetic the result is the greedy (`generate(do_sample=False)`) output.
 
-Two options recycle work, as Jacobi Forcing's decoder does (notes/jacobi_forcing.md §1, inference), and keep that
+Two options recycle work, as Jacobi Forcing's decoder does (docs/design/jacobi_forcing.md), and keep that
 guarantee: every token they propose is checked against the greedy prediction before it is committed.
 - *Multi-block* (`blocks` > 1): once the current block is mostly solved (`open_at` of it committed or unchanged
   since the pass before), the guess reaches into the next block, which starts converging early.
@@ -29,33 +30,19 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from cllm_core.engine.drafts import best_branch, lookup_draft, recycled_branches, slot_layout
 from cllm_core.engine.errors import UserError
 from cllm_core.engine.forwards import make_forward
 from cllm_core.engine.inputs import check_attention, check_model, check_positive, check_prompt, resolve_eos, resolve_pad
-from cllm_core.engine.outputs import BlockTrajectory, DecodeOutput, DecodeStats, fast_forward_counts, pad_sequences
+from cllm_core.engine.outputs import BlockTrajectory, DecodeOutput, DecodeStats, pad_sequences
+from cllm_core.engine.rows import DecodeRule, Init, RowState, RowStep, accept
+from cllm_core.engine.slots import Slot
 from cllm_core.engine.stopping import raise_if_stopped
-
-Init = Literal["repeat", "random"]
-
-
-@dataclass(frozen=True)
-class RowStep:
-    """What one pass did for one row."""
-
-    row: int  # index in the input batch
-    block: int  # index of the block the pass worked on
-    state: tuple[int, ...]  # the block as fed: its committed prefix, then the guess (empty for the prefill)
-    prefix: int  # how many tokens of `state` were committed before this pass
-    committed: tuple[int, ...]  # tokens this pass fixed, in order (at least one)
-    fast_forward: int  # guess tokens the pass confirmed
-    stationary: int  # of those, tokens already correct and unchanged in the pass before
-    finished: bool  # EOS committed or max_new_tokens reached
 
 
 @dataclass(frozen=True)
@@ -64,24 +51,6 @@ class JacobiStep:
 
     index: int  # 0 is the prefill
     rows: tuple[RowStep, ...]
-
-
-@dataclass
-class _Row:
-    index: int
-    context: list[int]  # prompt without padding, then the response
-    prompt_len: int
-    rng: random.Random
-    block: int = 0
-    block_end: int = 0
-    guess: list[int] = field(default_factory=list)
-    age: list[int] = field(default_factory=list)  # how many passes in a row each guess token was fed unchanged
-    finished: bool = False
-    pool: deque = field(default_factory=deque)  # rejected guesses with their predicted tails (recycling)
-
-    @property
-    def response(self) -> list[int]:
-        return self.context[self.prompt_len :]
 
 
 def jacobi_steps(
@@ -152,48 +121,34 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
     if len(seeds) != len(input_ids):
         raise UserError(f"seed has {len(seeds)} entries for {len(input_ids)} rows; give one per row or an int")
     rows = [
-        _Row(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)), pool=deque(maxlen=pool))
+        RowState(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)), pool=deque(maxlen=pool))
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
-    rule = _Rule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool,
+    rule = DecodeRule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool,
                  lookup_branch)
-    return _Loop(make_forward(model, input_ids.device, len(rows)), input_ids, kv_mask, rows, pad, rule)
+    return DecodeLoop(make_forward(model, input_ids.device, len(rows)), input_ids, kv_mask, rows, pad, rule)
 
 
 @dataclass(frozen=True)
-class _Rule:
-    n_tokens: int
-    max_new_tokens: int
-    eos: frozenset[int]
-    init: Init
-    carry: bool = True
-    lookup: int = 0  # the longest n-gram a new block's draft is matched on (0: no drafts)
-    blocks: int = 1  # the most blocks the guess spans
-    open_after: int = 1  # solved tokens of the last open block before the next opens (ceil(open_at * n_tokens))
-    pool: int = 0  # rejected guesses kept for recycling
-    lookup_branch: bool = False  # every pass also verifies the lookup draft as a branch
-
-
-@dataclass(frozen=True)
-class _Loop:
+class DecodeLoop:
     """What the loop starts from: the model's forward, the prompts and their mask, the rows, pad, the rule."""
 
     forward: object  # forwards.PackedForward or .PaddedForward
     input_ids: torch.Tensor
     kv_mask: torch.Tensor
-    rows: list[_Row]
+    rows: list[RowState]
     pad: int
-    rule: _Rule
+    rule: DecodeRule
 
 
-def _steps(loop: _Loop) -> Iterator[JacobiStep]:
+def _steps(loop: DecodeLoop) -> Iterator[JacobiStep]:
     forward, rows, pad, rule = loop.forward, loop.rows, loop.pad, loop.rule
     if rule.carry:  # the prefill fixes the first token, which opens the first block
         first = forward.prefill(loop.input_ids, loop.kv_mask)
-        yield JacobiStep(0, tuple(_commit(row, [tok], [], rule) for row, tok in zip(rows, first)))
+        yield JacobiStep(0, tuple(accept(row, [tok], [], rule) for row, tok in zip(rows, first)))
     else:  # the prompt's last token is fed with the first block's whole guess, so the prefill stops before it
         forward.prefill(loop.input_ids[:, :-1], loop.kv_mask[:, :-1])
-        yield JacobiStep(0, tuple(_commit(row, [], [], rule) for row in rows))
+        yield JacobiStep(0, tuple(accept(row, [], [], rule) for row in rows))
     index = 0
     while True:
         raise_if_stopped()  # a stop request ends a collection or decode within one pass
@@ -204,33 +159,33 @@ def _steps(loop: _Loop) -> Iterator[JacobiStep]:
             forward.select(keep)
             rows = [rows[b] for b in keep]
         index += 1
-        yield JacobiStep(index, tuple(_pass(forward, rows, pad, rule)))
+        yield JacobiStep(index, tuple(_one_pass(forward, rows, pad, rule)))
 
 
-def _pass(forward, rows, pad, rule) -> list[RowStep]:
+def _one_pass(forward, rows, pad, rule) -> list[RowStep]:
     """Feed every row its last token, its guess and any recycled branches; commit what the predictions confirm on
     the branch that confirms most; keep in the cache only the slots of committed tokens."""
-    branches = [[row.guess, *_recycled(row)] if rule.pool else [row.guess] for row in rows]
+    branches = [[row.guess, *recycled_branches(row.context[-1], row.guess, row.pool)] if rule.pool else [row.guess]
+                for row in rows]
     if rule.lookup_branch:
         for row, bs in zip(rows, branches):
             draft = lookup_draft(row.context, len(row.guess), rule.lookup)
             branch = draft + row.guess[len(draft) :]
             if draft and branch not in bs:
                 bs.append(branch)
-    layouts = [_layout(bs) for bs in branches]  # per row: (branch of each slot, position offset of each slot)
+    layouts = [slot_layout(bs) for bs in branches]  # per row: (branch of each slot, position offset of each slot)
     width = max(len(kinds) for kinds, _ in layouts)
-    # lists padded to the width, then one tensor each (a batch has 100s of rows); kind: 0 the last token, j + 1
-    # branch j, -1 padding
+    # lists padded to the width, then one tensor each (a batch has 100s of rows); kind: each slot's Slot
     padding = [width - len(kinds) for kinds, _ in layouts]
     fed = torch.tensor([[row.context[-1], *(tok for branch in bs for tok in branch)] + [pad] * extra
                         for row, bs, extra in zip(rows, branches, padding)])
-    kind = torch.tensor([kinds + [-1] * extra for (kinds, _), extra in zip(layouts, padding)])
+    kind = torch.tensor([kinds + [Slot.PADDING] * extra for (kinds, _), extra in zip(layouts, padding)])
     offset = torch.tensor([offsets + [0] * extra for (_, offsets), extra in zip(layouts, padding)])
     predictions = forward.predict(fed, kind, offset)  # predictions[b][i]: the greedy token after slot i on its branch
 
     steps, kept = [], []  # per row: its step, and the slots of this pass the cache keeps
     for row, pred, bs in zip(rows, predictions, branches):
-        matched, main, start, branch, chain = _best_branch(pred, bs)
+        matched, main, start, branch, chain = best_branch(pred, bs)
         age = row.age if main else [1] * len(branch)
         n_block = row.block_end - row.block * rule.n_tokens
         state = (*row.response[row.block * rule.n_tokens :], *row.guess)[:n_block]
@@ -241,112 +196,15 @@ def _pass(forward, rows, pad, rule) -> list[RowStep]:
             row.pool.append((*branch, *chain[matched + 1 :]))
         row.guess = chain[matched + 1 : len(branch)]  # the Jacobi update of the unconfirmed tail
         row.age = [a + 1 if p == g else 1 for a, g, p in zip(age[matched + 1 :], branch[matched + 1 :], row.guess)]
-        steps.append(_commit(row, chain[:take], age[:matched], rule, state, prefix))
+        steps.append(accept(row, chain[:take], age[:matched], rule, state, prefix))
         # the cache keeps every committed token but the last (none of a finished row's); the rest are dropped
         row_kept = [0] * width
         if not row.finished:
             row_kept[0] = int(take > 0)
             row_kept[start : start + take - 1] = [1] * max(take - 1, 0)
         kept.append(row_kept)
-    forward.commit(torch.tensor(kept, dtype=torch.bool))
+    forward.keep_slots(torch.tensor(kept, dtype=torch.bool))
     return steps
-
-
-def _best_branch(pred: list[int], branches: list[list[int]]) -> tuple[int, bool, int, list[int], list[int]]:
-    """The branch that confirms most (the main one, first, on a tie): how many of its tokens the predictions
-    confirm, whether it is the main branch, its first slot, its tokens, and its chain of predictions (after the last
-    token, then after each of its tokens)."""
-    found, start = [], 1
-    for j, branch in enumerate(branches):
-        chain = [pred[0], *pred[start : start + len(branch)]]
-        matched = next((i for i, (g, p) in enumerate(zip(branch, chain)) if g != p), len(branch))
-        found.append((matched, -j, start, branch, chain))
-        start += len(branch)
-    matched, j, start, branch, chain = max(found)
-    return matched, j == 0, start, branch, chain
-
-
-def _layout(branches: list[list[int]]) -> tuple[list[int], list[int]]:
-    """Slots of one row's pass: the last token, then each branch; each slot's branch (0: the last token) and its
-    position after the last token (branches share positions)."""
-    kinds, offsets = [0], [0]
-    for j, branch in enumerate(branches):
-        kinds += [j + 1] * len(branch)
-        offsets += range(1, len(branch) + 1)
-    return kinds, offsets
-
-
-def _recycled(row: _Row) -> list[list[int]]:
-    """Extra branches from the pool, newest entry first: what followed the first occurrence of the last committed
-    token there, filled up to the guess's length with the guess's own tokens; none equal to the guess or another."""
-    seed, guess, found = row.context[-1], row.guess, []
-    for entry in reversed(row.pool):
-        if seed not in entry or not guess:
-            continue
-        at = entry.index(seed) + 1
-        tail = list(entry[at : at + len(guess)])
-        branch = tail + guess[len(tail) :]
-        if tail and branch != guess and branch not in found:
-            found.append(branch)
-    return found
-
-
-def _commit(row: _Row, tokens: list[int], confirmed_age: list[int], rule: _Rule, state=(), prefix=0) -> RowStep:
-    """Append tokens up to the first EOS or the budget; open the next block once this one is full."""
-    block, committed = row.block, []
-    for tok in tokens:
-        if len(row.response) >= rule.max_new_tokens:
-            break
-        row.context.append(tok)
-        committed.append(tok)
-        if tok in rule.eos:
-            row.finished = True
-            break
-    row.finished = row.finished or len(row.response) >= rule.max_new_tokens
-    fast_forward, stationary = fast_forward_counts(len(committed), [age >= 2 for age in confirmed_age])
-    if not row.finished and len(row.response) >= row.block_end:
-        row.block = len(row.response) // rule.n_tokens  # blocks start at multiples of n_tokens
-        row.block_end = min((row.block + 1) * rule.n_tokens, rule.max_new_tokens)
-        if not row.guess:  # with several blocks open, the next one's guess is already there
-            row.guess = _initial_guess(row.context, row.block_end - len(row.response), rule, row.rng)
-            row.age = [1] * len(row.guess)
-    if not row.finished and rule.blocks > 1:
-        _open_blocks(row, rule)
-    return RowStep(row.index, block, state, prefix, tuple(committed), fast_forward, stationary, row.finished)
-
-
-def _open_blocks(row: _Row, rule: _Rule) -> None:
-    """Multi-block: append the next block's guess while the window spans fewer than `rule.blocks` blocks and its
-    last open block has `rule.open_after` tokens solved (committed, or fed unchanged in the last two passes)."""
-    n = rule.n_tokens
-    solved = len(row.response) + next((i for i, a in enumerate(row.age) if a < 2), len(row.age))
-    while True:
-        end = len(row.response) + len(row.guess)  # a block boundary: blocks open whole
-        last_open = (end - 1) // n * n  # where the last open block starts
-        if end >= min((row.block + rule.blocks) * n, rule.max_new_tokens) or solved - last_open < rule.open_after:
-            return
-        size = min(end + n, rule.max_new_tokens) - end
-        row.guess = row.guess + _initial_guess(row.context + row.guess, size, rule, row.rng)
-        row.age = row.age + [1] * size
-
-
-def _initial_guess(text: list[int], size: int, rule: _Rule, rng: random.Random) -> list[int]:
-    """A new block's guess after `text`: a lookup draft where there is one, then `rule.init`'s filling."""
-    draft = lookup_draft(text, size, rule.lookup) if rule.lookup else []
-    if rule.init == "repeat":
-        return draft + [text[-1]] * (size - len(draft))
-    return draft + rng.choices(text, k=size - len(draft))  # the reference code's draw when no draft
-
-
-def lookup_draft(context: list[int], size: int, ngram: int) -> list[int]:
-    """Up to `size` tokens that followed the latest earlier occurrence of the context's last k tokens, for the
-    longest k <= `ngram` that occurs; [] when none does (prompt lookup's draft, searched from the end)."""
-    for k in range(min(ngram, len(context) - 1), 0, -1):
-        tail = context[-k:]
-        for start in range(len(context) - k - 1, -1, -1):
-            if context[start : start + k] == tail:
-                return context[start + k : start + k + size]
-    return []
 
 
 def jacobi_generate(
@@ -404,11 +262,12 @@ def jacobi_generate(
     sequences = pad_sequences(input_ids, responses, loop.pad)
     trajectories = None
     if return_trajectories:
-        trajectories = [_blocks(seen, response, n_tokens) for seen, response in zip(states, responses)]
+        trajectories = [_block_trajectories(seen, response, n_tokens) for seen, response in zip(states, responses)]
     return DecodeOutput(sequences, stats, trajectories)
 
 
-def _blocks(seen: dict[int, list[tuple[int, ...]]], response: list[int], n_tokens: int) -> list[BlockTrajectory]:
+def _block_trajectories(seen: dict[int, list[tuple[int, ...]]], response: list[int],
+                        n_tokens: int) -> list[BlockTrajectory]:
     """Group a row's fed states by block and close each with its fixed point (cut at EOS like the response)."""
     blocks = []
     for b in range(0, (len(response) + n_tokens - 1) // n_tokens):

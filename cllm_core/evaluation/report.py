@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cllm_core.engine.jacobi import RowStep  # noqa: E402
+from cllm_core.engine.rows import RowStep  # noqa: E402
 from cllm_core.runtime.records import SummaryRow  # noqa: E402
 
 
