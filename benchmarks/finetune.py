@@ -1,5 +1,6 @@
 """Consistency fine-tuning, measured: train loss variants on the same trajectories, then decode the held-out
-prompts with each (AR and Jacobi) beside the teacher, through the product's evaluation (`cllm_core.evaluation.evaluate`).
+prompts with each (AR and Jacobi) beside the teacher, through the product's evaluation
+(`cllm_core.evaluation.evaluate`).
 
     python -m benchmarks.finetune --config configs/demo.yaml --variants gc+ar lc+ar gc --json runs/demo/ft.json
 
@@ -47,8 +48,8 @@ def train_variants(args, profile) -> dict[str, dict]:
 
 
 def evaluate(args, profile, records: dict[str, dict]) -> dict:
-    """The product's evaluation (cllm_core.evaluation.evaluate) of the teacher and every variant with `--methods`, plus how
-    many of each pair's outputs equal the teacher's AR output."""
+    """The product's evaluation (cllm_core.evaluation.evaluate) of the teacher and every variant with `--methods`,
+    plus how many of each pair's outputs equal the teacher's AR output."""
     config = EvalConfig(methods=args.methods, limit=args.limit, warmup=args.warmup,
                         jacobi=JacobiConfig(n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens))
     models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r.path) for name, r in records.items()}

@@ -77,7 +77,8 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
     from cllm_core import ModelConfig
     from cllm_core.engine.baselines import ar_generate, lookup_generate
     from cllm_core.engine.jacobi import jacobi_generate
-    from cllm_core.evaluation.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate, summarize
+    from cllm_core.evaluation.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate
+    from cllm_core.evaluation.summary import summarize
     from cllm_core.evaluation.tuning import forward_seconds
     from cllm_core.runtime.models import load_model, load_tokenizer
     from cllm_core.runtime.precision import DTYPES, measured_choice, resolve

@@ -10,7 +10,7 @@ import sys
 import time
 
 from cllm_core.config import FinetuneConfig, ModelConfig
-from cllm_core.data.samples import Sampler
+from cllm_core.training.batches import Sampler
 from cllm_core.training.finetune import finetune
 
 if os.environ["RANK"] == "1":

@@ -23,7 +23,7 @@ from cllm_core.data.ingest import ingest
 from cllm_core.data.shards import ShardStore
 from cllm_core.runtime.records import ShardManifest
 from flows.cli import app, live_progress
-from flows.cli.base import STOP_GRACE_S
+from flows.cli.signals import STOP_GRACE_S
 from flows.collect import shard_listener
 
 pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
 from cllm_core.config import FinetuneConfig
 from cllm_core.data.prompts import encode
-from cllm_core.data.samples import Sampler, draw_items, load_trajectories, make_batch
+from cllm_core.data.samples import load_trajectories
 from cllm_core.runtime.models import load_model
+from cllm_core.training.batches import Sampler, draw_items, make_batch
 from cllm_core.training.finetune import finetune
 from cllm_core.training.objectives import forcing_loss, step_loss
 from cllm_core.training.setup import lr_factor
@@ -351,8 +352,8 @@ def test_logits_only_where_the_losses_read_them_give_the_same_loss_and_gradient(
 @pytest.mark.parametrize("objective", ["cllm", "jacobi_forcing"])
 def test_the_anchor_term_is_the_kl_from_the_frozen_starting_model_at_the_ar_labels(teacher, store, objective):
     from cllm_core import load_model
-    from cllm_core.data.samples import Sampler
     from cllm_core.training import forcing
+    from cllm_core.training.batches import Sampler
     from cllm_core.training.objectives import forcing_loss, frozen_anchor, step_loss
 
     config = FAST.model_copy(update={"objective": objective, "anchor_weight": 3.0, "label_smoothing": 0.0})
@@ -486,7 +487,8 @@ def test_a_single_process_trains_on_the_cuda_device_the_model_names(monkeypatch)
                                                                kwargs=kwargs))
     accelerator = cllm_core.training.setup.make_accelerator("no", torch.device("cuda", 1))
     assert made_current == [1] and accelerator.kwargs["cpu"] is False
-    assert cllm_core.training.setup.make_accelerator("no", torch.device("cpu")).kwargs["cpu"] is True and made_current == [1]
+    on_cpu = cllm_core.training.setup.make_accelerator("no", torch.device("cpu"))
+    assert on_cpu.kwargs["cpu"] is True and made_current == [1]
 
 
 def test_a_run_its_guard_stops_is_published_loudly_and_the_next_run_resumes_at_that_step(tmp_path, teacher, store):

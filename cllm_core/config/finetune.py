@@ -47,7 +47,8 @@ class FinetuneConfig(Section):
     objective: Literal["cllm", "jacobi_forcing"] = Field(
         "cllm", description="cllm: the paper's loss on sampled blocks (states against their fixed point in a clean "
         "context). jacobi_forcing: whole responses packed as noisy state + fixed point per block under a "
-        "noise-conditioned attention mask (arXiv 2512.14681; cllm_core/training/forcing.py); batch_size counts responses.")
+        "noise-conditioned attention mask (arXiv 2512.14681; cllm_core/training/forcing.py); batch_size counts "
+        "responses.")
     noise_window: int = Field(16, ge=2, description="jacobi_forcing: blocks over which the noise schedule rises "
                               "from clean to the trajectory's first state.")
     consistency: Literal["global", "local"] = Field(

@@ -34,7 +34,8 @@ from cllm_core.runtime.records import CollectionPlan, ShardManifest
 
 PROMPT_COLUMNS = ("prompt_id", "prompt")
 BATCH_FORWARD = "packed where the model allows"
-"""How a batch meets the model (cllm_core.engine.forwards); below fp32 it changes the rounding, so it is in the record."""
+"""How a batch meets the model (cllm_core.engine.forwards); below fp32 it changes the rounding, so it is in the
+record."""
 MASK_WINDOW = 128
 """Context tokens a masked state's filling is drawn from (Jacobi Forcing's progressive masking uses the last 128)."""
 

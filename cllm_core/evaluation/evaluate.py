@@ -4,16 +4,13 @@ Each prompt is decoded by every (model, method) pair in a rotating order, after 
 hits every pair alike. A sample per (prompt, model, method) holds the counts of the decoders' shared
 conventions (`outputs.py`), the wall time, whether the output equals the same model's greedy AR output, the
 extracted answer and its correctness, a repetition flag, and the scoring model's (the teacher's) mean per-token
-log-likelihood of the output; `summarize` turns samples into one row per pair, with speedups against a baseline
-pair (the teacher's AR) and quality that a worse model lowers even where accuracy says nothing (a task the teacher
-cannot solve): final answers equal to the baseline's, outputs identical to it, and the teacher's likelihood of them.
+log-likelihood of the output; `summarize` (summary.py) turns samples into one row per pair, with speedups against
+a baseline pair (the teacher's AR) and quality that a worse model lowers even where accuracy says nothing.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -31,10 +28,10 @@ from cllm_core.engine.baselines import ar_generate, lookup_generate
 from cllm_core.engine.errors import UserError
 from cllm_core.engine.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.evaluation import report
+from cllm_core.evaluation.summary import Pair, mean_logprob, shortfalls, summarize
 from cllm_core.evaluation.tuning import DecodingChoice
-from cllm_core.runtime.records import Evaluation, SummaryRow
+from cllm_core.runtime.records import Evaluation
 
-Pair = tuple[str, str]  # (model name, method)
 LOOKUP_NGRAM = 2  # the longest n-gram Jacobi's drafts are matched on: transformers' prompt-lookup default
 
 
@@ -172,8 +169,8 @@ def eval_prompts(prompts_path: str | Path, limit: int | None = None) -> tuple[li
 def with_block_size(config: EvalConfig, models: dict[str, torch.nn.Module], log: Callable[[str], None] = print,
                     trained_on: dict[str, dict] | None = None) -> EvalConfig:
     """The config with the block size every model decodes at: `evaluate.jacobi.n_tokens` when set, else the one
-    measured fastest for the last CLLM among `models` after its training (cllm_core/evaluation/tuning.py), else the one the
-    CLLMs were trained for (they must agree), else 16. Says in one line which and why, and how the CLLMs'
+    measured fastest for the last CLLM among `models` after its training (cllm_core/evaluation/tuning.py), else the
+    one the CLLMs were trained for (they must agree), else 16. Says in one line which and why, and how the CLLMs'
     trajectories were decoded (`trained_on`: model name -> the collection's Jacobi settings)."""
     jacobi = config.jacobi
     trained = {name: n for name, model in models.items() if (n := trained_block_size(model))}
@@ -220,79 +217,6 @@ def resolve_check(config: EvalConfig, prompts_path: str | Path) -> str:
     return preset.check if preset else "exact"
 
 
-ACCURACY_DROP = 0.10
-"""A model this far below the baseline's accuracy is said loudly (a CLLM that collapsed: LoRA at too high a rate)."""
-
-
-def shortfalls(summary: list[SummaryRow], baseline: Pair) -> list[str]:
-    """One line per model whose accuracy, with any of its methods, falls more than `ACCURACY_DROP` below the
-    baseline pair's; the evaluation still reports it (its table is what shows how far)."""
-    base = next((row.accuracy for row in summary if (row.model, row.method) == baseline), None)
-    lines, said = [], set()
-    for row in summary:
-        if base is not None and row.model not in said and row.accuracy < base - ACCURACY_DROP:
-            said.add(row.model)
-            lines.append(f"{row.model} answers {row.accuracy:.1%} right with {row.method} against {baseline[0]}'s "
-                         f"{base:.1%} ({baseline[1]}): more than {ACCURACY_DROP:.0%} below it, it is not fit to "
-                         "replace it; check its training (finetune.lr, LoRA's rate, steps) before using it")
-    return lines
-
-
-def summarize(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> list[SummaryRow]:
-    """One row per (model, method): tokens per forward, tokens/s, speedups vs the baseline pair (total tokens
-    over total time, and the mean of per-prompt ratios), accuracy, exact match vs the model's AR, repetition."""
-    by_pair: dict[Pair, list[dict]] = {}
-    for sample in samples:
-        by_pair.setdefault((sample["model"], sample["method"]), []).append(sample)
-    base = {r["prompt_id"]: r for r in by_pair.get(baseline, [])}
-    base_speed = _speed(by_pair[baseline]) if baseline in by_pair else None
-    rows = []
-    for (model, method), group in by_pair.items():
-        tokens, forwards = sum(r["new_tokens"] for r in group), sum(r["forwards"] for r in group)
-        speeds = {}
-        if base_speed:
-            ratios = [r["tokens_per_s"] / base[r["prompt_id"]]["tokens_per_s"] for r in group
-                      if r["prompt_id"] in base and base[r["prompt_id"]]["tokens_per_s"] > 0]
-            speeds = {"speedup": _speed(group) / base_speed,
-                      "mean_speedup": statistics.fmean(ratios) if ratios else float("nan")}
-        paired = [(r, base[r["prompt_id"]]) for r in group if r["prompt_id"] in base and "response" in r]
-        if paired:
-            speeds |= {"answer_agreement": _mean(r["answer"] == b["answer"] for r, b in paired),
-                       "same_as_baseline": _mean(r["response"] == b["response"] for r, b in paired)}
-        if any("baseline_logprob" in r for r in group):
-            speeds["baseline_logprob"] = _mean(r["baseline_logprob"] for r in group
-                                               if not math.isnan(r.get("baseline_logprob", math.nan)))
-        rows.append(SummaryRow(
-            model, method, prompts=len(group), new_tokens=tokens, forwards=forwards,
-            tokens_per_forward=tokens / max(forwards, 1), tokens_per_s=_speed(group),
-            seconds=sum(r["seconds"] for r in group), accuracy=_mean(r["correct"] for r in group),
-            exact_match=_mean(r["matches_ar"] for r in group), repetition_rate=_mean(r["repetitive"] for r in group),
-            fast_forward=sum(r["fast_forward"] for r in group), stationary=sum(r["stationary"] for r in group),
-            **speeds))
-    return rows
-
-
-@torch.no_grad()
-def mean_logprob(model, prompt: list[int], response: list[int]) -> float:
-    """`model`'s mean per-token log-likelihood of `response` after `prompt` (NaN for an empty response)."""
-    if not response:
-        return float("nan")
-    ids = torch.tensor([prompt + response], device=_device(model))
-    logits = model(input_ids=ids, logits_to_keep=len(response) + 1).logits[0, :-1].float()  # (R, V)
-    targets = torch.tensor(response, device=logits.device)[:, None]
-    return logits.log_softmax(-1).gather(-1, targets).mean().item()
-
-
-def identical_to(samples: list[dict], baseline: Pair = ("teacher", "ar")) -> dict[Pair, float]:
-    """Per (model, method): the share of its outputs identical to the baseline pair's output on the same prompt."""
-    reference = {s["prompt_id"]: s["response"] for s in samples if (s["model"], s["method"]) == baseline}
-    same: dict[Pair, list[bool]] = {}
-    for sample in samples:
-        same.setdefault((sample["model"], sample["method"]), []).append(
-            sample["response"] == reference[sample["prompt_id"]])
-    return {pair: sum(flags) / len(flags) for pair, flags in same.items()}
-
-
 def _timed(decode, model, ids, mask):
     device = _device(model)
     if device.type == "cuda":
@@ -315,16 +239,6 @@ def _sample(prompt, model, method, row, prompt_len, seconds, out, ar, tokenizer,
             "matches_ar": ar is not None and response == ar[1].response(row, prompt_len),
             "answer": extract_answer(text), "correct": bool(prompt.get("answer")) and check(text, prompt["answer"]),
             "repetitive": repetitive(response), "response": text}
-
-
-def _speed(group: list[dict]) -> float:
-    seconds = sum(r["seconds"] for r in group)
-    return sum(r["new_tokens"] for r in group) / seconds if seconds > 0 else 0.0
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _device(model) -> torch.device:

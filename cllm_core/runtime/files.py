@@ -71,8 +71,8 @@ def wait_unheld(path: str | Path, seconds: float, what: str) -> None:
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise UserError(f"{what} still run after {seconds:g} s; stop them (pkill -f cllm_core.training.launch) "
-                                    "and run again") from None
+                    raise UserError(f"{what} still run after {seconds:g} s; stop them "
+                                    "(pkill -f cllm_core.training.worker) and run again") from None
                 time.sleep(0.2)
 
 

@@ -93,7 +93,8 @@ def device_name(device: str | torch.device) -> str:
 
 def for_model(setting: str, name_or_path: str, device: str | torch.device = "cpu") -> Resolved:
     """`resolve`, except that with `auto` a CLLM directory whose config holds a decoding choice measured on this
-    kind of machine (`cllm_decoding`, cllm_core/evaluation/tuning.py) decodes in the precision measured fastest for it."""
+    kind of machine (`cllm_decoding`, cllm_core/evaluation/tuning.py) decodes in the precision measured fastest for
+    it."""
     kind = torch.device(device).type if str(device) != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     choice = measured_choice(name_or_path)
     if setting == "auto" and choice and choice.get("device") == device_name(kind):

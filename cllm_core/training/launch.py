@@ -2,8 +2,8 @@
 `accelerate launch` and waits.
 
 The caller (the Prefect task, the CLI, a notebook) stays the one process that talks to the world: each launched
-process trains through the same `cllm_core.training.finetune` loop, and the main one writes what the callbacks would have
-received (log lines, warnings, metrics, samples, progress) as JSON lines that the caller replays into its own
+process trains through the same `cllm_core.training.finetune` loop, and the main one writes what the callbacks
+would have received (log lines, warnings, metrics, samples, progress) as JSON lines that the caller replays into its own
 callbacks while it waits, so MLflow gets one run with the figures every process agrees on. The work lives in
 `<out_dir>.launch/`: the spec every process reads, the events, the launcher's own output (`launcher.log`), and
 `failed-<rank>.txt`, one line from each process that raised. A failed process fails the call with one line that

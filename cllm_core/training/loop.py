@@ -11,11 +11,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
 from cllm_core.data.prompts import encode
-from cllm_core.data.samples import Batch, PackedBatch, Sampler, epoch_size
+from cllm_core.data.samples import epoch_size
 from cllm_core.data.trajectories import repetitive
 from cllm_core.engine.jacobi import jacobi_generate
 from cllm_core.engine.stopping import raise_if_stopped
 from cllm_core.runtime.guards import budget_warning
+from cllm_core.training.batches import Batch, PackedBatch, Sampler
 from cllm_core.training.checkpoints import full_states, rng_state
 from cllm_core.training.objectives import forcing_loss, process_shares, step_loss
 from cllm_core.training.setup import Training, base_model

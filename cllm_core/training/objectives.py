@@ -13,9 +13,9 @@ import torch
 from accelerate import Accelerator
 
 from cllm_core.config import FinetuneConfig, ModelConfig
-from cllm_core.data.samples import Batch, PackedBatch
 from cllm_core.runtime.models import load_model
 from cllm_core.training import forcing
+from cllm_core.training.batches import Batch, PackedBatch
 from cllm_core.training.losses import ar_loss, consistency_kl, consistency_mask
 
 
@@ -62,7 +62,8 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
 
 def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None,
                  anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict]:
-    """Jacobi Forcing's weighted loss of one packed batch and its terms, from one forward (cllm_core/training/forcing.py).
+    """Jacobi Forcing's weighted loss of one packed batch and its terms, from one forward
+    (cllm_core/training/forcing.py).
 
     The AR loss reads the clean stream (the AR forward of prompt + response under the mask); the consistency loss
     is KL(clean ‖ noisy) at each counted noisy position against the detached logits of its clean twin (the same

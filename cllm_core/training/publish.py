@@ -45,8 +45,8 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
     return CllmRecord.from_json(json.loads((run.out_dir / "cllm.json").read_text()), path=str(run.out_dir))
 
 def decoding_choice(lm, run: Training, log: Callable[[str], None]) -> DecodingChoice:
-    """The block size and precision the trained model decodes fastest with here (cllm_core/evaluation/tuning.py), measured on
-    a few of its training prompts; said in one line."""
+    """The block size and precision the trained model decodes fastest with here (cllm_core/evaluation/tuning.py),
+    measured on a few of its training prompts; said in one line."""
     rows = run.data.trained_rows[:DECODING_PROMPTS]
     prompts = [run.data.rows[row]["prompt_ids"] for row in rows]
     device = next(lm.parameters()).device

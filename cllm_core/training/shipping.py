@@ -84,8 +84,8 @@ def bundle() -> str:
                 drop.update(range(node.lineno, node.end_lineno + 1))
             for top in _names(node):
                 if top in defined:
-                    raise RuntimeError(f"{top} is defined in cllm_core/engine/{defined[top]}.py and cllm_core/engine/{name}.py; "
-                                       "rename one, the shipped file holds both")
+                    raise RuntimeError(f"{top} is defined in cllm_core/engine/{defined[top]}.py and "
+                                       f"cllm_core/engine/{name}.py; rename one, the shipped file holds both")
                 defined[top] = name
         kept = [line for number, line in enumerate(source.splitlines(keepends=True), 1) if number not in drop]
         parts.append(f"\n\n# ---- cllm_core/engine/{name}.py ----\n" + "".join(kept).strip("\n") + "\n")
