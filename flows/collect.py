@@ -152,7 +152,8 @@ def _locally(collect, model, prompts, store, work, progress, deployment) -> tupl
 
 def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s: float = 2.0):
     """One child flow run per shard; a parent retry gets the same children back and reschedules failed ones
-    (notes/prefect_mlflow.md §4: the idempotency key alone would return the failed child unchanged)."""
+    (docs/design/prefect_mlflow.md, "Shard runs on a work pool": the idempotency key alone would return the
+    failed child unchanged)."""
     runs = {}
     with get_client(sync_client=True) as client:
         for shard in work.todo:

@@ -42,7 +42,7 @@ class LaunchSection(Section):
 
 
 class FinetuneConfig(Section):
-    """Consistency fine-tuning: losses, samples, schedule, checkpoints (notes/cllm_reference.md §2)."""
+    """Consistency fine-tuning: losses, samples, schedule, checkpoints (docs/design/cllm_reference.md, "Objectives")."""
 
     objective: Literal["cllm", "jacobi_forcing"] = Field(
         "cllm", description="cllm: the paper's loss on sampled blocks (states against their fixed point in a clean "

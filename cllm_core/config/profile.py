@@ -67,7 +67,7 @@ class EvalConfig(Section):
     warmup: int = Field(2, ge=0, description="Untimed warm-up decodes per model and method.")
     check: Literal["auto", "math", "exact"] = Field(
         "auto", description="How an answer is judged: the number after `####` (math), the whole text (exact), "
-        "or auto: the ingest preset's own (math for gsm8k and synthetic-math, exact otherwise).")
+        "or auto: the ingest preset's second_round_part (math for gsm8k and synthetic-math, exact otherwise).")
     promote: PromoteConfig = Field(PromoteConfig(), description="The floors a pipeline's CLLM must pass to get "
                                    "the registry alias users load.")
 
@@ -137,9 +137,9 @@ class Profile(Section):
             return data
         second = dict(data["second_round"])
         for section in ("collect", "finetune"):
-            first, own = (s.model_dump(exclude_unset=True) if isinstance(s, BaseModel) else dict(s or {})
-                          for s in (data.get(section), second.get(section)))
-            second[section] = _over(first, own)
+            first, changed = (s.model_dump(exclude_unset=True) if isinstance(s, BaseModel) else dict(s or {})
+                              for s in (data.get(section), second.get(section)))
+            second[section] = _over(first, changed)
         return data | {"second_round": second}
 
     @model_validator(mode="before")

@@ -1,4 +1,4 @@
-"""Named prompt templates: the paper's per-dataset prompts (notes/cllm_reference.md §1.1).
+"""Named prompt templates: the paper's per-dataset prompts (docs/design/cllm_reference.md, "Prompt templates").
 
 A template is a format string over the record's fields after field mapping (`question`, and `context` for
 Spider's schema). `chat` is not a format string: it asks for the tokenizer's own chat template instead.

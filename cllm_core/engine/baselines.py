@@ -3,9 +3,9 @@
 - `ar_generate`: greedy `model.generate`, one forward per new token.
 - `lookup_generate`: transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`); transformers runs
   it at batch 1 only, so rows are decoded one after another.
-- `reference_jacobi_generate`: the research code's collection algorithm (notes/cllm_reference.md §1.2):
-  batch 1, no KV cache, the whole context re-encoded every iteration, every block guessed from random
-  context tokens and committed whole once it stops changing.
+- `reference_jacobi_generate`: the research code's collection algorithm (docs/design/cllm_reference.md, "The
+  reference collection loop"): batch 1, no KV cache, the whole context re-encoded every iteration, every block
+  guessed from random context tokens and committed whole once it stops changing.
 """
 
 from __future__ import annotations

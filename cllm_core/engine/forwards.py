@@ -145,7 +145,7 @@ class PaddedForward(PassCounts):
 
     @torch.inference_mode()
     def _keep(self, slots: torch.Tensor) -> None:
-        """Keep only these cache slots, in order (notes/decoding.md §3b: `index_select` on every layer)."""
+        """Keep only these cache slots, in order (docs/design/decoding.md, "Keeping cache slots")."""
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(-2, slots)
             layer.values = layer.values.index_select(-2, slots)
@@ -176,7 +176,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def _branch_mask(kv_mask: torch.Tensor, kind: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, q, past + q) additive mask: every slot sees the cache's kept slots, the last token and the earlier
     slots of its own branch (padding sees only itself and other padding). Additive: eager attention adds a
-    boolean mask (notes/decoding.md §3f)."""
+    boolean mask (docs/design/decoding.md, "Masks: additive, not boolean")."""
     allowed = torch.cat([kv_mask.bool()[:, None, :].expand(-1, kind.shape[1], -1), sees_in_pass(kind)], -1)
     return torch.zeros(allowed.shape, dtype=dtype, device=kind.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)[:, None]

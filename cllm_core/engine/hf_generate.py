@@ -1,5 +1,5 @@
 """`model.generate(..., custom_generate=<cllm dir>, trust_remote_code=True)`: Jacobi decoding behind transformers'
-own entry point, for users who have only torch and transformers (notes/jacobi_forcing.md §4).
+own entry point, for users who have only torch and transformers (docs/design/jacobi_forcing.md).
 
 transformers calls `generate(model=model, **every generate() argument)`. This one reads the generation config
 as `generate` does (the model's, updated by the call's keyword arguments), decodes greedily with `jacobi_generate`

@@ -5,10 +5,9 @@ Counting conventions (shared by Jacobi and the baselines, so their figures compa
   it served in `row_forwards`. The prefill that yields the first token is a forward.
 - `tokens_per_forward` = new tokens / forwards a row took part in, over all rows.
 - *fast-forward* tokens: guess tokens that a pass confirmed, i.e. tokens a pass fixed beyond the one
-  every pass is guaranteed (notes/cllm_reference.md, "Fast-forwarding").
+  every pass is guaranteed (docs/design/cllm_reference.md, "Fast-forwarding and stationary tokens").
 - *stationary* tokens: fixed tokens that were already right, unchanged, in the state before the one that
-  confirmed them, while an earlier token was still wrong (notes/cllm_reference.md: "past the first error,
-  already correct and stay correct until committed").
+  confirmed them, while an earlier token was still wrong (the same section of docs/design/cllm_reference.md).
 Both are counted by `fast_forward_counts` alone.
 """
 

@@ -123,9 +123,9 @@ class PackedForward(PassCounts):
             self.active = torch.arange(len(self.active), device=self.device)
 
     @torch.inference_mode()
-    def _run(self, fed, live, positions, own, logits_to_keep=None) -> torch.Tensor:
+    def _run(self, fed, live, positions, sees, logits_to_keep=None) -> torch.Tensor:
         """One forward of the loop's rows: `fed` (b, W) tokens, `live` (b, W) the fed ones (a prefix of each
-        row), `positions` (b, W), `own` (b, W, W) which fed slots each sees. The greedy token after each fed one
+        row), `positions` (b, W), `sees` (b, W, W) which fed slots each sees. The greedy token after each fed one
         (or after those `logits_to_keep` picks), packed (N,)."""
         rows, width = len(self.lengths), fed.shape[1]
         queries = torch.zeros(rows, dtype=torch.long, device=self.device).index_put_((self.active,), live.sum(-1))
@@ -133,7 +133,7 @@ class PackedForward(PassCounts):
         row, col = live.nonzero(as_tuple=True)
         self.fed_index = row * width + col  # (N,) each packed token in the loop's (b * W) grid
         row = self.active[row]
-        grid = torch.zeros(rows, width, width, dtype=torch.bool, device=self.device).index_copy_(0, self.active, own)
+        grid = torch.zeros(rows, width, width, dtype=torch.bool, device=self.device).index_copy_(0, self.active, sees)
         mask = _ragged_mask(self.lengths, queries, grid)
         self.cache.layout = layout = PackLayout(rows, width, row * width + col,
                                              row * self.cache.capacity + self.lengths[row] + col, mask)
@@ -163,12 +163,12 @@ class PackedForward(PassCounts):
         self.cache.capacity = capacity
 
 
-def _ragged_mask(lengths: torch.Tensor, queries: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+def _ragged_mask(lengths: torch.Tensor, queries: torch.Tensor, within_pass: torch.Tensor) -> torch.Tensor:
     """(B, 1, W, S) boolean: row b's W query slots see its `lengths[b]` committed slots, then of the
-    `queries[b]` slots it wrote after them those `own` (B, W, W) allows; S = max(lengths + queries)."""
-    width = own.shape[1]
+    `queries[b]` slots it wrote after them those `within_pass` (B, W, W) allows; S = max(lengths + queries)."""
+    width = within_pass.shape[1]
     new = torch.arange(int((lengths + queries).max()), device=lengths.device) - lengths[:, None]  # (B, S): fed slot
-    sees = own.gather(2, new.clamp(0, width - 1)[:, None, :].expand(-1, width, -1))  # (B, W, S)
+    sees = within_pass.gather(2, new.clamp(0, width - 1)[:, None, :].expand(-1, width, -1))  # (B, W, S)
     sees &= ((new >= 0) & (new < queries[:, None]))[:, None, :]
     sees |= (new < 0)[:, None, :]  # the row's committed slots
     sees[:, :, 0] = True  # a row with nothing cached or fed (an empty prompt) sees something, unused

@@ -68,11 +68,11 @@ def model_files(directory: Path, gguf: str | None, remote_code: bool = False) ->
 def file_hashes(directory: Path, names: list[str], record: bool = True) -> dict[str, str]:
     """The sha256 of each named file, taken from the sidecar where the file's stamp still matches it; files
     hashed anew are recorded there when `record` and the directory allow."""
-    held = _read_sidecar(directory)
+    recorded = _read_sidecar(directory)
     entries, fresh = {}, False
     for name in names:
         stamp = _stamp(directory / name)
-        entry = held.get(name)
+        entry = recorded.get(name)
         if entry is None or {key: entry.get(key) for key in stamp} != stamp:
             sha256 = _stamped_digest(str(directory / name), stamp["size"], stamp["mtime_ns"], stamp["ctime_ns"])
             entry, fresh = stamp | {"sha256": sha256}, True
@@ -95,10 +95,10 @@ def _stamped_digest(path: str, size: int, mtime_ns: int, ctime_ns: int) -> str:
 
 def _read_sidecar(directory: Path) -> dict[str, dict]:
     try:
-        held = json.loads((directory / SIDECAR).read_text())
+        recorded = json.loads((directory / SIDECAR).read_text())
     except (OSError, ValueError):  # none yet, unreadable or damaged: hash again
         return {}
-    return held.get("files", {}) if held.get("version") == SIDECAR_VERSION else {}
+    return recorded.get("files", {}) if recorded.get("version") == SIDECAR_VERSION else {}
 
 
 def _write_sidecar(directory: Path, entries: dict[str, dict]) -> None:

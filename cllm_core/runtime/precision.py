@@ -27,7 +27,6 @@ from cllm_core.engine.errors import UserError
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)

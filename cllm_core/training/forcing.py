@@ -1,4 +1,4 @@
-"""Jacobi Forcing's training sequence (arXiv 2512.14681; notes/jacobi_forcing.md §1): a whole response packed
+"""Jacobi Forcing's training sequence (arXiv 2512.14681; docs/design/jacobi_forcing.md): a whole response packed
 as `prompt ‖ k_0 ‖ f_0 ‖ k_1 ‖ f_1 …`, each fixed point f_j after a noisy state k_j of the same block.
 
 k_j and f_j share position ids. Attention: the prompt is causal; a noisy block sees the prompt, the earlier

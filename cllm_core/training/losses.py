@@ -1,4 +1,4 @@
-"""The CLLM objectives as pure functions of logits, targets and masks (notes/cllm_reference.md §2).
+"""The CLLM objectives as pure functions of logits, targets and masks (docs/design/cllm_reference.md, "Objectives").
 
 Consistency: the student, fed an intermediate Jacobi state, should predict at every block position what the
 model predicts there when fed the fixed point (global, GC) or the next state of the trajectory (local, LC).

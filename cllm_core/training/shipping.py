@@ -1,5 +1,5 @@
 """What a CLLM directory ships so that it decodes with Jacobi outside this project: `custom_generate/generate.py`,
-transformers' file for a decoding method that travels with a model (notes/jacobi_forcing.md §4).
+transformers' file for a decoding method that travels with a model (docs/design/jacobi_forcing.md).
 
 The file is generated, not kept: `bundle()` concatenates the engine modules the `generate` adapter needs (the
 argument checks, the stop flag, the output types, the forwards, the Jacobi loop, the adapter), each after the

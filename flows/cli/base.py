@@ -48,7 +48,7 @@ def command(*sections: str, name: str | None = None, precision: bool = True):
     resolved and the body run under `one_line_errors`."""
 
     def register(body: Callable) -> Callable:
-        own = [p.replace(kind=p.KEYWORD_ONLY)
+        body_options = [p.replace(kind=p.KEYWORD_ONLY)
                for p in list(inspect.signature(body, eval_str=True).parameters.values())[1:]]
         fields = [option for section in sections for option in section_options(section)]
         common = [
@@ -61,7 +61,7 @@ def command(*sections: str, name: str | None = None, precision: bool = True):
         if precision:
             common.append(option_parameter("precision", str,
                                            typer.Option(help=Profile.model_fields["precision"].description)))
-        parameters = [*(p for _, p in fields), *common, *own]
+        parameters = [*(p for _, p in fields), *common, *body_options]
         names = [p.name for p in parameters]
         duplicated = {n for n in names if names.count(n) > 1}
         assert not duplicated, f"{body.__name__}: options {duplicated} come from two places; rename one"
