@@ -26,8 +26,8 @@ from rich.table import Table
 
 from benchmarks import write_json
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig, JacobiConfig, load_profile
 from cllm_core.evaluation.evaluate import run_evaluation
+from cllm_core.runtime.config import EvalConfig, JacobiConfig, load_profile
 from cllm_core.training.finetune import finetune
 
 VARIANTS = {"gc+ar": {"consistency": "global"}, "lc+ar": {"consistency": "local"},

@@ -203,7 +203,7 @@ def fsdp(device: torch.device, size: dict) -> dict:
 
 
 def _train_once(teacher, store, out: Path, device, size, **overrides) -> dict:
-    from cllm_core.config import FinetuneConfig
+    from cllm_core.runtime.config import FinetuneConfig
     from cllm_core.training.finetune import finetune
 
     config = FinetuneConfig(steps=size["train_steps"], batch_size=4, log_every=1, sample_prompts=0,
@@ -224,9 +224,9 @@ def _tiny_run(work: Path, device: torch.device, size: dict):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from cllm_core.config import CollectConfig, ModelConfig
     from cllm_core.data.collect import collect
     from cllm_core.data.ingest import prompt_id
+    from cllm_core.runtime.config import CollectConfig, ModelConfig
 
     directory = work / "teacher"
     words = {"<pad>": PAD, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}

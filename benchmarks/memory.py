@@ -26,8 +26,8 @@ import torch
 
 from benchmarks import write_json
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig, FinetuneConfig, Profile, read_profile
 from cllm_core.evaluation.evaluate import run_evaluation
+from cllm_core.runtime.config import EvalConfig, FinetuneConfig, Profile, read_profile
 
 VARIANTS = {
     "logits where read": {},

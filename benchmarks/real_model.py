@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
-from cllm_core.config import Profile, read_profile, set_value
+from cllm_core.runtime.config import Profile, read_profile, set_value
 from cllm_core.runtime.records import SummaryRow
 
 GOALS = {"cllm_tokens_per_forward": 2.5, "speedup_vs_fastest_ar": 1.5, "speedup_vs_prompt_lookup": 1.2,
@@ -221,6 +221,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLES = ("<!-- real-model tables: python -m benchmarks.real_model --report-only --readme -->",
+          "<!-- end of the real-model tables -->")
+
+
+def readme_tables(results: Path = Path(__file__).resolve().parent / "results") -> str:
+    """The README's real-model tables: one per committed results file (a CPU class each), in name order."""
+    return "\n\n".join(markdown(json.loads(path.read_text())) for path in sorted(results.glob("real_model-*.json")))
+
+
+def with_readme_tables(text: str, tables: str) -> str:
+    """The README text with the block between the `TABLES` markers replaced by `tables`."""
+    start, end = text.index(TABLES[0]) + len(TABLES[0]), text.index(TABLES[1])
+    return f"{text[:start]}\n{tables}\n{text[end:]}"
+
+
 def verdicts(figures: dict) -> dict:
     return {name: {"value": figures[name], "goal": goal, "met": figures[name] >= goal} for name, goal in GOALS.items()}
 
@@ -234,9 +250,15 @@ def main() -> None:
                         help="decode the teacher's AR in every native precision, not only the fastest AR's")
     parser.add_argument("--report-only", action="store_true", help="print the results file's table, run nothing")
     parser.add_argument("--markdown", action="store_true", help="print the README's table")
+    parser.add_argument("--readme", action="store_true",
+                        help="with --report-only: write every results file's table into README.md")
     parser.add_argument("--json", type=Path, help=f"default: benchmarks/results/real_model-{cpu_class()}.json")
     args = parser.parse_args()
     path = args.json or Path(f"benchmarks/results/real_model-{cpu_class()}.json")
+    if args.report_only and args.readme:
+        README.write_text(with_readme_tables(README.read_text(), readme_tables()))
+        print(f"wrote the real-model tables of {README} from benchmarks/results/real_model-*.json")
+        return
     if args.report_only:
         print(markdown(json.loads(path.read_text())))
         return

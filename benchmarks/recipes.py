@@ -36,12 +36,12 @@ from transformers import DynamicCache
 
 from benchmarks import write_json
 from cllm_core import ModelConfig, load_model, load_tokenizer
-from cllm_core.config import EvalConfig, JacobiConfig
 from cllm_core.data.prompts import encode
 from cllm_core.engine.baselines import ar_generate, lookup_generate
 from cllm_core.engine.jacobi import jacobi_generate
 from cllm_core.evaluation.evaluate import decoders, eval_prompts, evaluate, resolve_check
 from cllm_core.evaluation.summary import identical_to, summarize
+from cllm_core.runtime.config import EvalConfig, JacobiConfig
 
 RECIPES = {"paper": "runs/demo/cllm", "jf": "runs/demo-jf/cllm", "jf+round2": "runs/demo-jf/cllm-round2"}
 METHODS = ["jacobi", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"]

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
-from cllm_core.config import FinetuneConfig, load_profile
 from cllm_core.data.samples import epoch_size, load_trajectories
+from cllm_core.runtime.config import FinetuneConfig, load_profile
 from cllm_core.runtime.models import load_model
 from cllm_core.runtime.precision import DTYPES, cpu_bf16_slowdown
 from cllm_core.training import forcing

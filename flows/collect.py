@@ -32,10 +32,10 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling, Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from cllm_core.config import CollectConfig, ModelConfig, Precision, TrackingConfig
 from cllm_core.data.shards import ShardsFailed, ShardStore
 from cllm_core.engine.errors import UserError
 from cllm_core.engine.stopping import STOP_FILE, on_stop_request, request_stop
+from cllm_core.runtime.config import CollectConfig, ModelConfig, Precision, TrackingConfig
 from cllm_core.runtime.guards import check_collected, check_repetition
 from cllm_core.runtime.records import CollectionPlan, ShardManifest, collection_figures
 from tasks.collect import collect_one_shard, plan_collection

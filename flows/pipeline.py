@@ -15,8 +15,8 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 
-from cllm_core.config import ModelConfig, Profile, masked
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import ModelConfig, Profile, masked
 from cllm_core.runtime.guards import BelowQualityFloor, quality_failures
 from cllm_core.runtime.records import CllmRecord, headline_metrics
 from flows.collect import collect_trajectories

@@ -1,8 +1,9 @@
 """MkDocs hooks: the pages that are read off the code, rendered at build time so that they cannot go stale.
 
-- `reference/configuration.md`: every field of the profile (`cllm_core.config.Profile`), section by section, with
-  its type, default and description; a new field appears with no edit.
-- `architecture.md`: the packages of cllm_core, their modules with line counts, and which package imports which
+- `reference/configuration.md`: every field of the profile (`cllm_core.runtime.config.Profile`), section by
+  section, with its type, default and description; a new field appears with no edit.
+- `architecture.md`: the packages of cllm_core, their modules with line counts, and which package imports
+  which
   (read from every import statement, lazy ones included).
 - `benchmarks.md`: the committed results files (`benchmarks/results/*.json`), each with its commit, CPU class,
   command and headline figures.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 import types
 from pathlib import Path
 from typing import Literal, Union, get_args, get_origin
@@ -21,6 +23,14 @@ from typing import Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def on_config(config):
+    """Read the code from the checkout being documented, not from whichever copy is installed (MkDocs takes its
+    own entry off sys.path after loading this file, so the checkout's is added here)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return config
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
@@ -33,7 +43,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 def configuration() -> str:
     """The profile's fields: the top-level ones, then one table per section (nested sections by dotted name)."""
-    from cllm_core.config import Profile
+    from cllm_core.runtime.config import Profile
 
     top = [(name, field) for name, field in Profile.model_fields.items() if _section(field.annotation) is None]
     parts = ["## Profile\n", _table(top, "")]

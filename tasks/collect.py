@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cllm_core.config import CollectConfig, ModelConfig
 from cllm_core.data.collect import collect_shard, plan
 from cllm_core.data.shards import ShardStore
+from cllm_core.runtime.config import CollectConfig, ModelConfig
 from cllm_core.runtime.records import CollectionPlan, ShardManifest
 
 

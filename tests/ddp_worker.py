@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from cllm_core.config import FinetuneConfig, ModelConfig
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
 from cllm_core.training.batches import Sampler
 from cllm_core.training.finetune import finetune
 

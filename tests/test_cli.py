@@ -120,10 +120,10 @@ def test_set_works_on_every_command_and_an_option_beats_it(tiny_model_dir, tmp_p
 
 
 def test_every_config_field_is_an_option_of_the_commands_that_read_its_section():
-    """A config field is one edit: declared in cllm_core/config/, it is an option with its description."""
+    """A config field is one edit: declared in cllm_core/runtime/config/, it is an option with its description."""
     import typer.main
 
-    from cllm_core.config import (
+    from cllm_core.runtime.config import (
         CollectConfig,
         EvalConfig,
         FinetuneConfig,

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from cllm_core import ModelConfig, ar_generate, load_model, load_tokenizer
-from cllm_core.config import CollectConfig, IngestConfig
 from cllm_core.data.collect import collect, masked_blocks, read_prompt_table
 from cllm_core.data.ingest import ingest
 from cllm_core.data.prompts import encode
 from cllm_core.data.shards import ShardStore
 from cllm_core.data.trajectories import TRAJECTORY_SCHEMA, check_schema, repetitive
+from cllm_core.runtime.config import CollectConfig, IngestConfig
 from cllm_core.training.forcing import noise, noisy_state
 
 CONFIG = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=4, shard_size=4, limit=10)

@@ -17,10 +17,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import tasks.collect
-from cllm_core.config import CollectConfig, IngestConfig, ModelConfig
 from cllm_core.data.collect import collect
 from cllm_core.data.ingest import ingest
 from cllm_core.data.shards import ShardStore
+from cllm_core.runtime.config import CollectConfig, IngestConfig, ModelConfig
 from cllm_core.runtime.records import ShardManifest
 from flows.cli import app, live_progress
 from flows.cli.signals import STOP_GRACE_S

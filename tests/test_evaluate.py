@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig
 from cllm_core.evaluation.evaluate import run_evaluation
 from cllm_core.evaluation.summary import shortfalls, summarize
+from cllm_core.runtime.config import EvalConfig
 
 
 def sample(prompt, model, method, tokens, forwards, seconds, correct=True, same=True):

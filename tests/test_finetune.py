@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
-from cllm_core.config import FinetuneConfig
 from cllm_core.data.prompts import encode
 from cllm_core.data.samples import load_trajectories
+from cllm_core.runtime.config import FinetuneConfig
 from cllm_core.runtime.models import load_model
 from cllm_core.training.batches import Sampler, draw_items, make_batch
 from cllm_core.training.finetune import finetune

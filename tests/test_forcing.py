@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from cllm_core.config import FinetuneConfig
+from cllm_core.runtime.config import FinetuneConfig
 from cllm_core.training import forcing
 from cllm_core.training.forcing import CLEAN, NOISY, PADDING, PROMPT
 from cllm_core.training.objectives import forcing_loss

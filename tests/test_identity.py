@@ -9,10 +9,10 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from cllm_core import ModelConfig
-from cllm_core.config import CollectConfig, FinetuneConfig
 from cllm_core.data.collect import collection_record, plan
 from cllm_core.data.ingest import prompt_id
 from cllm_core.runtime import identity
+from cllm_core.runtime.config import CollectConfig, FinetuneConfig
 from cllm_core.runtime.identity import SIDECAR, seed_of
 from cllm_core.runtime.models import model_identity
 from cllm_core.training.finetune import finetune

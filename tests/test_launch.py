@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
 from cllm_core.engine.stopping import Stopped, clear_stop, request_stop
+from cllm_core.runtime.config import FinetuneConfig, LaunchSection, ModelConfig
 from cllm_core.training.finetune import finetune
 from cllm_core.training.launch import STALL_S, EventRelay, accelerate_command, failure, launch_finetune, launched
 

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from cllm_core.config import FinetuneConfig
+from cllm_core.runtime.config import FinetuneConfig
 from cllm_core.training.batches import augment_state
 from cllm_core.training.losses import ar_loss, consistency_kl, consistency_mask, first_wrong
 from cllm_core.training.setup import lr_factor

@@ -70,7 +70,7 @@ def test_modelling_code_shipped_with_a_model_runs_only_when_the_profile_asks(tin
     import json
     import shutil
 
-    from cllm_core.config import Profile, read_profile
+    from cllm_core.runtime.config import Profile, read_profile
 
     custom, ran = tmp_path / "custom", tmp_path / "shipped-code-ran"
     shutil.copytree(tiny_model_dir, custom)

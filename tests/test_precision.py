@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cllm_core.config import Profile
 from cllm_core.runtime import precision
+from cllm_core.runtime.config import Profile
 from cllm_core.runtime.precision import resolve
 from cllm_core.training.muon import Muon
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
-from cllm_core.config import TeacherConfig
 from cllm_core.engine.baselines import ar_generate
+from cllm_core.runtime.config import TeacherConfig
 from cllm_core.runtime.models import model_identity
 from cllm_core.training.teacher import answer_accuracy, build_teacher
 from cllm_core.training.teacher_model import learning_rate, train_tokenizer

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cllm_core import jacobi_generate
-from cllm_core.config import EvalConfig, JacobiConfig
 from cllm_core.evaluation.evaluate import with_block_size
 from cllm_core.evaluation.tuning import DecodingChoice, choose_decoding
+from cllm_core.runtime.config import EvalConfig, JacobiConfig
 from cllm_core.runtime.precision import device_name, for_model
 from tests.tiny import tiny_model
 

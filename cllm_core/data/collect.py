@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cllm_core.config import CollectConfig, ModelConfig
 from cllm_core.data.prompts import encode
 from cllm_core.data.shards import ShardStore
 from cllm_core.data.trajectories import TRAJECTORY_SCHEMA, trajectory_row
@@ -28,6 +27,7 @@ from cllm_core.engine.errors import UserError
 from cllm_core.engine.inputs import resolve_eos
 from cllm_core.engine.jacobi import jacobi_generate
 from cllm_core.engine.outputs import BlockTrajectory
+from cllm_core.runtime.config import CollectConfig, ModelConfig
 from cllm_core.runtime.files import parquet_schema
 from cllm_core.runtime.identity import digest, file_digest
 from cllm_core.runtime.records import CollectionPlan, ShardManifest

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cllm_core.config import IngestConfig, ModelConfig
 from cllm_core.data.sources import IngestError, is_local, load_records
 from cllm_core.data.templates import CHAT, TEMPLATES, render_template
+from cllm_core.runtime.config import IngestConfig, ModelConfig
 from cllm_core.runtime.files import publish_dir
 from cllm_core.runtime.identity import digest, file_digest
 

@@ -12,10 +12,10 @@ from functools import cached_property
 import datasets
 import pyarrow.compute as pc
 
-from cllm_core.config import JACOBI_FIELDS
 from cllm_core.data.shards import ShardStore
 from cllm_core.data.trajectories import SCHEMA_VERSION, check_schema
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import JACOBI_FIELDS
 from cllm_core.runtime.identity import digest
 
 Item = tuple[int, int]  # (row, block)

@@ -9,46 +9,19 @@ from __future__ import annotations
 import codecs
 import os
 import socket
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config.catalogue import PRESETS, Preset
 from cllm_core.runtime.files import parquet_schema
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 ROLES = ("question", "answer", "context", "conversations")
-SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "gsm8k"
 
 
 class IngestError(UserError):
     """A prompt source that cannot be ingested; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Preset:
-    """How to read one kind of dataset: where it lives, which columns mean what, how to render it."""
-
-    dataset: str | None = None
-    subset: str | None = None
-    fields: dict[str, str] = field(default_factory=dict)
-    template: str = "plain"
-    eval_split: str | None = None
-    fallback: Path | None = None  # a local copy of the dataset for when the hub is unreachable
-    check: str = "exact"  # how evaluation judges an answer (answers.CHECKS): the text, or math's `#### N`
-
-
-PRESETS: dict[str, Preset] = {
-    "gsm8k": Preset("openai/gsm8k", "main", {"question": "question", "answer": "answer"}, "gsm8k", "test",
-                    fallback=Path(os.environ.get("CLLM_GSM8K_DIR", SHARED_GSM8K)), check="math"),
-    "spider": Preset("xlangai/spider", None, {"question": "question", "answer": "query", "context": "db_id"},
-                     "spider", "validation"),
-    "code-python": Preset("code-search-net/code_search_net", "python",
-                          {"question": "func_documentation_string", "answer": "func_code_string"}, "code", "test"),
-    "sharegpt": Preset("anon8231489123/ShareGPT_Vicuna_unfiltered", None, {"conversations": "conversations"}, "chat"),
-    "synthetic-math": Preset(None, None, {"question": "question", "answer": "answer"}, "gsm8k", "eval",
-                             check="math"),
-}
 
 
 def load_records(config, preset: Preset, eval_split: str | None, log) -> dict[str, list[dict]]:

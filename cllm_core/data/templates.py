@@ -7,18 +7,7 @@ Spider's schema). `chat` is not a format string: it asks for the tokenizer's own
 from __future__ import annotations
 
 from cllm_core.engine.errors import UserError
-
-INSTRUCTION = "### Instruction:\n{instruction}\n### Response:\n"
-
-TEMPLATES: dict[str, str] = {
-    "gsm8k": "Question:\n{question}\nAnswer:\nLet's think step by step.\n",
-    "spider": INSTRUCTION.format(instruction="Could you translate the following question into SQL. Please only "
-                                 "generate SQL, don't include explanation in the answer. Database: {context}\n"
-                                 "Question: {question}"),
-    "code": INSTRUCTION.format(instruction="Please generate code based on the following doc:\n{question}"),
-    "plain": "{question}",
-}
-CHAT = "chat"
+from cllm_core.runtime.config.catalogue import CHAT, TEMPLATES
 
 
 def render_template(name: str, record: dict[str, str]) -> str:

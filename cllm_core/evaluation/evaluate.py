@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cllm_core.config import EvalConfig, ModelConfig, chosen_block_size, trained_block_size
 from cllm_core.data.answers import CHECKS, extract_answer
 from cllm_core.data.prompts import encode
 from cllm_core.data.trajectories import repetitive
@@ -30,6 +29,7 @@ from cllm_core.engine.jacobi import jacobi_generate, jacobi_steps
 from cllm_core.evaluation import report
 from cllm_core.evaluation.summary import Pair, mean_logprob, shortfalls, summarize
 from cllm_core.evaluation.tuning import DecodingChoice
+from cllm_core.runtime.config import EvalConfig, ModelConfig, chosen_block_size, trained_block_size
 from cllm_core.runtime.records import Evaluation
 
 LOOKUP_NGRAM = 2  # the longest n-gram Jacobi's drafts are matched on: transformers' prompt-lookup default

@@ -9,8 +9,8 @@ one line).
 
 from __future__ import annotations
 
-from cllm_core.config import PromoteConfig
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import PromoteConfig
 from cllm_core.runtime.records import ShardManifest, SummaryRow
 
 

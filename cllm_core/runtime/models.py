@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from cllm_core.config import ModelConfig
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import ModelConfig
 from cllm_core.runtime.identity import digest, file_hashes, model_files
 
 

@@ -22,8 +22,8 @@ from typing import Literal, get_args
 
 import torch
 
-from cllm_core.config import Precision
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import Precision
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm_core.config import FinetuneConfig
 from cllm_core.data.samples import TrajectoryData
+from cllm_core.runtime.config import FinetuneConfig
 from cllm_core.runtime.identity import seed_of
 from cllm_core.training import forcing
 

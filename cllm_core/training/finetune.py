@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.data.collect import read_prompt_table
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
 from cllm_core.runtime.files import exclusive, wait_unheld
 from cllm_core.runtime.records import CllmRecord
 from cllm_core.training.launch import launch_finetune, launched

@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
 from cllm_core.engine.errors import UserError
 from cllm_core.engine.stopping import Stopped, stop_requested
+from cllm_core.runtime.config import FinetuneConfig, LaunchSection, ModelConfig
 from cllm_core.runtime.records import CllmRecord
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 
-from cllm_core.config import FinetuneConfig, ModelConfig
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
 from cllm_core.runtime.models import load_model
 from cllm_core.training import forcing
 from cllm_core.training.batches import Batch, PackedBatch

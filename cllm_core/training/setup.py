@@ -17,9 +17,9 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from transformers import PreTrainedTokenizerBase
 
-from cllm_core.config import FinetuneConfig, ModelConfig
 from cllm_core.data.samples import TrajectoryData, epoch_size, label_ids, load_trajectories
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
 from cllm_core.runtime.models import load_model, load_tokenizer, model_identity, resolve_device, tokenizer_fingerprint
 from cllm_core.runtime.precision import resolve
 from cllm_core.runtime.records import CllmRecord

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from cllm_core.config import TeacherConfig
 from cllm_core.data.answers import is_correct
 from cllm_core.data.templates import render_template
 from cllm_core.engine.baselines import ar_generate
+from cllm_core.runtime.config import TeacherConfig
 from cllm_core.runtime.files import publish_dir
 from cllm_core.runtime.guards import BelowQualityFloor, budget_warning
 from cllm_core.runtime.precision import resolve
@@ -135,7 +135,7 @@ def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig, metri
                  history: list[dict[str, float]], precision: str = "fp32") -> None:
     """An ordinary HF model directory plus `teacher.json` (config, the files' content identity, measured figures,
     loss history); the identity's file hashes stay in the directory's sidecar, so no later stage hashes again."""
-    from cllm_core.config import ModelConfig
+    from cllm_core.runtime.config import ModelConfig
     from cllm_core.runtime.models import model_identity
 
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, do_sample=False,

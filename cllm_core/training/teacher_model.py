@@ -13,9 +13,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from cllm_core.config import TeacherConfig
 from cllm_core.data.templates import render_template
 from cllm_core.engine.stopping import raise_if_stopped
+from cllm_core.runtime.config import TeacherConfig
 from cllm_core.training.muon import Muon
 from cllm_core.training.schedule import warmup_cosine
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cllm_core.config import FinetuneConfig, ModelConfig
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
 from cllm_core.runtime.files import shared_until_exit
 from cllm_core.training.finetune import train_here, workers_lock_path
 from cllm_core.training.launch import process_start

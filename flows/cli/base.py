@@ -2,7 +2,7 @@
 
 A command names the profile sections it reads (`@command("collect", "model")`); every field of those pydantic
 models becomes an option (options.py), its description the help, so a new config field is one edit in
-cllm_core/config/. How a command stops on a signal is signals.py's.
+cllm_core/runtime/config/. How a command stops on a signal is signals.py's.
 `--config`, `--set SECTION.FIELD=VALUE` and `--work-dir` (and `--precision` where a command trains or decodes)
 come with every command. Options beat `--set`, which beats the profile, which beats the defaults.
 """
@@ -22,8 +22,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from cllm_core.config import Profile, describe, put, read_profile, set_value
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import Profile, describe, put, read_profile, set_value
 from flows.cli.options import option_parameter, parsed_value, section_options
 from flows.cli.signals import STOPPED, stop_on_signals
 

@@ -11,8 +11,8 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from cllm_core.config import Profile
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import Profile
 from flows.cli.base import command, console
 from flows.cli.startup import announce_precision
 

@@ -1,6 +1,6 @@
 """A command's options read from the configs: every field of the profile sections a command names becomes an
 option (its description the help, its type the option's, a Literal its choices, a mapping KEY=VALUE items), so
-a new config field is one edit in cllm_core/config/."""
+a new config field is one edit in cllm_core/runtime/config/."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import typer
 from pydantic import BaseModel
 from rich.markup import escape
 
-from cllm_core.config import Profile
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import Profile
 
 OPTION_NAMES = {"model.name_or_path": "model", "ingest.fields": "field",
                 "evaluate.methods": "method", "finetune.lora.rank": "lora_rank", "finetune.lora.alpha": "lora_alpha",

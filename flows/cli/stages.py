@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from cllm_core.config import ModelConfig, Profile, TeacherConfig, masked
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import ModelConfig, Profile, TeacherConfig, masked
 from flows.cli.base import command, console
 from flows.cli.progress import live_progress
 from flows.cli.startup import announce_precision, start_prefect

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from cllm_core.config import TrackingConfig
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import TrackingConfig
 from flows.cli.base import console, created, input_errors
 from flows.server import REMEDY, TemporaryServer
 

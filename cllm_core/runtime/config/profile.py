@@ -9,8 +9,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, model_validator
 
-from cllm_core.config.finetune import FinetuneConfig
-from cllm_core.config.sections import (
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config.finetune import FinetuneConfig
+from cllm_core.runtime.config.sections import (
     CollectConfig,
     IngestConfig,
     JacobiConfig,
@@ -20,7 +21,6 @@ from cllm_core.config.sections import (
     TeacherConfig,
     refuse_moved_jacobi,
 )
-from cllm_core.engine.errors import UserError
 
 
 class MultiBlockConfig(Section):

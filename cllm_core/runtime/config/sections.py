@@ -9,9 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cllm_core.data.sources import PRESETS, Preset
-from cllm_core.data.templates import CHAT, TEMPLATES
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config.catalogue import CHAT, PRESETS, TEMPLATES, Preset
 from cllm_core.runtime.identity import digest
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from cllm_core.config.profile import Profile
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config.profile import Profile
 
 
 def read_profile(path: str | Path) -> dict:

@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cllm_core.config.sections import Section, refuse_moved
 from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config.sections import Section, refuse_moved
 from cllm_core.runtime.identity import digest
 
 
