@@ -80,8 +80,9 @@ def test_every_reference_the_code_makes_to_the_docs_resolves():
         target = ROOT / page
         if not target.is_file():
             broken.append(f"{path.relative_to(ROOT)}: {page} does not exist")
-        elif heading and not any(line.lstrip("#").strip() == " ".join(heading.split()) for line in target.read_text().splitlines()
-                                 if line.startswith("#")):
+        elif heading and " ".join(heading.split()) not in {line.lstrip("#").strip()
+                                                           for line in target.read_text().splitlines()
+                                                           if line.startswith("#")}:
             broken.append(f"{path.relative_to(ROOT)}: {page} has no heading {heading!r}")
     assert broken == []
 
