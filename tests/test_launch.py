@@ -3,6 +3,7 @@ process's events, names a failed process in one line, and resumes from the check
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ ROOT_CAUSE = """[rank0]: RuntimeError: [gloo] Connection closed by peer
 E1204 03:06:59.912000 15441 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: -9)
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ============================================================
-cllm_core.training.launch FAILED
+cllm_core.training.worker FAILED
 ------------------------------------------------------------
 Failures:
 [1]:
@@ -195,6 +196,20 @@ def test_a_launch_that_sends_nothing_for_long_says_so_once_with_every_processs_s
     stacks = {rank: (tmp_path / f"cllm.launch/stacks-{rank}.txt").read_text() for rank in (0, 1)}
     assert "sitecustomize.py" in stacks[1] and "in batch" in stacks[1], stacks[1]  # where rank 1 sleeps
     assert "in fit" in stacks[0], stacks[0]  # rank 0: in the training loop, waiting for rank 1
+    pids = [int((tmp_path / f"cllm.launch/pid-{rank}.txt").read_text()) for rank in (0, 1)]
+    deadline = time.monotonic() + 60  # the stop ends the launcher; its agent ends the ranks, which end themselves
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:  # once their caller is gone at the latest
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids), f"ranks left running after the stop: {pids}"
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid runs (a zombie, already ended, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_two_fine_tunings_into_one_directory_are_refused_and_a_reused_pid_is_not_the_caller(tmp_path):

@@ -2,7 +2,7 @@
 
 No hub is reachable on a fresh machine, so the demo trains its own teacher and saves it as an ordinary Hugging
 Face model directory; every later stage loads it like any hub model. What makes it competent in minutes on two
-CPU cores (measured; notes in the README): arithmetic the model can learn (data/synthetic_math.py), every digit
+CPU cores (measured; docs/stages/teacher.md): arithmetic the model can learn (data/synthetic_math.py), every digit
 a token of its own, the loss on answers only, arithmetic drills mixed into the batches, and Muon on the hidden
 matrices, which brought held-out accuracy from 36% (AdamW) to 100% in the same 1,200 steps. The schedule is the
 step count's, so every machine trains the same teacher; the wall-clock budget is a guard, and loud when it acts.
