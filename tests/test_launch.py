@@ -88,7 +88,7 @@ def test_the_process_count_is_in_the_fingerprint_how_they_share_the_model_is_not
 def test_the_relay_replays_whole_lines_and_waits_for_a_line_being_written(tmp_path):
     path, seen = tmp_path / "events.jsonl", []
     relay = EventRelay(path, {"log": seen.append, "metrics": lambda step, figures: seen.append((step, figures)),
-                         "samples": None})
+                              "samples": None})
     relay.poll()  # nothing written yet
     path.write_text(json.dumps({"kind": "log", "args": ["one"]}) + "\n" + '{"kind": "metrics", "ar')
     relay.poll()

@@ -165,3 +165,12 @@ def test_the_engine_imports_nothing_of_the_project_outside_itself():
              for line, module, _ in imports(path) if module.split(".")[0] in PROJECT | {"tests"}
              and not module.startswith("cllm_core.engine")]
     assert wrong == []
+
+
+def test_every_public_name_of_cllm_core_is_importable_from_it():
+    """The packages moved the modules; `from cllm_core import jacobi_generate` and the rest still work."""
+    import cllm_core
+
+    assert {"jacobi_generate", "jacobi_steps", "load_model", "load_tokenizer", "ModelConfig", "ar_generate",
+            "lookup_generate", "DecodeOutput", "UserError"} <= set(cllm_core.__all__)
+    assert all(getattr(cllm_core, name) is not None for name in cllm_core.__all__)

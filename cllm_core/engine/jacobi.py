@@ -124,8 +124,8 @@ def _setup(model, input_ids, attention_mask, n_tokens, max_new_tokens, eos_token
         RowState(b, ids[mask.bool()].tolist(), int(mask.sum()), random.Random(int(s)), pool=deque(maxlen=pool))
         for b, (ids, mask, s) in enumerate(zip(input_ids, kv_mask, seeds))
     ]
-    rule = DecodeRule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens), pool,
-                 lookup_branch)
+    rule = DecodeRule(n_tokens, max_new_tokens, eos, init, carry, lookup, blocks, math.ceil(open_at * n_tokens),
+                      pool, lookup_branch)
     return DecodeLoop(make_forward(model, input_ids.device, len(rows)), input_ids, kv_mask, rows, pad, rule)
 
 

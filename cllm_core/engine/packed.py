@@ -136,7 +136,7 @@ class PackedForward(PassCounts):
         grid = torch.zeros(rows, width, width, dtype=torch.bool, device=self.device).index_copy_(0, self.active, sees)
         mask = _ragged_mask(self.lengths, queries, grid)
         self.cache.layout = layout = PackLayout(rows, width, row * width + col,
-                                             row * self.cache.capacity + self.lengths[row] + col, mask)
+                                                row * self.cache.capacity + self.lengths[row] + col, mask)
         if not self.branched:
             self.slots += mask.numel()
             self.live_slots += int((queries * (self.lengths + queries)).sum())

@@ -58,6 +58,7 @@ def finetune(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: st
         return train_here(config, model, store, out_dir, answers=answers, probe=probe, log=log, warn=warn,
                           on_metrics=on_metrics, on_samples=on_samples, progress=progress, precision=precision)
 
+
 @contextmanager
 def _one_run_into(out_dir: Path) -> Iterator[None]:
     """One fine-tuning a model directory (and its checkpoints): the caller holds `lock_path`, after any training
@@ -70,13 +71,16 @@ def _one_run_into(out_dir: Path) -> Iterator[None]:
         wait_unheld(workers_lock_path(out_dir), 30, f"training processes an earlier launch into {out_dir} left")
         yield
 
+
 def lock_path(out_dir: Path) -> Path:
     """The lock a fine-tuning into `out_dir` holds (beside it: `<out>.checkpoints` and `<out>.launch` are its too)."""
     return out_dir.parent / f".{out_dir.name}.lock"
 
+
 def workers_lock_path(out_dir: Path) -> Path:
     """The lock every launched training process holds while it lives: a rerun waits for an earlier launch's."""
     return out_dir.parent / f".{out_dir.name}.workers.lock"
+
 
 def train_here(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, *,
                answers: dict[str, str] | None, probe: tuple[list[str], bool], log: Callable[[str], None],
@@ -89,6 +93,7 @@ def train_here(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: 
     fitted = fit(run, probe, log, warn, on_metrics, on_samples, progress)
     return publish(run, fitted, log)
 
+
 def describe_cllm(record: CllmRecord) -> str:
     """One line on a CLLM record: where, trained or reused, steps, time and the final fixed-point agreement."""
     metrics = record.metrics
@@ -99,10 +104,12 @@ def describe_cllm(record: CllmRecord) -> str:
             + (f", Jacobi samples at {metrics['sample_tokens_per_forward']:.2f} tokens per forward"
                if "sample_tokens_per_forward" in metrics else ""))
 
+
 def read_answers(path: str | Path) -> dict[str, str]:
     """prompt id -> the dataset's answer, from a prompts file of `cllm ingest` (ground-truth AR labels)."""
     table = pq.read_table(path, columns=["prompt_id", "answer"])
     return dict(zip(table.column("prompt_id").to_pylist(), table.column("answer").to_pylist()))
+
 
 def read_probe(path: str | Path) -> tuple[list[str], bool]:
     """Held-out prompt texts to sample during training (none when the file is absent), and their chat flag."""

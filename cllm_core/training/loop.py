@@ -18,7 +18,7 @@ from cllm_core.engine.stopping import raise_if_stopped
 from cllm_core.runtime.guards import budget_warning
 from cllm_core.training.batches import Batch, PackedBatch, Sampler
 from cllm_core.training.checkpoints import full_states, rng_state
-from cllm_core.training.objectives import forcing_loss, process_shares, step_loss
+from cllm_core.training.objectives import ar_index, forcing_loss, process_shares, step_loss
 from cllm_core.training.setup import Training, base_model
 
 Callback = Callable[[int, dict], None]  # (step, figures): metrics or samples, from the main process
@@ -50,13 +50,15 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
         step += 1
         batch = sampler.batch(step)
         share = process_shares(accelerator, batch)
+        labelled = tuple(i.to(accelerator.device) for i in ar_index(batch))  # found on the host: no device sync
         with accelerator.autocast():
             if isinstance(batch, PackedBatch):
                 loss, terms = forcing_loss(forward, to_device(batch, accelerator.device), config, head=run.head,
-                                           anchor=run.anchor, share=share)
+                                           anchor=run.anchor, share=share, labelled=labelled)
             else:
                 loss, terms = step_loss(forward, to_device(batch, accelerator.device), config,
-                                        reuse_ar=run.labels is None, head=run.head, anchor=run.anchor, share=share)
+                                        reuse_ar=run.labels is None, head=run.head, anchor=run.anchor, share=share,
+                                        labelled=labelled)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(lm.parameters(), config.grad_clip)
         run.optimizer.step()
@@ -121,6 +123,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
                     "sample_repetitive": samples["repetitive"]}
     return metrics
 
+
 @torch.no_grad()
 def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: int, max_new_tokens: int) -> dict:
     """Jacobi-decode the probe prompts: tokens per forward, how many responses repeat degenerately, texts."""
@@ -134,12 +137,14 @@ def sample(lm, tokenizer, prompts: tuple[torch.Tensor, torch.Tensor], n_tokens: 
             "repetitive": sum(repetitive(r) for r in responses),
             "texts": tokenizer.batch_decode(responses, skip_special_tokens=True)}
 
+
 def on_any_process(accelerator: Accelerator, flag: bool) -> bool:
     """Whether `flag` holds on any process, on every process: a stop that one process decided alone (its own
     clock) would leave the others waiting in the next all-reduce forever. One tiny all-reduce per call."""
     if accelerator.num_processes == 1:
         return flag
     return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
+
 
 def window_means(window: list[dict]) -> dict[str, float]:
     """Each term's mean over the steps of a log interval: one read of the device for all of them."""
@@ -148,6 +153,7 @@ def window_means(window: list[dict]) -> dict[str, float]:
                          for key in keys])
     return dict(zip(keys, means.tolist()))
 
+
 def mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
     """Under DDP every process logs the mean over processes (tokens/s: the sum), so all keep one history."""
     if accelerator.num_processes == 1:
@@ -155,6 +161,7 @@ def mean_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> 
     values = accelerator.reduce(torch.tensor(list(metrics.values()), device=accelerator.device), "mean").tolist()
     reduced = dict(zip(metrics, values))
     return reduced | {"tokens_per_s": reduced["tokens_per_s"] * accelerator.num_processes}
+
 
 def to_device(batch: Batch | PackedBatch, device) -> Batch | PackedBatch:
     return type(batch)(**{name: getattr(batch, name).to(device) for name in type(batch).__dataclass_fields__})

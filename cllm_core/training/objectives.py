@@ -20,8 +20,12 @@ from cllm_core.training.losses import ar_loss, consistency_kl, consistency_mask
 
 
 def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: torch.nn.Module | None = None,
-              anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict]:
+              anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0),
+              labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """The weighted loss of one batch and its terms (floats) for logging.
+
+    `labelled`: the (rows, positions) of `batch.ar_mask`, found on the host before the batch moved to the device
+    (`ar_index`); a boolean index on the device would make the host wait for it every step. Found here if absent.
 
     `share` (consistency, AR): each mean's factor from this process's positions to the whole step's across
     processes (`process_shares`), so that the processes' mean is the mean over every position of the step, and their
@@ -49,7 +53,7 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
             target = logits_reader(lm, batch.target_ids, head)(rows[: len(batch.target_ids)], index)
     mask = consistency_mask(batch.states, batch.fixed_points, batch.block_len)  # (S, n)
     consistency = consistency_kl(student, target, mask) * share[0]
-    labelled = batch.ar_mask.nonzero(as_tuple=True)  # (rows, positions) of the AR labels
+    labelled = labelled if labelled is not None else ar_index(batch)  # (rows, positions) of the AR labels
     at_labels = logits_at(*labelled)
     ar = ar_loss(at_labels, batch.ar_targets[labelled], torch.ones_like(labelled[0], dtype=torch.bool),
                  config.label_smoothing) * share[1]
@@ -60,8 +64,10 @@ def step_loss(lm, batch: Batch, config: FinetuneConfig, reuse_ar: bool, head: to
         loss, terms = _anchored(loss, terms, at_labels, anchor(ar_ids)(*labelled), config, share[1])
     return loss, {"loss": loss.detach(), **terms}
 
+
 def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.Module | None = None,
-                 anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, dict]:
+                 anchor: Anchor | None = None, share: tuple[float, float] = (1.0, 1.0),
+                 labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Jacobi Forcing's weighted loss of one packed batch and its terms, from one forward
     (cllm_core/training/forcing.py).
 
@@ -69,14 +75,14 @@ def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.
     is KL(clean ‖ noisy) at each counted noisy position against the detached logits of its clean twin (the same
     block offset, so the same position id); agreement: the noisy position's argmax equals the fixed point's next
     token (the label of its clean twin). With `anchor`, the frozen starting model reads the same packed batch, and
-    its clean-stream distributions at the AR labels are the anchor term's. `share`: as in `step_loss`.
+    its clean-stream distributions at the AR labels are the anchor term's. `share`, `labelled`: as in `step_loss`.
     """
     device = batch.ids.device.type  # the mask in the autocast dtype: fp32's minimum is -inf in fp16
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
     inputs = {"attention_mask": forcing.attention_bias(batch.kind, compute, batch.segment),
               "position_ids": batch.positions}
     logits_at = logits_reader(lm, batch.ids, head, **inputs)
-    labelled = batch.ar_mask.nonzero(as_tuple=True)  # row-major, so their flat indices are sorted
+    labelled = labelled if labelled is not None else ar_index(batch)  # row-major: their flat indices are sorted
     at_labels = logits_at(*labelled)  # (P, V)
     row, noisy, clean = batch.pairs.unbind(1)  # (K,) each
     student = logits_at(row, noisy)[None]  # (1, K, V)
@@ -94,12 +100,19 @@ def forcing_loss(lm, batch: PackedBatch, config: FinetuneConfig, head: torch.nn.
         loss, terms = _anchored(loss, terms, at_labels, anchor(batch.ids, **inputs)(*labelled), config, share[1])
     return loss, {"loss": loss.detach(), **terms}
 
+
+def ar_index(batch: Batch | PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, positions) where the AR loss counts, row-major; on the device of the batch."""
+    return batch.ar_mask.nonzero(as_tuple=True)
+
+
 def _share_of(hits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """The share of counted positions that are hits, 1 when none is counted; a device tensor (no host sync)."""
     total = counted.sum()
     return torch.where(total > 0, (hits & counted).sum() / total.clamp(min=1), 1.0)
 
 Anchor = Callable[..., Callable[..., torch.Tensor]]  # (ids, **forward inputs) -> (rows, positions) -> logits
+
 
 def frozen_anchor(model: ModelConfig, device: torch.device) -> Anchor:
     """The starting model, frozen on `device`, as `logits_reader` without gradients: what the anchor term keeps."""
@@ -111,12 +124,14 @@ def frozen_anchor(model: ModelConfig, device: torch.device) -> Anchor:
             return logits_reader(frozen, ids, head, **inputs)
     return logits_at
 
+
 def _anchored(loss: torch.Tensor, terms: dict, student: torch.Tensor, start: torch.Tensor, config: FinetuneConfig,
               share: float = 1.0) -> tuple[torch.Tensor, dict]:
     """The loss plus the anchor term: KL(starting model ‖ student) at the AR labels (student, start: (P, V))."""
     anchor = consistency_kl(student[None], start[None], torch.ones(student.shape[:1], dtype=torch.bool,
                                                                    device=student.device)[None]) * share
     return loss + config.anchor_weight * anchor, terms | {"anchor": anchor.detach()}
+
 
 def logits_head(lm) -> torch.nn.Module | None:
     """The output embedding, if applying it to the last hidden state gives the model's logits exactly (a plain
@@ -128,6 +143,7 @@ def logits_head(lm) -> torch.nn.Module | None:
         exact = head is not None and torch.equal(head(out.hidden_states[-1]), out.logits)
     return head if exact else None
 
+
 def logits_reader(lm, ids: torch.Tensor, head: torch.nn.Module | None, **inputs):
     """A function (rows, positions) -> the logits there (index tensors of one shape, the result that shape + V):
     the last hidden states through `head` only there, or (no head) read off the full logits. `inputs`: more
@@ -137,6 +153,7 @@ def logits_reader(lm, ids: torch.Tensor, head: torch.nn.Module | None, **inputs)
         return lambda rows, positions: logits[rows, positions]
     hidden = lm(input_ids=ids, logits_to_keep=1, output_hidden_states=True, **inputs).hidden_states[-1]  # (R, T, H)
     return lambda rows, positions: head(hidden[rows, positions])
+
 
 def process_shares(accelerator: Accelerator, batch: Batch | PackedBatch) -> tuple[float, float]:
     """(consistency, AR): N x this process's counted positions / the step's across its N processes. A loss's
@@ -152,11 +169,13 @@ def process_shares(accelerator: Accelerator, batch: Batch | PackedBatch) -> tupl
     total = accelerator.reduce(torch.tensor(counts, dtype=torch.float64, device=accelerator.device), "sum").tolist()
     return tuple(accelerator.num_processes * count / whole if whole else 1.0 for count, whole in zip(counts, total))
 
+
 def _block_positions(batch: Batch) -> torch.Tensor:
     """(B, n): the logit position predicting each block token (block_start - 1 + i), clamped into range."""
     n = batch.states.shape[1]
     positions = batch.block_start[:, None] - 1 + torch.arange(n, device=batch.block_start.device)
     return positions.clamp(max=batch.state_ids.shape[1] - 1)
+
 
 def _widen(ids: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=0)

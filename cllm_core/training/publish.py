@@ -44,6 +44,7 @@ def publish(run: Training, metrics: dict, log: Callable[[str], None]) -> CllmRec
     accelerator.wait_for_everyone()
     return CllmRecord.from_json(json.loads((run.out_dir / "cllm.json").read_text()), path=str(run.out_dir))
 
+
 def decoding_choice(lm, run: Training, log: Callable[[str], None]) -> DecodingChoice:
     """The block size and precision the trained model decodes fastest with here (cllm_core/evaluation/tuning.py),
     measured on a few of its training prompts; said in one line."""
@@ -58,6 +59,7 @@ def decoding_choice(lm, run: Training, log: Callable[[str], None]) -> DecodingCh
     return choice
 
 DECODING_PROMPTS, DECODING_NEW_TOKENS = 4, 128  # what the choice decodes: a minute or two of a CPU
+
 
 def save_cllm(lm, tokenizer, directory: Path, record: CllmRecord, weights: dict | None = None) -> None:
     """An HF directory `from_pretrained` loads as is, with `cllm_n_tokens` in its config, `cllm.json`, and the

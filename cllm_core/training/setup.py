@@ -54,13 +54,14 @@ class Training:
     start_step: int = 0
     spent: float = 0.0
 
+
 def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, answers: dict[str, str] | None,
             precision: str, log: Callable[[str], None]) -> Training | CllmRecord:
-    """The reuse check (the held CLLM's record when it is the same run), then data, labels, the accelerator,
+    """The reuse check (the finished CLLM's record when it is the same run), then data, labels, the accelerator,
     the model and optimizer, and the checkpoint to resume from (checked against this config before any step)."""
-    held, (resolved, tokenizer, data, fingerprint) = _reuse_check(config, model, store, out_dir, precision, log)
-    if held is not None:
-        return held
+    finished, (resolved, tokenizer, data, fingerprint) = _reuse_check(config, model, store, out_dir, precision, log)
+    if finished is not None:
+        return finished
     check_writable(out_dir)
     config = config.with_steps_for(epoch_size(data, config.objective))
     labels = None
@@ -106,13 +107,15 @@ def prepare(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Pat
         f"{data.excluded_repetitive} repetitive excluded) for {steps}, {batch}, {resolved.name}")
     return run
 
+
 def finished_cllm(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, precision: str,
-              log: Callable[[str], None]) -> CllmRecord | None:
+                  log: Callable[[str], None]) -> CllmRecord | None:
     """The CLLM in `out_dir` when it was trained with this config, precision, teacher and trajectories."""
     return _reuse_check(config, model, store, out_dir, precision, log)[0]
 
+
 def _reuse_check(config: FinetuneConfig, model: ModelConfig, store: str, out_dir: Path, precision: str,
-          log: Callable[[str], None]) -> tuple[CllmRecord | None, tuple]:
+                 log: Callable[[str], None]) -> tuple[CllmRecord | None, tuple]:
     """The reusable record, if any, and what identifies this run: (precision, tokenizer, data, fingerprint)."""
     resolved = resolve(precision, model.device)
     tokenizer = load_tokenizer(model)
@@ -122,14 +125,16 @@ def _reuse_check(config: FinetuneConfig, model: ModelConfig, store: str, out_dir
     fingerprint = f"{_as_started(config).fingerprint()}-{resolved.name}-{data.fingerprint}-{teacher}"
     identity = (resolved, tokenizer, data, fingerprint)
     record_path = out_dir / "cllm.json"
-    held = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if held.get("fingerprint") == fingerprint and held["metrics"]["stopped_early"]:
-        log(f"the CLLM in {out_dir} was stopped by its guard at step {held['metrics']['train_steps']}; training again")
-    elif held.get("fingerprint") == fingerprint:
+    recorded = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if recorded.get("fingerprint") == fingerprint and recorded["metrics"]["stopped_early"]:
+        log(f"the CLLM in {out_dir} was stopped by its guard at step {recorded['metrics']['train_steps']}; "
+            "training again")
+    elif recorded.get("fingerprint") == fingerprint:
         log(f"reusing the CLLM in {out_dir} (same config, precision, teacher and trajectories)")
         ship_generate(out_dir)  # the decoding it ships follows the engine installed now
-        return CllmRecord.from_json(held, path=str(out_dir), reused=True), identity
+        return CllmRecord.from_json(recorded, path=str(out_dir), reused=True), identity
     return None, identity
+
 
 def _as_started(config: FinetuneConfig) -> FinetuneConfig:
     """The config as this process trains it: processes started by hand (torchrun: WORLD_SIZE) count as
@@ -138,6 +143,7 @@ def _as_started(config: FinetuneConfig) -> FinetuneConfig:
     if config.launch.processes == 1 and started > 1:
         return config.model_copy(update={"launch": config.launch.model_copy(update={"processes": started})})
     return config
+
 
 def with_lora(lm, config: FinetuneConfig):
     """`lm` with LoRA adapters (peft) on `config.lora`'s modules; only the adapters train."""
@@ -150,14 +156,17 @@ def with_lora(lm, config: FinetuneConfig):
     return get_peft_model(lm, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                          target_modules=targets, task_type="CAUSAL_LM"))
 
+
 def base_model(lm):
     """The transformers model inside a peft wrapper (adapters active), or `lm` itself: what the engine decodes."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
 
 def lr_factor(config: FinetuneConfig, step: int) -> float:
     """Linear warm-up, then cosine decay (over the steps after the warm-up) to `min_lr_ratio` at `steps`."""
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return warmup_cosine(step, config.warmup_steps, progress, floor=config.min_lr_ratio)
+
 
 def make_accelerator(mixed_precision: str, device: torch.device) -> Accelerator:
     """This run's Accelerator on `device` (the model's). accelerate keeps one process-wide state and refuses a
@@ -176,6 +185,7 @@ def make_accelerator(mixed_precision: str, device: torch.device) -> Accelerator:
         raise UserError(f"model.device is {device} but accelerate chose {accelerator.device} "
                         "(CUDA_VISIBLE_DEVICES or an earlier run in this process set it); name the device it sees")
     return accelerator
+
 
 def check_writable(out_dir: Path) -> None:
     """Fail before any step when the model directory cannot be written (probing it as the writer will)."""
