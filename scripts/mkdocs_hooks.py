@@ -8,6 +8,9 @@
 - `benchmarks.md`: the committed results files (`benchmarks/results/*.json`), each with its commit, CPU class,
   command and headline figures.
 
+- `real-model.md`: the real-model tables, one per CPU class, from `benchmarks/results/real_model-*.json` (the
+  README's, made the same way).
+
 A page asks for one with a marker line (`{{ configuration }}`, `{{ packages }}`, `{{ results }}`).
 """
 
@@ -35,7 +38,7 @@ def on_config(config):
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     for marker, render in (("{{ configuration }}", configuration), ("{{ packages }}", packages),
-                           ("{{ results }}", results)):
+                           ("{{ results }}", results), ("{{ real_model }}", real_model)):
         if marker in markdown:
             markdown = markdown.replace(marker, render())
     return markdown
@@ -164,3 +167,9 @@ def results() -> str:
         rows.append(f"| `{path.name}` | {data.get('cpu_capability', data.get('cpu_class', ''))} | "
                     f"`{str(data.get('commit', ''))[:10]}` | {_cell(figures)} | `{_cell(command)}` |")
     return "\n".join(rows) + "\n"
+
+
+def real_model() -> str:
+    from benchmarks.real_model import readme_tables
+
+    return readme_tables()
