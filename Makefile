@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint ui clean
+.PHONY: setup demo test test-fast lint docs ui clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The documentation site (docs/, mkdocs.yml) into site/, strict: a broken link or a page left out fails it.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 # The MLflow UI on the demo's runs, on 127.0.0.1:5000 only.
 ui: $(STAMP)
 	$(BIN)/cllm ui --config configs/demo.yaml
@@ -41,4 +45,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

@@ -31,10 +31,10 @@ import torch
 from benchmarks import write_json
 from benchmarks.tiny_model import save_tiny_model
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer, reference_jacobi_generate
-from cllm_core import forwards as batch_forwards
-from cllm_core.collect import read_prompt_table
-from cllm_core.outputs import DecodeStats
-from cllm_core.prompts import encode
+from cllm_core.data.collect import read_prompt_table
+from cllm_core.data.prompts import encode
+from cllm_core.engine import forwards as batch_forwards
+from cllm_core.engine.outputs import DecodeStats
 
 
 def collector(model, ids, mask, args):
@@ -104,7 +104,7 @@ def main() -> None:
         table, chat = read_prompt_table(args.prompts, args.limit)
         texts = table.column("prompt").to_pylist()
     else:
-        from cllm_core.prompts import read_prompts
+        from cllm_core.data.prompts import read_prompts
 
         texts, chat = read_prompts("data/gsm8k_sample.jsonl", limit=args.limit), False
 

@@ -33,8 +33,8 @@ from cllm_core import (
     lookup_generate,
     reference_jacobi_generate,
 )
-from cllm_core.prompts import encode, read_prompts, render
-from cllm_core.trajectories import repetitive
+from cllm_core.data.prompts import encode, read_prompts, render
+from cllm_core.data.trajectories import repetitive
 
 METHODS = ("ar", "jacobi", "lookup", "reference")
 

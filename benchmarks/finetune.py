@@ -1,11 +1,12 @@
 """Consistency fine-tuning, measured: train loss variants on the same trajectories, then decode the held-out
-prompts with each (AR and Jacobi) beside the teacher, through the product's evaluation (`cllm_core.evaluate`).
+prompts with each (AR and Jacobi) beside the teacher, through the product's evaluation
+(`cllm_core.evaluation.evaluate`).
 
     python -m benchmarks.finetune --config configs/demo.yaml --variants gc+ar lc+ar gc --json runs/demo/ft.json
 
 Variants (on top of the profile's `finetune` section): `gc+ar` (global consistency + AR, the paper's), `lc+ar`
 (local consistency + AR), `gc` (global consistency only), `jf` (Jacobi Forcing's packed noisy/clean blocks,
-cllm_core/forcing.py; `--jf-batch` responses a step), `profile` (the section as it is, in <work_dir>/cllm
+cllm_core/training/forcing.py; `--jf-batch` responses a step), `profile` (the section as it is, in <work_dir>/cllm
 where `cllm train` puts it). The others train into <work_dir>/finetune-bench/<variant>; all are reused when
 unchanged. Reported per model and method: tokens per forward, tokens/s, wall-clock speedup vs the teacher's
 AR, exact-answer accuracy, outputs identical to the teacher's AR output, and the repetition rate. Figures,
@@ -25,9 +26,9 @@ from rich.table import Table
 
 from benchmarks import write_json
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig, JacobiConfig, load_profile
-from cllm_core.evaluate import run_evaluation
-from cllm_core.finetune import finetune
+from cllm_core.evaluation.evaluate import run_evaluation
+from cllm_core.runtime.config import EvalConfig, JacobiConfig, load_profile
+from cllm_core.training.finetune import finetune
 
 VARIANTS = {"gc+ar": {"consistency": "global"}, "lc+ar": {"consistency": "local"},
             "gc": {"consistency": "global", "ar_weight": 0.0}, "profile": {},
@@ -47,8 +48,8 @@ def train_variants(args, profile) -> dict[str, dict]:
 
 
 def evaluate(args, profile, records: dict[str, dict]) -> dict:
-    """The product's evaluation (cllm_core.evaluate) of the teacher and every variant with `--methods`, plus how
-    many of each pair's outputs equal the teacher's AR output."""
+    """The product's evaluation (cllm_core.evaluation.evaluate) of the teacher and every variant with `--methods`,
+    plus how many of each pair's outputs equal the teacher's AR output."""
     config = EvalConfig(methods=args.methods, limit=args.limit, warmup=args.warmup,
                         jacobi=JacobiConfig(n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens))
     models = {"teacher": profile.model} | {name: ModelConfig(name_or_path=r.path) for name, r in records.items()}

@@ -151,7 +151,8 @@ def _ar(model, ids, mask, tokens) -> None:
 
 def collection(device: torch.device, size: dict) -> dict:
     """The packed against the padded batch forward on one batch of 16 trajectories (tokens/s, medians)."""
-    from cllm_core import forwards, jacobi_generate
+    from cllm_core import jacobi_generate
+    from cllm_core.engine import forwards
 
     model = tiny_model("llama").to(device)
     ids = torch.randint(3, VOCAB, (16, 24), generator=torch.Generator().manual_seed(1)).to(device)
@@ -202,8 +203,8 @@ def fsdp(device: torch.device, size: dict) -> dict:
 
 
 def _train_once(teacher, store, out: Path, device, size, **overrides) -> dict:
-    from cllm_core.config import FinetuneConfig
-    from cllm_core.finetune import finetune
+    from cllm_core.runtime.config import FinetuneConfig
+    from cllm_core.training.finetune import finetune
 
     config = FinetuneConfig(steps=size["train_steps"], batch_size=4, log_every=1, sample_prompts=0,
                             decoding_sizes=[], warmup_steps=0, **overrides)
@@ -223,9 +224,9 @@ def _tiny_run(work: Path, device: torch.device, size: dict):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from cllm_core.collect import collect
-    from cllm_core.config import CollectConfig, ModelConfig
-    from cllm_core.ingest import prompt_id
+    from cllm_core.data.collect import collect
+    from cllm_core.data.ingest import prompt_id
+    from cllm_core.runtime.config import CollectConfig, ModelConfig
 
     directory = work / "teacher"
     words = {"<pad>": PAD, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}

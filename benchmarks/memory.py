@@ -26,8 +26,8 @@ import torch
 
 from benchmarks import write_json
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig, FinetuneConfig, Profile, read_profile
-from cllm_core.evaluate import run_evaluation
+from cllm_core.evaluation.evaluate import run_evaluation
+from cllm_core.runtime.config import EvalConfig, FinetuneConfig, Profile, read_profile
 
 VARIANTS = {
     "logits where read": {},
@@ -45,7 +45,9 @@ def profile_at(path: Path, work_dir: Path | None) -> Profile:
 
 def train_one(profile: Profile, variant: str, out: Path, steps: int | None) -> dict:
     """One variant in this process: prepare, train, publish; memory and step times."""
-    from cllm_core.finetune import fit, prepare, publish
+    from cllm_core.training.loop import fit
+    from cllm_core.training.publish import publish
+    from cllm_core.training.setup import prepare
 
     update = dict(VARIANTS[variant]) | ({"steps": steps} if steps else {}) | {"registered_model": None,
                                                                               "sample_prompts": 0}

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
-from cllm_core.config import Profile, read_profile, set_value
-from cllm_core.records import SummaryRow
+from cllm_core.runtime.config import Profile, read_profile, set_value
+from cllm_core.runtime.records import SummaryRow
 
 GOALS = {"cllm_tokens_per_forward": 2.5, "speedup_vs_fastest_ar": 1.5, "speedup_vs_prompt_lookup": 1.2,
          "final_answer_agreement": 0.8, "identical_to_own_ar_fp32": 1.0}
@@ -75,12 +75,13 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
     from functools import partial
 
     from cllm_core import ModelConfig
-    from cllm_core.baselines import ar_generate, lookup_generate
-    from cllm_core.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate, summarize
-    from cllm_core.jacobi import jacobi_generate
-    from cllm_core.models import load_model, load_tokenizer
-    from cllm_core.precision import DTYPES, measured_choice, resolve
-    from cllm_core.tuning import forward_seconds
+    from cllm_core.engine.baselines import ar_generate, lookup_generate
+    from cllm_core.engine.jacobi import jacobi_generate
+    from cllm_core.evaluation.evaluate import LOOKUP_NGRAM, eval_prompts, evaluate
+    from cllm_core.evaluation.summary import summarize
+    from cllm_core.evaluation.tuning import forward_seconds
+    from cllm_core.runtime.models import load_model, load_tokenizer
+    from cllm_core.runtime.precision import DTYPES, measured_choice, resolve
 
     cllm_dir = profile.work_dir / "cllm"
     choice = measured_choice(str(cllm_dir)) or {}
@@ -127,9 +128,9 @@ def evaluate_run(profile, limit: int, all_ar: bool = False) -> tuple[list[Summar
 
 def _prompt_ids(profile, limit: int) -> list[list[int]]:
     """The held-out prompts' token ids, as the evaluation encodes them."""
-    from cllm_core.evaluate import eval_prompts
-    from cllm_core.models import load_tokenizer
-    from cllm_core.prompts import encode
+    from cllm_core.data.prompts import encode
+    from cllm_core.evaluation.evaluate import eval_prompts
+    from cllm_core.runtime.models import load_tokenizer
 
     prompts, chat = eval_prompts(profile.work_dir / "prompts/eval.parquet", limit)
     tokenizer = load_tokenizer(profile.model)
@@ -181,7 +182,7 @@ def curve(work_dir: Path) -> list[dict]:
 
 def budget(work_dir: Path, wall: dict[str, float], eval_seconds: float) -> dict:
     """Prompts, tokens, steps and minutes per stage, from the run's records."""
-    from cllm_core.shards import ShardStore
+    from cllm_core.data.shards import ShardStore
 
     store = ShardStore(str(work_dir / "trajectories"))
     manifests = [store.manifest(shard) for shard in store.shards()]
@@ -220,6 +221,22 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLES = ("<!-- real-model tables: python -m benchmarks.real_model --report-only --readme -->",
+          "<!-- end of the real-model tables -->")
+
+
+def readme_tables(results: Path = Path(__file__).resolve().parent / "results") -> str:
+    """The README's real-model tables: one per committed results file (a CPU class each), in name order."""
+    return "\n\n".join(markdown(json.loads(path.read_text())) for path in sorted(results.glob("real_model-*.json")))
+
+
+def with_readme_tables(text: str, tables: str) -> str:
+    """The README text with the block between the `TABLES` markers replaced by `tables`."""
+    start, end = text.index(TABLES[0]) + len(TABLES[0]), text.index(TABLES[1])
+    return f"{text[:start]}\n{tables}\n{text[end:]}"
+
+
 def verdicts(figures: dict) -> dict:
     return {name: {"value": figures[name], "goal": goal, "met": figures[name] >= goal} for name, goal in GOALS.items()}
 
@@ -233,9 +250,15 @@ def main() -> None:
                         help="decode the teacher's AR in every native precision, not only the fastest AR's")
     parser.add_argument("--report-only", action="store_true", help="print the results file's table, run nothing")
     parser.add_argument("--markdown", action="store_true", help="print the README's table")
+    parser.add_argument("--readme", action="store_true",
+                        help="with --report-only: write every results file's table into README.md")
     parser.add_argument("--json", type=Path, help=f"default: benchmarks/results/real_model-{cpu_class()}.json")
     args = parser.parse_args()
     path = args.json or Path(f"benchmarks/results/real_model-{cpu_class()}.json")
+    if args.report_only and args.readme:
+        README.write_text(with_readme_tables(README.read_text(), readme_tables()))
+        print(f"wrote the real-model tables of {README} from benchmarks/results/real_model-*.json")
+        return
     if args.report_only:
         print(markdown(json.loads(path.read_text())))
         return

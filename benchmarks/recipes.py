@@ -13,8 +13,8 @@ come from one teacher (the root of their `cllm.json` chains). Two steps:
    cache (thread CPU time, the minimum of `--repeats`, block sizes interleaved; the recipes share the teacher's
    architecture, so it is measured once). The recipe decodes at the n that maximises TPF(n) / cost(n + 1).
 2. The table. Every prompt is decoded by every (model, method) pair in rotating order after a warm-up
-   (`cllm_core.evaluate`): tokens per forward, tokens/s, wall-clock speedup against the teacher's AR, accuracy,
-   outputs identical to the teacher's AR output and to the model's own AR output, repetition, and the seconds
+   (`cllm_core.evaluation.evaluate`): tokens per forward, tokens/s, wall-clock speedup against the teacher's AR,
+   accuracy, outputs identical to the teacher's AR output and to the model's own AR output, repetition, and the seconds
    its training took (fine-tuning and collection, summed over its rounds, from the records beside the models).
 
 Then the issue's goals against the fastest exact row. Figures, not assertions.
@@ -36,11 +36,12 @@ from transformers import DynamicCache
 
 from benchmarks import write_json
 from cllm_core import ModelConfig, load_model, load_tokenizer
-from cllm_core.baselines import ar_generate, lookup_generate
-from cllm_core.config import EvalConfig, JacobiConfig
-from cllm_core.evaluate import decoders, eval_prompts, evaluate, identical_to, resolve_check, summarize
-from cllm_core.jacobi import jacobi_generate
-from cllm_core.prompts import encode
+from cllm_core.data.prompts import encode
+from cllm_core.engine.baselines import ar_generate, lookup_generate
+from cllm_core.engine.jacobi import jacobi_generate
+from cllm_core.evaluation.evaluate import decoders, eval_prompts, evaluate, resolve_check
+from cllm_core.evaluation.summary import identical_to, summarize
+from cllm_core.runtime.config import EvalConfig, JacobiConfig
 
 RECIPES = {"paper": "runs/demo/cllm", "jf": "runs/demo-jf/cllm", "jf+round2": "runs/demo-jf/cllm-round2"}
 METHODS = ["jacobi", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"]
@@ -234,7 +235,7 @@ def main() -> None:
 
 
 def _weights(directory: Path) -> str:
-    from cllm_core.identity import file_digest
+    from cllm_core.runtime.identity import file_digest
 
     return file_digest(directory / "model.safetensors")
 

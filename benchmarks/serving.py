@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks import write_json
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
-from cllm_core.evaluate import eval_prompts
-from cllm_core.prompts import encode
-from cllm_core.shipping import SHIPPED, ship_generate
+from cllm_core.data.prompts import encode
+from cllm_core.evaluation.evaluate import eval_prompts
+from cllm_core.training.shipping import SHIPPED, ship_generate
 
 
 def main() -> None:

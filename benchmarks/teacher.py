@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
-from cllm_core.config import TeacherConfig
-from cllm_core.teacher import build_teacher
+from cllm_core.runtime.config import TeacherConfig
+from cllm_core.training.teacher import build_teacher
 
 
 def main() -> None:

@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 
 from benchmarks import write_json
-from cllm_core import forcing
-from cllm_core.config import FinetuneConfig, load_profile
-from cllm_core.finetune import forcing_loss, logits_head, step_loss
-from cllm_core.models import load_model
-from cllm_core.precision import DTYPES, cpu_bf16_slowdown
-from cllm_core.samples import PackedBatch, Sampler, epoch_size, load_trajectories
+from cllm_core.data.samples import epoch_size, load_trajectories
+from cllm_core.runtime.config import FinetuneConfig, load_profile
+from cllm_core.runtime.models import load_model
+from cllm_core.runtime.precision import DTYPES, cpu_bf16_slowdown
+from cllm_core.training import forcing
+from cllm_core.training.batches import PackedBatch, Sampler
+from cllm_core.training.objectives import forcing_loss, logits_head, step_loss
 
 CATEGORIES = ("LM head matmuls", "other matmuls", "attention", "softmax and loss", "optimizer", "rest")
 

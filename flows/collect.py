@@ -32,12 +32,12 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled, Cancelling, Scheduled
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from cllm_core.config import CollectConfig, ModelConfig, Precision, TrackingConfig
-from cllm_core.errors import UserError
-from cllm_core.guards import check_collected, check_repetition
-from cllm_core.records import CollectionPlan, ShardManifest, collection_figures
-from cllm_core.shards import ShardsFailed, ShardStore
-from cllm_core.stopping import STOP_FILE, on_stop_request, request_stop
+from cllm_core.data.shards import ShardsFailed, ShardStore
+from cllm_core.engine.errors import UserError
+from cllm_core.engine.stopping import STOP_FILE, on_stop_request, request_stop
+from cllm_core.runtime.config import CollectConfig, ModelConfig, Precision, TrackingConfig
+from cllm_core.runtime.guards import check_collected, check_repetition
+from cllm_core.runtime.records import CollectionPlan, ShardManifest, collection_figures
 from tasks.collect import collect_one_shard, plan_collection
 from tasks.tracking import mlflow_run
 
@@ -152,7 +152,8 @@ def _locally(collect, model, prompts, store, work, progress, deployment) -> tupl
 
 def _on_pool(collect, model, prompts, store, work, progress, deployment, poll_s: float = 2.0):
     """One child flow run per shard; a parent retry gets the same children back and reschedules failed ones
-    (notes/prefect_mlflow.md §4: the idempotency key alone would return the failed child unchanged)."""
+    (docs/design/prefect_mlflow.md, "Shard runs on a work pool": the idempotency key alone would return the
+    failed child unchanged)."""
     runs = {}
     with get_client(sync_client=True) as client:
         for shard in work.todo:

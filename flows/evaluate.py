@@ -13,9 +13,9 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cllm_core.config import EvalConfig, ModelConfig, Precision, TrackingConfig
-from cllm_core.records import Evaluation, headline_metrics
-from cllm_core.report import markdown_table
+from cllm_core.evaluation.report import markdown_table
+from cllm_core.runtime.config import EvalConfig, ModelConfig, Precision, TrackingConfig
+from cllm_core.runtime.records import Evaluation, headline_metrics
 from tasks.evaluate import evaluate_models
 from tasks.tracking import mlflow_run
 

@@ -15,9 +15,9 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cllm_core.config import FinetuneConfig, ModelConfig, Precision, TrackingConfig
-from cllm_core.finetune import describe_cllm
-from cllm_core.records import CllmRecord
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig, Precision, TrackingConfig
+from cllm_core.runtime.records import CllmRecord
+from cllm_core.training.finetune import describe_cllm
 from tasks.finetune import log_cllm, train_cllm
 from tasks.tracking import mlflow_run
 

@@ -8,8 +8,8 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from cllm_core.config import IngestConfig, ModelConfig, TrackingConfig
-from cllm_core.ingest import manifest_counts
+from cllm_core.data.ingest import manifest_counts
+from cllm_core.runtime.config import IngestConfig, ModelConfig, TrackingConfig
 from tasks.ingest import write_prompts
 from tasks.tracking import mlflow_run
 

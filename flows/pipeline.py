@@ -2,7 +2,7 @@
 -> evaluate, one profile, one MLflow record.
 
 A stage whose result cannot be trusted stops it in one line before anything downstream starts: a teacher below
-its quality floor, a collection of mostly degenerate repetition (cllm_core/guards.py).
+its quality floor, a collection of mostly degenerate repetition (cllm_core/runtime/guards.py).
 
 Each stage is its own flow, run here as a subflow with its MLflow run nested under the pipeline's parent
 run. Every stage skips what is already done for the same inputs (the cached teacher, verified shards, the
@@ -15,10 +15,10 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 
-from cllm_core.config import ModelConfig, Profile, masked
-from cllm_core.errors import UserError
-from cllm_core.guards import BelowQualityFloor, quality_failures
-from cllm_core.records import CllmRecord, headline_metrics
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import ModelConfig, Profile, masked
+from cllm_core.runtime.guards import BelowQualityFloor, quality_failures
+from cllm_core.runtime.records import CllmRecord, headline_metrics
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
 from flows.finetune import consistency_finetune

@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 
 _PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None  # found here, not after fork
 REMEDY = ("set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher (e.g. 300) on a slow or busy machine, or "

@@ -8,8 +8,8 @@ import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from cllm_core.config import Precision, TeacherConfig, TrackingConfig
-from cllm_core.teacher import describe_teacher
+from cllm_core.runtime.config import Precision, TeacherConfig, TrackingConfig
+from cllm_core.training.teacher import describe_teacher
 from tasks.teacher import train_or_reuse_teacher
 from tasks.tracking import mlflow_run
 

@@ -77,7 +77,7 @@ def _device() -> torch.device:
 
 def _measured_dtype(directory: str, device: torch.device) -> torch.dtype:
     """The precision measured fastest for this CLLM (`cllm_decoding` in its config), if measured on this kind of
-    machine (the CPU's kernel class or the GPU's name, as cllm_core/precision.py names them); fp32 otherwise."""
+    machine (the CPU's kernel class or the GPU's name, as cllm_core/runtime/precision.py names them); fp32 otherwise."""
     choice = json.loads((Path(directory) / "config.json").read_text()).get("cllm_decoding") or {}
     here = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({torch.backends.cpu.get_cpu_capability()})")

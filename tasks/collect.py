@@ -11,10 +11,10 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cllm_core.collect import collect_shard, plan
-from cllm_core.config import CollectConfig, ModelConfig
-from cllm_core.records import CollectionPlan, ShardManifest
-from cllm_core.shards import ShardStore
+from cllm_core.data.collect import collect_shard, plan
+from cllm_core.data.shards import ShardStore
+from cllm_core.runtime.config import CollectConfig, ModelConfig
+from cllm_core.runtime.records import CollectionPlan, ShardManifest
 
 
 @task(name="plan-collection")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cllm_core.config import EvalConfig, ModelConfig
-from cllm_core.evaluate import run_evaluation
-from cllm_core.records import Evaluation
+from cllm_core.evaluation.evaluate import run_evaluation
+from cllm_core.runtime.config import EvalConfig, ModelConfig
+from cllm_core.runtime.records import Evaluation
 
 
 @task(name="evaluate-models")

@@ -7,9 +7,9 @@ from pathlib import Path
 from mlflow import MlflowClient
 from prefect import get_run_logger, task
 
-from cllm_core.config import FinetuneConfig, ModelConfig
-from cllm_core.finetune import finetune, read_answers, read_probe
-from cllm_core.records import CllmRecord
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
+from cllm_core.runtime.records import CllmRecord
+from cllm_core.training.finetune import finetune, read_answers, read_probe
 from tasks.progress import log_figures, reporter
 
 

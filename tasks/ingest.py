@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cllm_core.config import IngestConfig, ModelConfig
-from cllm_core.ingest import ingest
+from cllm_core.data.ingest import ingest
+from cllm_core.runtime.config import IngestConfig, ModelConfig
 
 
 @task(name="write-prompts")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cllm_core.config import TeacherConfig
-from cllm_core.teacher import build_teacher
+from cllm_core.runtime.config import TeacherConfig
+from cllm_core.training.teacher import build_teacher
 from tasks.progress import reporter
 
 

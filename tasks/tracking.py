@@ -11,8 +11,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import mlflow
 from prefect.runtime import flow_run
 
-from cllm_core.config import TrackingConfig
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import TrackingConfig
 
 
 def tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:

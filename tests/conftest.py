@@ -60,9 +60,9 @@ def tiny_trajectories(tmp_path_factory, tiny_model_dir):
     import json
 
     from cllm_core import ModelConfig
-    from cllm_core.collect import collect
-    from cllm_core.config import CollectConfig, IngestConfig
-    from cllm_core.ingest import ingest
+    from cllm_core.data.collect import collect
+    from cllm_core.data.ingest import ingest
+    from cllm_core.runtime.config import CollectConfig, IngestConfig
 
     directory = tmp_path_factory.mktemp("trajectories")
     source = directory / "q.jsonl"

@@ -9,9 +9,9 @@ import os
 import sys
 import time
 
-from cllm_core.config import FinetuneConfig, ModelConfig
-from cllm_core.finetune import finetune
-from cllm_core.samples import Sampler
+from cllm_core.runtime.config import FinetuneConfig, ModelConfig
+from cllm_core.training.batches import Sampler
+from cllm_core.training.finetune import finetune
 
 if os.environ["RANK"] == "1":
     real_clock, real_batch, ahead = time.perf_counter, Sampler.batch, [0.0]

@@ -5,7 +5,7 @@ import zipfile
 
 import torch
 
-from cllm_core.checkpoints import Checkpoints, full_states
+from cllm_core.training.checkpoints import Checkpoints, full_states
 
 
 def as_if_written_on_a_gpu(path):

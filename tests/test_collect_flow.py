@@ -17,13 +17,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import tasks.collect
-from cllm_core.collect import collect
-from cllm_core.config import CollectConfig, IngestConfig, ModelConfig
-from cllm_core.ingest import ingest
-from cllm_core.records import ShardManifest
-from cllm_core.shards import ShardStore
+from cllm_core.data.collect import collect
+from cllm_core.data.ingest import ingest
+from cllm_core.data.shards import ShardStore
+from cllm_core.runtime.config import CollectConfig, IngestConfig, ModelConfig
+from cllm_core.runtime.records import ShardManifest
 from flows.cli import app, live_progress
-from flows.cli.base import STOP_GRACE_S
+from flows.cli.signals import STOP_GRACE_S
 from flows.collect import shard_listener
 
 pytestmark = pytest.mark.slow  # the Prefect layer (tier c): servers, flows, MLflow stores
@@ -214,12 +214,12 @@ def test_a_stop_request_reaches_the_dask_workers_through_their_stop_file(tmp_pat
     decoded on to the end."""
     import subprocess
 
-    from cllm_core.stopping import STOP_FILE, clear_stop, request_stop
+    from cllm_core.engine.stopping import STOP_FILE, clear_stop, request_stop
     from flows.collect import task_runner
 
     runner_ = task_runner("dask", CollectConfig(jacobi={"n_tokens": 4}), ModelConfig(name_or_path=str(tiny_model_dir)))
     stop_file = runner_.cluster_kwargs["env"][STOP_FILE]
-    worker = subprocess.Popen([sys.executable, "-c", "import time\nfrom cllm_core.stopping import Stopped, "
+    worker = subprocess.Popen([sys.executable, "-c", "import time\nfrom cllm_core.engine.stopping import Stopped, "
                                "raise_if_stopped\nprint('up', flush=True)\ntry:\n    while True:\n"
                                "        raise_if_stopped(); time.sleep(0.05)\nexcept Stopped:\n    print('stopped')"],
                               env=os.environ | {STOP_FILE: stop_file}, stdout=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@ stages held consistent (evaluation within the budget the CLLM learned)."""
 import pytest
 from pydantic import ValidationError
 
-from cllm_core.config import CollectConfig, JacobiConfig, Profile, describe, set_value
+from cllm_core.runtime.config import CollectConfig, JacobiConfig, Profile, describe, set_value
 
 
 def test_a_jacobi_section_given_in_part_keeps_its_stage_defaults():

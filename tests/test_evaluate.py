@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cllm_core import ModelConfig
-from cllm_core.config import EvalConfig
-from cllm_core.evaluate import run_evaluation, shortfalls, summarize
+from cllm_core.evaluation.evaluate import run_evaluation
+from cllm_core.evaluation.summary import shortfalls, summarize
+from cllm_core.runtime.config import EvalConfig
 
 
 def sample(prompt, model, method, tokens, forwards, seconds, correct=True, same=True):
@@ -66,7 +67,7 @@ def test_jacobi_matches_ar_on_every_prompt_and_every_figure_is_written(work, tin
 
 
 def test_a_broken_decoder_is_caught_by_the_exact_match_figure(work, tiny_model_dir, monkeypatch):
-    import cllm_core.evaluate as evaluation
+    import cllm_core.evaluation.evaluate as evaluation
 
     real = evaluation.jacobi_generate
 
@@ -125,7 +126,7 @@ def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, 
     """A model that always predicts one token confirms a whole block per pass; a successor model fixes one
     token per pass: 12 tokens at n_tokens 4 take 1 + ceil(11 / 4) = 4 and 12 forwards."""
     from cllm_core import load_tokenizer
-    from cllm_core.evaluate import evaluate
+    from cllm_core.evaluation.evaluate import evaluate
     from tests.fakes import constant, successor
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))
@@ -140,7 +141,7 @@ def test_tokens_per_forward_is_exactly_what_fake_models_are_built_to_give(work, 
 
 
 def test_auto_check_follows_the_ingest_preset(tmp_path):
-    from cllm_core.evaluate import resolve_check
+    from cllm_core.evaluation.evaluate import resolve_check
 
     prompts = tmp_path / "prompts/eval.parquet"
     prompts.parent.mkdir()
@@ -175,8 +176,8 @@ def test_a_cllm_is_decoded_at_the_block_size_it_was_trained_for_unless_told_and_
 
 
 def test_cllms_trained_for_different_block_sizes_need_an_explicit_one(tiny_model_dir):
-    from cllm_core.evaluate import with_block_size
-    from cllm_core.models import load_model
+    from cllm_core.evaluation.evaluate import with_block_size
+    from cllm_core.runtime.models import load_model
 
     teacher = ModelConfig(name_or_path=str(tiny_model_dir))
     first, second = load_model(teacher), load_model(teacher)
@@ -191,7 +192,7 @@ def test_cllms_trained_for_different_block_sizes_need_an_explicit_one(tiny_model
 
 def test_an_evaluation_of_ar_alone_draws_its_histogram_without_a_warning(tmp_path, recwarn):
     """`cllm eval --method ar` printed matplotlib's "No artists with labels found to put in legend" to users."""
-    from cllm_core import report
+    from cllm_core.evaluation import report
 
     samples = [sample(0, "teacher", "ar", 10, 10, 1.0), sample(0, "cllm", "ar", 10, 10, 1.0)]
     path = report.tokens_per_forward_histogram(samples, tmp_path / "tokens_per_forward.png")
@@ -208,7 +209,7 @@ def test_quality_that_a_worse_model_lowers_where_accuracy_says_nothing(work, tin
     import math
 
     from cllm_core import load_tokenizer
-    from cllm_core.evaluate import evaluate
+    from cllm_core.evaluation.evaluate import evaluate
     from tests.fakes import constant, successor
 
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tiny_model_dir)))

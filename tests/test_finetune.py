@@ -13,12 +13,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
-from cllm_core.config import FinetuneConfig
-from cllm_core.finetune import finetune, forcing_loss, lr_factor, step_loss
-from cllm_core.models import load_model
-from cllm_core.prompts import encode
-from cllm_core.samples import Sampler, draw_items, load_trajectories, make_batch
-from cllm_core.shipping import bundle
+from cllm_core.data.prompts import encode
+from cllm_core.data.samples import load_trajectories
+from cllm_core.runtime.config import FinetuneConfig
+from cllm_core.runtime.models import load_model
+from cllm_core.training.batches import Sampler, draw_items, make_batch
+from cllm_core.training.finetune import finetune
+from cllm_core.training.objectives import forcing_loss, step_loss
+from cllm_core.training.setup import lr_factor
+from cllm_core.training.shipping import bundle
 from tests.test_forcing import numbers
 
 FAST = FinetuneConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, log_every=2, checkpoint_every=4,
@@ -113,7 +116,7 @@ def test_a_killed_fp16_run_resumes_with_its_grad_scaler(tmp_path, teacher, store
     (doubling its scale every step); the resumed run must go on from the checkpoint's scale, not start over."""
     from accelerate import Accelerator
 
-    import cllm_core.finetune
+    import cllm_core.training.setup
 
     made = []
 
@@ -123,7 +126,7 @@ def test_a_killed_fp16_run_resumes_with_its_grad_scaler(tmp_path, teacher, store
             self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
             made.append(self)
 
-    monkeypatch.setattr(cllm_core.finetune, "Accelerator", ScaledAccelerator)
+    monkeypatch.setattr(cllm_core.training.setup, "Accelerator", ScaledAccelerator)
     config = FAST.model_copy(update={"steps": 4, "checkpoint_every": 2})
 
     # the last step: the resume starts from step 2's checkpoint
@@ -143,14 +146,14 @@ def test_steps_the_fp16_grad_scaler_skips_leave_the_schedule_and_too_many_are_sa
     teacher as if trained."""
     from accelerate import Accelerator
 
-    import cllm_core.finetune
+    import cllm_core.training.setup
 
     class OverflowingAccelerator(Accelerator):
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
             self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=0.99)  # never finite
 
-    monkeypatch.setattr(cllm_core.finetune, "Accelerator", OverflowingAccelerator)
+    monkeypatch.setattr(cllm_core.training.setup, "Accelerator", OverflowingAccelerator)
     warnings = []
     config = FAST.model_copy(update={"steps": 4, "sample_prompts": 0})
     record = finetune(config, teacher, store, tmp_path / "cllm", log=quiet, warn=warnings.append)
@@ -175,15 +178,15 @@ def test_the_same_config_teacher_and_data_reuse_the_model_and_another_config_ret
 
 def test_processes_started_by_hand_are_another_run_than_one_process(tmp_path, teacher, store, monkeypatch):
     """batch_size is per process: a CLLM (or checkpoint) of one process is not what torchrun's 4 would train."""
-    from cllm_core.finetune import held_cllm
+    from cllm_core.training.setup import finished_cllm
 
     config = FAST.model_copy(update={"steps": 2, "sample_prompts": 0})
     finetune(config, teacher, store, tmp_path / "cllm", log=quiet)
-    assert held_cllm(config, teacher, store, tmp_path / "cllm", "fp32", quiet) is not None
+    assert finished_cllm(config, teacher, store, tmp_path / "cllm", "fp32", quiet) is not None
     monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node 4 sets it in each process
-    assert held_cllm(config, teacher, store, tmp_path / "cllm", "fp32", quiet) is None
+    assert finished_cllm(config, teacher, store, tmp_path / "cllm", "fp32", quiet) is None
     as_launched = FinetuneConfig(**config.model_dump() | {"launch": {"processes": 4}})
-    assert held_cllm(as_launched, teacher, store, tmp_path / "cllm", "fp32", quiet) is None
+    assert finished_cllm(as_launched, teacher, store, tmp_path / "cllm", "fp32", quiet) is None
 
 
 def test_one_process_trains_in_fp32_then_in_bf16(tmp_path, teacher, store):
@@ -224,7 +227,7 @@ def test_ground_truth_labels_replace_the_teachers_response_and_a_missing_answer_
 
 
 def damage(case, tmp_path, store):
-    from cllm_core.shards import ShardStore
+    from cllm_core.data.shards import ShardStore
 
     shards = ShardStore(store)
     if case == "schema-version":
@@ -288,8 +291,8 @@ def test_a_checkpoint_from_another_config_is_refused_before_any_step(tmp_path, t
 
 def test_a_stop_request_ends_training_before_the_next_step_publishes_nothing_and_a_rerun_resumes(
         tmp_path, teacher, store):
-    """SIGTERM or Ctrl-C of `cllm train` (#14): the loop checks cllm_core.stopping before each step."""
-    from cllm_core.stopping import Stopped, clear_stop, request_stop
+    """SIGTERM or Ctrl-C of `cllm train` (#14): the loop checks cllm_core.engine.stopping before each step."""
+    from cllm_core.engine.stopping import Stopped, clear_stop, request_stop
 
     steps, lines = [], []
     try:
@@ -306,7 +309,7 @@ def test_a_stop_request_ends_training_before_the_next_step_publishes_nothing_and
 def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_equals_a_target_forward(
         store, tiny_model_dir):
     from cllm_core import load_model
-    from cllm_core.finetune import step_loss
+    from cllm_core.training.objectives import step_loss
 
     data = load_trajectories(store)
     draw = draw_items(3, 1, 0, len(data.items), seed=0)
@@ -324,7 +327,7 @@ def test_several_states_per_block_share_its_ar_row_and_reading_targets_off_it_eq
 
 def test_logits_only_where_the_losses_read_them_give_the_same_loss_and_gradient(store, tiny_model_dir):
     from cllm_core import load_model
-    from cllm_core.finetune import logits_head, step_loss
+    from cllm_core.training.objectives import logits_head, step_loss
 
     data = load_trajectories(store)
     batch = make_batch(data, draw_items(4, 1, 0, len(data.items), seed=0), 1, 0, seed=0, local=False, augment=0.5,
@@ -348,9 +351,10 @@ def test_logits_only_where_the_losses_read_them_give_the_same_loss_and_gradient(
 
 @pytest.mark.parametrize("objective", ["cllm", "jacobi_forcing"])
 def test_the_anchor_term_is_the_kl_from_the_frozen_starting_model_at_the_ar_labels(teacher, store, objective):
-    from cllm_core import forcing, load_model
-    from cllm_core.finetune import forcing_loss, frozen_anchor, step_loss
-    from cllm_core.samples import Sampler
+    from cllm_core import load_model
+    from cllm_core.training import forcing
+    from cllm_core.training.batches import Sampler
+    from cllm_core.training.objectives import forcing_loss, frozen_anchor, step_loss
 
     config = FAST.model_copy(update={"objective": objective, "anchor_weight": 3.0, "label_smoothing": 0.0})
     batch = Sampler(load_trajectories(store), config).batch(1)
@@ -474,16 +478,17 @@ def test_a_single_process_trains_on_the_cuda_device_the_model_names(monkeypatch)
     until that device is made current (#32.2). No GPU here: the CUDA calls are recorded, not made."""
     import types
 
-    import cllm_core.finetune
+    import cllm_core.training.setup
 
     made_current = []
     monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
-    monkeypatch.setattr(cllm_core.finetune, "Accelerator",
+    monkeypatch.setattr(cllm_core.training.setup, "Accelerator",
                         lambda **kwargs: types.SimpleNamespace(num_processes=1, device=torch.device("cuda"),
                                                                kwargs=kwargs))
-    accelerator = cllm_core.finetune._accelerator("no", torch.device("cuda", 1))
+    accelerator = cllm_core.training.setup.make_accelerator("no", torch.device("cuda", 1))
     assert made_current == [1] and accelerator.kwargs["cpu"] is False
-    assert cllm_core.finetune._accelerator("no", torch.device("cpu")).kwargs["cpu"] is True and made_current == [1]
+    on_cpu = cllm_core.training.setup.make_accelerator("no", torch.device("cpu"))
+    assert on_cpu.kwargs["cpu"] is True and made_current == [1]
 
 
 def test_a_run_its_guard_stops_is_published_loudly_and_the_next_run_resumes_at_that_step(tmp_path, teacher, store):
@@ -504,7 +509,7 @@ def test_trajectories_another_model_made_are_refused_as_the_teacher_retrained_in
                                                                                       store):
     """`cllm train` alone after the teacher was retrained in place trained on the old teacher's fixed points and
     exited 0: a silent stale result."""
-    from cllm_core.errors import UserError
+    from cllm_core.engine.errors import UserError
 
     retrained = tmp_path / "teacher"
     shutil.copytree(tiny_model_dir, retrained)

@@ -12,7 +12,7 @@ import yaml
 from prefect.logging import disable_run_logger
 from typer.testing import CliRunner
 
-from cllm_core.config import IngestConfig, ModelConfig
+from cllm_core.runtime.config import IngestConfig, ModelConfig
 from flows.cli import app
 from tasks.ingest import write_prompts
 from tests.test_teacher import TINY

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from cllm_core import forcing
-from cllm_core.config import FinetuneConfig
-from cllm_core.finetune import forcing_loss
-from cllm_core.forcing import CLEAN, NOISY, PADDING, PROMPT
+from cllm_core.runtime.config import FinetuneConfig
+from cllm_core.training import forcing
+from cllm_core.training.forcing import CLEAN, NOISY, PADDING, PROMPT
+from cllm_core.training.objectives import forcing_loss
 from tests.tiny import tiny_model
 
 
@@ -89,7 +89,7 @@ def test_one_packed_forward_equals_the_separate_forwards_it_stands_for(attention
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     """Each `.item()` on a loss term stalled a GPU's queue every step (#32.6): the terms stay device tensors, read
     once a log interval. Here any read of a tensor's value as a Python number fails."""
-    from cllm_core.finetune import _window_means
+    from cllm_core.training.loop import window_means
 
     model = tiny_model("llama").float()
     batch = _batch([forcing.pack([5, 6], noisy=[[10, 40], [42, 43]], clean=[[10, 11], [12, 2]])], ar_from=1)
@@ -102,7 +102,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     loss.backward()
     for name, original in originals.items():
         monkeypatch.setattr(torch.Tensor, name, original)
-    assert _window_means([terms, terms]) == pytest.approx(numbers(terms))
+    assert window_means([terms, terms]) == pytest.approx(numbers(terms))
 
 
 def test_the_loss_reads_the_counted_pairs_and_the_clean_stream():
@@ -136,7 +136,7 @@ def test_jacobi_forcing_refuses_what_it_cannot_mean():
 
 
 def _batch(packed, ar_from):
-    from cllm_core.samples import PackedBatch
+    from cllm_core.training.batches import PackedBatch
 
     (one,) = packed
     mask = [label >= 0 and i >= ar_from for i, label in enumerate(one.labels)]
@@ -160,7 +160,8 @@ def test_the_loss_under_bf16_autocast_is_the_fp32_loss_to_rounding():
 def test_a_packed_batch_pads_rows_and_counts_the_ar_labels_of_each_response():
     import datasets
 
-    from cllm_core.samples import TrajectoryData, make_packed_batch
+    from cllm_core.data.samples import TrajectoryData
+    from cllm_core.training.batches import make_packed_batch
 
     rows = datasets.Dataset.from_list([
         {"prompt_ids": [5, 6, 7], "response_ids": [10, 11, 12, 2],
@@ -189,7 +190,8 @@ def test_responses_packed_beside_each_other_see_only_themselves_and_give_the_one
     its own packed sequence, and the step's loss and gradient are those of one response per row."""
     import datasets
 
-    from cllm_core.samples import TrajectoryData, make_packed_batch
+    from cllm_core.data.samples import TrajectoryData
+    from cllm_core.training.batches import make_packed_batch
 
     rows = datasets.Dataset.from_list([
         {"prompt_ids": [5, 6, 7, 8], "response_ids": [10, 11, 12, 13, 14, 2],

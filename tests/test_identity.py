@@ -8,12 +8,14 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from cllm_core import ModelConfig, identity
-from cllm_core.collect import collection_record, plan
-from cllm_core.config import CollectConfig, FinetuneConfig
-from cllm_core.finetune import finetune
-from cllm_core.identity import SIDECAR, model_identity, seed_of
-from cllm_core.ingest import prompt_id
+from cllm_core import ModelConfig
+from cllm_core.data.collect import collection_record, plan
+from cllm_core.data.ingest import prompt_id
+from cllm_core.runtime import identity
+from cllm_core.runtime.config import CollectConfig, FinetuneConfig
+from cllm_core.runtime.identity import SIDECAR, seed_of
+from cllm_core.runtime.models import model_identity
+from cllm_core.training.finetune import finetune
 
 COLLECT = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=8, shard_size=8)  # tiny_trajectories'
 QUICK = FinetuneConfig(steps=1, batch_size=2, warmup_steps=0, log_every=1, checkpoint_every=100, sample_prompts=0,

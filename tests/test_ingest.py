@@ -5,11 +5,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from cllm_core.answers import extract_answer, is_correct
-from cllm_core.config import IngestConfig, ModelConfig
-from cllm_core.ingest import PROMPT_SCHEMA, ingest, prompt_id
-from cllm_core.sources import IngestError
-from cllm_core.templates import render_template
+from cllm_core.data.answers import extract_answer, is_correct
+from cllm_core.data.ingest import PROMPT_SCHEMA, ingest, prompt_id
+from cllm_core.data.sources import IngestError
+from cllm_core.data.templates import render_template
+from cllm_core.runtime.config import IngestConfig, ModelConfig
 
 GSM8K_QUESTION = "Janet has 3 apples. How many?"
 

@@ -96,7 +96,7 @@ def test_random_init_is_seeded_per_row():
 
 def test_a_stop_request_ends_decoding_before_the_next_pass():
     """SIGTERM once waited for a whole shard (#14): the one Jacobi loop now checks for a stop before each pass."""
-    from cllm_core.stopping import Stopped, clear_stop, request_stop
+    from cllm_core.engine.stopping import Stopped, clear_stop, request_stop
 
     model = successor()
     steps = jacobi_steps(model, PROMPT, n_tokens=4, max_new_tokens=8, eos_token_id=[])
@@ -123,7 +123,7 @@ def test_lookup_drafts_turn_a_cycle_the_successor_model_walks_token_by_token_int
 
 
 def test_a_lookup_draft_continues_the_latest_earlier_occurrence_of_the_longest_matching_tail():
-    from cllm_core.jacobi import lookup_draft
+    from cllm_core.engine.drafts import lookup_draft
 
     context = [5, 1, 2, 9, 7, 1, 2, 3, 4, 1, 2]
     assert lookup_draft(context, 3, ngram=2) == [3, 4, 1]  # "1 2" last seen at 5..6

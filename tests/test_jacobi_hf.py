@@ -1,9 +1,9 @@
 """Tier (b): on tiny random Hugging Face models, Jacobi output == greedy `generate`, token for token (fp32)."""
 
 import pytest
-import torch
 
-from cllm_core import forwards, jacobi_generate, reference_jacobi_generate
+from cllm_core import jacobi_generate, reference_jacobi_generate
+from cllm_core.engine import forwards
 from tests.tiny import PAD, prompts, tiny_model
 
 MAX_NEW = 40
@@ -164,114 +164,3 @@ def test_a_batch_feeds_each_row_what_it_feeds_alone_packed_exactly_that_padded_w
     assert padded.live_fed_tokens == sum(one.fed_tokens for one in alone)
     assert padded.fed_tokens > padded.live_fed_tokens
     assert padded.fed_share == padded.live_fed_tokens / padded.fed_tokens
-
-
-def test_a_sliding_window_cache_is_left_uncompacted_and_decodes_exactly(monkeypatch):
-    """Regression: compaction gathered a sliding-window layer's keys but not the length it tracks itself, and
-    the next forward's mask no longer matched them."""
-    model = tiny_model("mistral")
-    model.generation_config.eos_token_id = None
-    assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4), forwards.PaddedForward)  # never packed
-    monkeypatch.setattr(forwards, "COMPACT_AT", 0.0)  # whenever a slot could be freed
-    ids, mask = prompts(4)
-    out = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD,
-                          init="random", seed=5, carry=False)
-    assert out.sequences.tolist() == greedy(model, ids, mask, eos=None).tolist()
-
-
-@pytest.mark.parametrize(("carry", "blocks", "pool"), [(False, 1, 0), (True, 1, 0), (True, 2, 4)])
-def test_the_packed_forward_visits_the_padded_forwards_states_and_gives_greedy_tokens(model, monkeypatch, carry,
-                                                                                     blocks, pool):
-    """Rows packed into one sequence with a ragged cache, or padded with holes: the same trajectories state for
-    state, the same passes per row, and greedy `generate`'s tokens, as rows finish and leave (the buffer then
-    drops them) and recycled branches win (their slots then move to the front of what the row wrote)."""
-    ids, mask = prompts(4)
-    eos = [eos_from_output(model, ids, mask)]
-    runs = {}
-    for pack in (True, False):
-        monkeypatch.setattr(forwards, "PACK", pack)
-        assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4),
-                          forwards.PackedForward if pack else forwards.PaddedForward)
-        runs[pack] = jacobi_generate(model, ids, mask, n_tokens=8, max_new_tokens=MAX_NEW, eos_token_id=eos,
-                                     pad_token_id=PAD, init="random", seed=3, carry=carry, blocks=blocks,
-                                     open_at=0.5, pool=pool, lookup=1, return_trajectories=True)
-    packed, padded = runs[True], runs[False]
-    assert packed.sequences.tolist() == padded.sequences.tolist() == greedy(model, ids, mask, eos=eos).tolist()
-    assert [[b.states for b in row] for row in packed.trajectories] == \
-        [[b.states for b in row] for row in padded.trajectories]
-    assert packed.stats.row_forwards == padded.stats.row_forwards
-    assert packed.stats.fed_share == 1.0
-
-
-def test_a_packed_decode_leaves_the_models_attention_as_it_was_and_plain_forwards_meanwhile_unchanged(model):
-    """The packed forward routes the model's attention through its own function only while it runs; a forward of
-    the same model without its layout meanwhile (another thread's) gets transformers' SDPA, mask and all."""
-    ids, mask = prompts(4)
-    with torch.inference_mode():
-        before = model(ids, attention_mask=mask).logits
-        with forwards._packed_attention(model):
-            assert model.config._attn_implementation == forwards.PACKED
-            during = model(ids, attention_mask=mask).logits
-            # a decode that starts meanwhile is packed all the same: its path does not depend on timing
-            assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4), forwards.PackedForward)
-    assert torch.equal(before, during)
-    jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
-    assert model.config._attn_implementation == "sdpa"
-
-
-def test_models_the_packed_forward_cannot_serve_and_batches_below_pack_from_get_the_padded_one(model, monkeypatch):
-    """Eager attention (not SDPA), models that are not transformers models (the fakes) and batches of fewer than
-    `PACK_FROM` rows decode padded."""
-    from tests.fakes import successor
-
-    monkeypatch.setattr(forwards, "PACK_FROM", 8)
-    cpu = torch.device("cpu")
-    assert isinstance(forwards.make_forward(model, cpu, 7), forwards.PaddedForward)
-    assert isinstance(forwards.make_forward(model, cpu, 8), forwards.PackedForward)
-    # CUDA decodes padded until a variable-length path is measured there (#32.5): the packed one's dense mask
-    # keeps SDPA off its fused kernels (a CUDA device object needs no GPU)
-    assert isinstance(forwards.make_forward(model, torch.device("cuda"), 64), forwards.PaddedForward)
-
-    model.set_attn_implementation("eager")
-    try:
-        assert isinstance(forwards.make_forward(model, cpu, 8), forwards.PaddedForward)
-    finally:
-        model.set_attn_implementation("sdpa")
-    assert isinstance(forwards.make_forward(successor(), cpu, 8), forwards.PaddedForward)
-
-
-def test_the_ragged_mask_lets_each_row_see_its_committed_slots_then_its_own_fed_slots_causally():
-    """Hand-written: row 0 holds 2 committed slots and feeds 3 tokens, row 1 holds 3 and feeds 1 (2 padding
-    queries); S = max(2 + 3, 3 + 1) = 5. Padding queries see what the row's last token sees (their output is
-    dropped); nothing sees a slot past the row's own."""
-    kind = torch.tensor([[0, 1, 1], [0, -1, -1]])
-    mask = forwards._ragged_mask(torch.tensor([2, 3]), torch.tensor([3, 1]), forwards._own(kind))
-    assert mask.shape == (2, 1, 3, 5)
-    assert mask[0, 0].int().tolist() == [[1, 1, 1, 0, 0],
-                                         [1, 1, 1, 1, 0],
-                                         [1, 1, 1, 1, 1]]
-    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0]] * 3
-
-
-def test_one_token_prompts_padded_wider_decode_packed_without_a_prefill(model):
-    """Regression: without carry the prefill stops before each prompt's last token; prompts of one token padded to
-    two left it nothing to feed, and the packed forward built an empty mask and failed."""
-    ids, mask = torch.tensor([[PAD, 5], [PAD, 9]]), torch.tensor([[0, 1], [0, 1]])
-    assert isinstance(forwards.make_forward(model, torch.device("cpu"), 2), forwards.PackedForward)
-    out = jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD,
-                          init="random", carry=False)
-    assert out.sequences.tolist() == greedy(model, ids, mask, eos=None).tolist()
-
-
-def test_attention_the_packed_forward_does_not_serve_fails_in_one_line_before_a_token():
-    """A Mistral whose layers are all full attention but whose config keeps a sliding window passes the window to
-    its attention: the packed mask would ignore it, so the first forward refuses, naming it and the way out."""
-    model = tiny_model("mistral")
-    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
-    model.config.sliding_window = 4
-    ids, mask = prompts(4)
-    assert isinstance(forwards.make_forward(model, torch.device("cpu"), 4), forwards.PackedForward)  # plain layers
-    refusal = r"does not serve this MistralAttention \(sliding_window\).*attn_implementation: eager"
-    with pytest.raises(ValueError, match=refusal):
-        jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=8, eos_token_id=[], pad_token_id=PAD)
-    assert model.config._attn_implementation == "sdpa"

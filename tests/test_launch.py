@@ -3,21 +3,22 @@ process's events, names a failed process in one line, and resumes from the check
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cllm_core.config import FinetuneConfig, LaunchSection, ModelConfig
-from cllm_core.finetune import finetune
-from cllm_core.launch import STALL_S, Relay, accelerate_command, failure, launch_finetune, launched
-from cllm_core.stopping import Stopped, clear_stop, request_stop
+from cllm_core.engine.stopping import Stopped, clear_stop, request_stop
+from cllm_core.runtime.config import FinetuneConfig, LaunchSection, ModelConfig
+from cllm_core.training.finetune import finetune
+from cllm_core.training.launch import STALL_S, EventRelay, accelerate_command, failure, launch_finetune, launched
 
 INJECT = Path(__file__).with_name("inject")
 ROOT_CAUSE = """[rank0]: RuntimeError: [gloo] Connection closed by peer
 E1204 03:06:59.912000 15441 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: -9)
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ============================================================
-cllm_core.launch FAILED
+cllm_core.training.worker FAILED
 ------------------------------------------------------------
 Failures:
 [1]:
@@ -48,7 +49,7 @@ def test_one_ddp_process_trains_in_place_more_or_fsdp_are_launched():
 def test_the_launch_command_asks_accelerate_for_what_the_config_says(tmp_path):
     ddp = accelerate_command(LaunchSection(processes=2), "fp32", False, cuda=False, port=29500, work=tmp_path)
     assert ddp[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert ddp[-3:] == ["--module", "cllm_core.launch", str(tmp_path / "spec.json")]
+    assert ddp[-3:] == ["--module", "cllm_core.training.worker", str(tmp_path / "spec.json")]
     assert _option(ddp, "--config_file") == str(tmp_path / "accelerate.yaml")  # not the user's default config
     assert "--multi_gpu" in ddp and "--cpu" not in ddp  # `--cpu` with 2 processes starts one, silently
     assert int(_option(ddp, "--num_cpu_threads_per_process")) >= 1  # accelerate's default: 1
@@ -86,8 +87,8 @@ def test_the_process_count_is_in_the_fingerprint_how_they_share_the_model_is_not
 
 def test_the_relay_replays_whole_lines_and_waits_for_a_line_being_written(tmp_path):
     path, seen = tmp_path / "events.jsonl", []
-    relay = Relay(path, {"log": seen.append, "metrics": lambda step, figures: seen.append((step, figures)),
-                         "samples": None})
+    relay = EventRelay(path, {"log": seen.append, "metrics": lambda step, figures: seen.append((step, figures)),
+                              "samples": None})
     relay.poll()  # nothing written yet
     path.write_text(json.dumps({"kind": "log", "args": ["one"]}) + "\n" + '{"kind": "metrics", "ar')
     relay.poll()
@@ -195,6 +196,20 @@ def test_a_launch_that_sends_nothing_for_long_says_so_once_with_every_processs_s
     stacks = {rank: (tmp_path / f"cllm.launch/stacks-{rank}.txt").read_text() for rank in (0, 1)}
     assert "sitecustomize.py" in stacks[1] and "in batch" in stacks[1], stacks[1]  # where rank 1 sleeps
     assert "in fit" in stacks[0], stacks[0]  # rank 0: in the training loop, waiting for rank 1
+    pids = [int((tmp_path / f"cllm.launch/pid-{rank}.txt").read_text()) for rank in (0, 1)]
+    deadline = time.monotonic() + 60  # the stop ends the launcher; its agent ends the ranks, which end themselves
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:  # once their caller is gone at the latest
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids), f"ranks left running after the stop: {pids}"
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid runs (a zombie, already ended, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_two_fine_tunings_into_one_directory_are_refused_and_a_reused_pid_is_not_the_caller(tmp_path):
@@ -203,20 +218,21 @@ def test_two_fine_tunings_into_one_directory_are_refused_and_a_reused_pid_is_not
     import os
     import subprocess
 
-    from cllm_core.errors import UserError
-    from cllm_core.files import exclusive, wait_unheld
-    from cllm_core.finetune import lock_path, workers_lock_path
-    from cllm_core.launch import _alive, process_start
+    from cllm_core.engine.errors import UserError
+    from cllm_core.runtime.files import exclusive, wait_unheld
+    from cllm_core.training.finetune import lock_path, workers_lock_path
+    from cllm_core.training.launch import process_start
+    from cllm_core.training.worker import caller_alive
 
     out = tmp_path / "cllm"
     with exclusive(lock_path(out), "fine-tuning into it"):  # another run holds the directory
         with pytest.raises(UserError, match=rf"another process \(pid {os.getpid()}\) is fine-tuning into {out}"):
             finetune(FinetuneConfig(steps=1), ModelConfig(name_or_path="x"), str(tmp_path / "store"), out)
-    assert _alive(os.getpid(), process_start(os.getpid()))
-    assert not _alive(os.getpid(), "1")  # the same pid, started at another time: another process
-    assert not _alive(2 ** 22 + 7, None)  # above the kernel's largest pid: no such process
+    assert caller_alive(os.getpid(), process_start(os.getpid()))
+    assert not caller_alive(os.getpid(), "1")  # the same pid, started at another time: another process
+    assert not caller_alive(2 ** 22 + 7, None)  # above the kernel's largest pid: no such process
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cllm_core.files import "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cllm_core.runtime.files import "
                                f"shared_until_exit; shared_until_exit({str(workers_lock_path(out))!r}); "
                                "print('held', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"  # an earlier launch's process, still alive

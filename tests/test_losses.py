@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from cllm_core.config import FinetuneConfig
-from cllm_core.finetune import lr_factor
-from cllm_core.losses import ar_loss, consistency_kl, consistency_mask, first_wrong
-from cllm_core.samples import augment_state
+from cllm_core.runtime.config import FinetuneConfig
+from cllm_core.training.batches import augment_state
+from cllm_core.training.losses import ar_loss, consistency_kl, consistency_mask, first_wrong
+from cllm_core.training.setup import lr_factor
 
 
 def logits(seed: int, shape=(2, 4, 11)) -> torch.Tensor:

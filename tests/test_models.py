@@ -7,9 +7,9 @@ import torch
 from pydantic import ValidationError
 
 from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_model, load_tokenizer
-from cllm_core.errors import UserError
-from cllm_core.models import resolve_source
-from cllm_core.prompts import encode, read_prompts, render
+from cllm_core.data.prompts import encode, read_prompts, render
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.models import resolve_source
 
 
 def test_smollm2_loads_from_its_package_and_jacobi_matches_greedy(smollm2):
@@ -70,7 +70,7 @@ def test_modelling_code_shipped_with_a_model_runs_only_when_the_profile_asks(tin
     import json
     import shutil
 
-    from cllm_core.config import Profile, read_profile
+    from cllm_core.runtime.config import Profile, read_profile
 
     custom, ran = tmp_path / "custom", tmp_path / "shipped-code-ran"
     shutil.copytree(tiny_model_dir, custom)
@@ -97,7 +97,7 @@ def test_a_gguf_tokenizer_is_converted_once_and_read_back_the_same_from_the_cach
     import transformers
 
     from cllm_core import SMOLLM2
-    from cllm_core.models import tokenizer_fingerprint
+    from cllm_core.runtime.models import tokenizer_fingerprint
 
     monkeypatch.setenv("CLLM_CACHE", str(tmp_path / "cache"))
     converted = load_tokenizer(SMOLLM2)

@@ -151,9 +151,9 @@ def test_a_teacher_below_its_quality_floor_stops_the_pipeline_in_one_line(prefec
 
 def test_a_mostly_repetitive_collection_stops_the_pipeline_before_fine_tuning(prefect_server, tiny_profile,
                                                                              monkeypatch):
-    import cllm_core.trajectories
+    import cllm_core.data.trajectories
 
-    monkeypatch.setattr(cllm_core.trajectories, "repetitive", lambda response: True)  # a teacher that only repeats
+    monkeypatch.setattr(cllm_core.data.trajectories, "repetitive", lambda response: True)  # a teacher that only repeats
     result = runner.invoke(app, ["run", "--config", str(tiny_profile)])
     assert result.exit_code == 1, result.output
     assert "\nerror: 9 of 9 collected responses (100%) are degenerate repetition, above collect.max_repetitive " \

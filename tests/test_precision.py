@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cllm_core import precision
-from cllm_core.config import Profile
-from cllm_core.muon import Muon
-from cllm_core.precision import resolve
+from cllm_core.runtime import precision
+from cllm_core.runtime.config import Profile
+from cllm_core.runtime.precision import resolve
+from cllm_core.training.muon import Muon
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,8 @@ def test_smollm2_becomes_a_cllm_that_loads_as_an_ordinary_model_and_decodes_exac
     from transformers import AutoModelForCausalLM
 
     from cllm_core import ModelConfig, ar_generate, jacobi_generate, load_tokenizer
-    from cllm_core.collect import read_prompt_table
-    from cllm_core.prompts import encode
+    from cllm_core.data.collect import read_prompt_table
+    from cllm_core.data.prompts import encode
 
     work = tmp_path / "work"
     result = CliRunner().invoke(app, ["run", "--config", str(ROOT / "configs/smollm2-smoke.yaml"), "--work-dir",

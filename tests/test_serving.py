@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
-from cllm_core.prompts import encode, render
-from cllm_core.shipping import ship_generate
+from cllm_core.data.prompts import encode, render
+from cllm_core.training.shipping import ship_generate
 from tasks.finetune import log_cllm
 from tests.servers import free_port, wait_healthy
 

@@ -2,6 +2,7 @@
 is the engine's modules bundled (regenerated here and compared), it needs neither this project nor anything but
 torch and transformers, and its output is greedy `generate`'s, token for token (fp32)."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from cllm_core import jacobi_generate
-from cllm_core.shipping import SHIPPED, bundle, ship_generate
+from cllm_core.training.shipping import SHIPPED, bundle, ship_generate
+from tests.test_layering import ROOT, module_graph
 from tests.tiny import PAD, prompts, tiny_model
 
 MAX_NEW = 40
@@ -35,9 +37,30 @@ def model(cllm_dir):
     return AutoModelForCausalLM.from_pretrained(cllm_dir).eval()
 
 
-def test_the_shipped_file_is_the_engine_bundled(cllm_dir):
-    assert (cllm_dir / SHIPPED).read_text() == bundle()  # an engine change without reshipping fails here
-    assert "def jacobi_generate(" in bundle() and "from cllm_core" not in bundle()
+def test_the_shipped_file_is_the_engines_source_read_afresh(cllm_dir):
+    """Checked against the engine's source as it is now, read here, not against `bundle()`: every top-level
+    definition of every engine module the adapter imports (however deep) is in the shipped file verbatim, each
+    module after the modules it imports, and nothing else of the project."""
+    shipped = (cllm_dir / SHIPPED).read_text()
+    graph = module_graph()
+    needed, frontier = set(), ["cllm_core.engine.hf_generate"]
+    while frontier:
+        module = frontier.pop()
+        if module not in needed:
+            needed.add(module)
+            frontier += graph[module]
+    assert needed >= {"cllm_core.engine.jacobi", "cllm_core.engine.forwards", "cllm_core.engine.errors"}
+    starts = {}
+    for module in needed:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        source = path.read_text()
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                assert ast.get_source_segment(source, node) in shipped, f"{path}: {node.name} is not shipped as it is"
+        starts[module] = shipped.index(f"# ---- {path.relative_to(ROOT)} ----")
+    assert all(starts[dependency] < starts[module] for module in needed for dependency in graph[module])
+    assert "cllm_core" not in "".join(line for line in shipped.splitlines() if line.startswith(("from", "import")))
+    assert shipped == bundle()  # and shipping writes what bundling makes
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -65,11 +88,14 @@ def test_generate_with_the_shipped_method_equals_greedy_generate(model, cllm_dir
     assert torch.equal(bare, expected)  # a plain tensor, as generate returns; n_tokens chosen by the caller
 
 
-def test_from_pretrained_with_trust_remote_code_makes_the_shipped_method_the_models_generate(cllm_dir):
-    model = AutoModelForCausalLM.from_pretrained(cllm_dir, trust_remote_code=True).eval()
+def test_from_pretrained_with_trust_remote_code_makes_the_shipped_method_the_models_generate(cllm_dir, model):
+    remote = AutoModelForCausalLM.from_pretrained(cllm_dir, trust_remote_code=True).eval()
     ids, mask = prompts(1)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True)
-    assert out.forwards is not None and out.forwards < MAX_NEW
+    out = remote.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, return_dict_in_generate=True)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
+    engine = jacobi_generate(model, ids, mask, n_tokens=6, max_new_tokens=MAX_NEW, pad_token_id=PAD)
+    assert torch.equal(out.sequences, greedy)  # the tokens, and Jacobi's passes: the trained block size's
+    assert out.forwards == engine.stats.forwards < MAX_NEW
 
 
 def test_a_streamer_receives_each_pass_in_the_order_of_the_sequences(model, cllm_dir):
@@ -143,7 +169,7 @@ def test_a_text_streamer_prints_the_decoded_text(model, cllm_dir, tiny_model_dir
 
 def test_reshipping_leaves_an_unchanged_file_alone_and_replaces_a_changed_one_whole(tmp_path, monkeypatch):
     """A reused CLLM's generate.py was truncated and rewritten in place while a `generate` might load it (#32.11)."""
-    import cllm_core.files
+    import cllm_core.runtime.files
 
     path = ship_generate(tmp_path)
     before = path.stat()
@@ -154,7 +180,7 @@ def test_reshipping_leaves_an_unchanged_file_alone_and_replaces_a_changed_one_wh
     def failing(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cllm_core.files.os, "fsync", failing)
+    monkeypatch.setattr(cllm_core.runtime.files.os, "fsync", failing)
     with pytest.raises(OSError, match="disk full"):
         ship_generate(tmp_path)
     assert path.read_text() == "# an older engine\n"  # the old file whole, no half-written new one

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from cllm_core import ModelConfig, jacobi_generate, load_model, load_tokenizer
-from cllm_core.baselines import ar_generate
-from cllm_core.config import TeacherConfig
-from cllm_core.identity import model_identity
-from cllm_core.teacher import answer_accuracy, build_teacher, learning_rate, train_tokenizer
+from cllm_core.engine.baselines import ar_generate
+from cllm_core.runtime.config import TeacherConfig
+from cllm_core.runtime.models import model_identity
+from cllm_core.training.teacher import answer_accuracy, build_teacher
+from cllm_core.training.teacher_model import learning_rate, train_tokenizer
 from data.synthetic_math import splits
 
 # A few seconds of training: enough to exercise every part, not to learn arithmetic.
@@ -101,7 +102,7 @@ def test_a_teacher_stopped_by_its_guard_says_so_in_one_loud_line(tmp_path):
 
 @pytest.mark.slow  # trains teachers
 def test_a_teacher_below_its_quality_floor_is_one_line_and_is_not_kept(tmp_path):
-    from cllm_core.guards import BelowQualityFloor
+    from cllm_core.runtime.guards import BelowQualityFloor
 
     with pytest.raises(BelowQualityFloor) as error:
         build_teacher(TINY.model_copy(update={"min_accuracy": 0.99}), tmp_path / "t", log=lambda line: None,
@@ -112,8 +113,8 @@ def test_a_teacher_below_its_quality_floor_is_one_line_and_is_not_kept(tmp_path)
 
 
 def test_a_stop_request_ends_training_before_the_next_step_and_publishes_no_teacher(tmp_path):
-    """SIGTERM or Ctrl-C of `cllm teacher` (#14): the loop checks cllm_core.stopping before each step."""
-    from cllm_core.stopping import Stopped, clear_stop, request_stop
+    """SIGTERM or Ctrl-C of `cllm teacher` (#14): the loop checks cllm_core.engine.stopping before each step."""
+    from cllm_core.engine.stopping import Stopped, clear_stop, request_stop
 
     request_stop()
     try:

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cllm_core import jacobi_generate
-from cllm_core.config import EvalConfig, JacobiConfig
-from cllm_core.evaluate import with_block_size
-from cllm_core.precision import device_name, for_model
-from cllm_core.tuning import DecodingChoice, choose_decoding
+from cllm_core.evaluation.evaluate import with_block_size
+from cllm_core.evaluation.tuning import DecodingChoice, choose_decoding
+from cllm_core.runtime.config import EvalConfig, JacobiConfig
+from cllm_core.runtime.precision import device_name, for_model
 from tests.tiny import tiny_model
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaModel
 
 from cllm_core import ar_generate, jacobi_generate, lookup_generate, reference_jacobi_generate
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
 from tests.fakes import constant
 from tests.tiny import tiny_model
 
@@ -74,7 +74,7 @@ def test_every_shipped_profile_and_deployment_parameter_set_validates():
 
     import yaml
 
-    from cllm_core.config import Profile, load_profile
+    from cllm_core.runtime.config import Profile, load_profile
 
     root = Path(__file__).parents[1]
     profiles = sorted((root / "configs").glob("*.yaml"))
@@ -94,7 +94,7 @@ def test_an_attention_kernel_that_ignores_custom_masks_is_refused_before_any_wor
     (#32.4). A profile says so when it is read, a model loaded with it at the first decode."""
     from pydantic import ValidationError
 
-    from cllm_core.config import ModelConfig
+    from cllm_core.runtime.config import ModelConfig
 
     with pytest.raises(ValidationError, match="Input should be 'sdpa' or 'eager'"):
         ModelConfig(name_or_path="x", attn_implementation="flash_attention_2")

@@ -11,8 +11,8 @@ from rich.console import Group
 from rich.live import Live
 from rich.text import Text
 
-from cllm_core.config import Profile
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import Profile
 from flows.cli.base import command, console
 from flows.cli.startup import announce_precision
 
@@ -30,7 +30,7 @@ def decode(
 ) -> None:
     """Decode one prompt with Jacobi decoding and show every pass: committed tokens highlighted."""
     from cllm_core import jacobi_steps, load_model, load_tokenizer
-    from cllm_core.prompts import encode, render
+    from cllm_core.data.prompts import encode, render
 
     if no_chat:
         raise UserError("--no-chat is now --no-template (skip the chat template); --chat starts a session")
@@ -69,7 +69,7 @@ def session(lm, tokenizer, profile: Profile, first: str | None, template: bool) 
     from transformers import TextStreamer
 
     from cllm_core import jacobi_generate
-    from cllm_core.prompts import encode
+    from cllm_core.data.prompts import encode
 
     use_template = template and bool(tokenizer.chat_template)
     arguments = profile.decode.arguments(lm)

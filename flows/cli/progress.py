@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cllm_core.records import ShardManifest
+from cllm_core.runtime.records import ShardManifest
 from flows.cli import startup
 from flows.cli.base import console
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cllm_core.config import Profile, masked
+from cllm_core.runtime.config import Profile, masked
 from flows.cli.base import command, console
 
 

@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from cllm_core.config import ModelConfig, Profile, TeacherConfig, masked
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import ModelConfig, Profile, TeacherConfig, masked
 from flows.cli.base import command, console
 from flows.cli.progress import live_progress
 from flows.cli.startup import announce_precision, start_prefect
@@ -44,7 +44,7 @@ def teacher(profile: Profile, progress: ProgressOption = True) -> None:
     """Train the demo teacher from scratch into <work_dir>/teacher, or reuse it if its config is unchanged."""
     announce_precision(profile.precision, "cpu")
     start_prefect(profile.work_dir, profile.tracking)
-    from cllm_core.teacher import describe_teacher
+    from cllm_core.training.teacher import describe_teacher
     from flows.teacher import train_teacher
 
     with live_progress(progress):
@@ -92,7 +92,7 @@ def train(profile: Profile, store: StoreOption = None, progress: ProgressOption 
         raise UserError("no teacher: pass --model ID_OR_DIR or --config configs/PROFILE.yaml")
     announce_precision(profile.precision, profile.model.device)
     start_prefect(profile.work_dir, profile.tracking)
-    from cllm_core.finetune import describe_cllm
+    from cllm_core.training.finetune import describe_cllm
     from flows.finetune import consistency_finetune
 
     with live_progress(progress):
@@ -109,7 +109,7 @@ def run_pipeline(profile: Profile, progress: ProgressOption = True) -> None:
     """The whole pipeline from one profile: (teacher) -> ingest -> collect -> fine-tune -> evaluate."""
     start_prefect(profile.work_dir, profile.tracking)
     announce_precision(profile.precision, profile.model.device if profile.model else "cpu")
-    from cllm_core.report import markdown_table
+    from cllm_core.evaluation.report import markdown_table
     from flows.pipeline import cllm_pipeline
     from tasks.tracking import tracking_uri
 
@@ -139,7 +139,7 @@ def evaluate(
             models["cllm"] = profile.model.derived(profile.work_dir / "cllm")
     announce_precision(profile.precision, next(iter(models.values())).device)
     start_prefect(profile.work_dir, profile.tracking)
-    from cllm_core.report import markdown_table
+    from cllm_core.evaluation.report import markdown_table
     from flows.evaluate import evaluate_speedup
 
     result = evaluate_speedup(profile.evaluate, models, profile.work_dir, profile.tracking, profile.precision)

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from cllm_core.config import TrackingConfig
-from cllm_core.errors import UserError
+from cllm_core.engine.errors import UserError
+from cllm_core.runtime.config import TrackingConfig
 from flows.cli.base import console, created, input_errors
 from flows.server import REMEDY, TemporaryServer
 
@@ -18,7 +18,7 @@ from flows.server import REMEDY, TemporaryServer
 def announce_precision(setting: str, device: str, name_or_path: str | None = None):
     """Resolve the precision once for this process and say it, before any work: the same choice every stage uses
     (with `name_or_path`, a CLLM's own measured choice where `auto` allows it)."""
-    from cllm_core.precision import for_model, resolve
+    from cllm_core.runtime.precision import for_model, resolve
 
     resolved = for_model(setting, name_or_path, device) if name_or_path else resolve(setting, device)
     console.print(resolved.describe(), highlight=False, soft_wrap=True)
@@ -48,7 +48,7 @@ def start_prefect(work_dir: Path, tracking: TrackingConfig) -> None:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     import transformers
 
-    import cllm_core.models  # noqa: F401  (torch and transformers: every stage loads a tokenizer or a model)
+    import cllm_core.runtime.models  # noqa: F401  (torch and transformers: every stage loads a tokenizer or a model)
 
     # Hugging Face's bars (a model load, a dataset split) end mid-line, before the next line of this command
     transformers.utils.logging.disable_progress_bar()

@@ -9,7 +9,7 @@ import os
 if os.environ.get("RANK") == "1" and os.environ.get("CLLM_TEST_FAIL"):
     import signal
 
-    from cllm_core.samples import Sampler
+    from cllm_core.training.batches import Sampler
 
     real_batch = Sampler.batch
 
