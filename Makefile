@@ -31,7 +31,7 @@ test: $(STAMP)
 
 # The fast tiers while you work (under a minute): no servers, subprocess pipelines, DDP or SmolLM2.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 # The documentation site (docs/, mkdocs.yml) into site/, strict: a broken link or a page left out fails it.
 docs: $(STAMP)
