@@ -29,7 +29,8 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
-# The fast tiers while you work (under a minute): no servers, subprocess pipelines, DDP or SmolLM2.
+# The fast tiers while you work (about a minute on 2 cores: 464 tests in 40-44 s of pytest on either CPU class):
+# no servers, subprocess pipelines, DDP or SmolLM2.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
