@@ -1,6 +1,7 @@
 """The two forwards of the Jacobi loop (cllm_core/engine/forwards.py, packed.py): which one a model and batch get,
 packed against padded (the same predictions, their logits within a stated tolerance in fp32 and bf16, the same
 trajectories), the packed attention switch (and under two threads at once), and the refusals."""
+# ruff: noqa: F811 (the tiny models and the packing switch are test_jacobi_hf's fixtures, imported: tests take them by name)
 
 import copy
 import threading
@@ -11,22 +12,8 @@ import torch
 from cllm_core import jacobi_generate
 from cllm_core.engine import forwards, packed
 from cllm_core.engine.slots import Slot, sees_in_pass
-from tests.test_jacobi_hf import MAX_NEW, eos_from_output, greedy
+from tests.test_jacobi_hf import MAX_NEW, eos_from_output, greedy, model, pack_small_batches  # noqa: F401
 from tests.tiny import PAD, prompts, tiny_model
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
-def model(request):
-    model = tiny_model(request.param)
-    model.generation_config.eos_token_id = None  # `generate` stops only where a test asks it to
-    return model
-
-
-@pytest.fixture(autouse=True)
-def pack_small_batches(monkeypatch):
-    """Batches of 2 rows and more decode packed here (by default from 8)."""
-    monkeypatch.setattr(forwards, "PACK_FROM", 2)
-
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.1}
 """The largest difference between a packed and a padded forward's logits, per dtype: the packed forward sums the
