@@ -519,3 +519,31 @@ def test_trajectories_another_model_made_are_refused_as_the_teacher_retrained_in
     model.save_pretrained(retrained)  # the same path and tokenizer, other weights
     with pytest.raises(UserError, match="were collected from another model .* retrained in place; collect them"):
         finetune(FAST, ModelConfig(name_or_path=str(retrained)), store, tmp_path / "cllm", log=quiet)
+
+
+def test_a_rate_that_makes_the_cllm_forget_the_teacher_stops_in_one_line_before_anything_is_published(
+        tmp_path, teacher, store):
+    """LoRA's learning rate had no guard: at r32 and lr 1e-2 the demo's CLLM collapsed to repetition (2% against
+    99%) and training went on to the end and published it."""
+    from cllm_core.runtime.guards import Diverged
+
+    lora = {"rank": 8, "alpha": 256, "target_modules": ["all-linear"]}
+    wild = FinetuneConfig(**FAST.model_dump() | {"lr": 1.0, "warmup_steps": 0, "lora": lora})
+    with pytest.raises(Diverged, match=r"^fine-tuning diverged at step \d+: AR loss .* lower finetune.lr, or the "
+                                       r"adapters' rank or alpha \(finetune.lora\) \(nothing was published\)$"):
+        finetune(wild, teacher, store, tmp_path / "cllm", log=quiet)
+    assert not (tmp_path / "cllm").exists()
+    unguarded = finetune(wild.model_copy(update={"max_ar_rise": None}), teacher, store, tmp_path / "free", log=quiet)
+    assert unguarded.metrics["final_ar"] - unguarded.history[0]["ar"] > wild.max_ar_rise  # what the guard stops
+
+
+def test_the_divergence_guard_reads_the_first_interval_and_stops_on_a_loss_that_is_not_finite():
+    from cllm_core.runtime.guards import Diverged, check_divergence
+
+    healthy = [{"step": 10, "ar": 0.31, "loss": 9.4}, {"step": 20, "ar": 1.3, "loss": 8.0}]
+    check_divergence(healthy, 1.0, lora=False)
+    check_divergence(healthy + [{"step": 30, "ar": 9.0, "loss": 20.0}], None, lora=False)
+    with pytest.raises(Diverged, match="step 30: AR loss 1.320 against 0.310 .* lower finetune.lr \\(nothing"):
+        check_divergence(healthy + [{"step": 30, "ar": 1.32, "loss": 8.0}], 1.0, lora=False)
+    with pytest.raises(Diverged, match="step 30: AR loss nan"):
+        check_divergence(healthy + [{"step": 30, "ar": float("nan"), "loss": float("nan")}], 1.0, lora=False)

@@ -9,6 +9,8 @@ one line).
 
 from __future__ import annotations
 
+import math
+
 from cllm_core.engine.errors import UserError
 from cllm_core.runtime.config import PromoteConfig
 from cllm_core.runtime.records import ShardManifest, SummaryRow
@@ -24,6 +26,25 @@ class TooRepetitive(UserError):
 
 class NothingCollected(UserError):
     """A collection holds no trajectory (every prompt left out): there is nothing to fine-tune on."""
+
+
+class Diverged(UserError):
+    """Fine-tuning drove the AR loss far above where it started: the CLLM is forgetting the teacher's outputs."""
+
+
+def check_divergence(history: list[dict], max_rise: float | None, lora: bool) -> None:
+    """Raise `Diverged` when the latest log interval's AR loss is not finite or is more than `max_rise` nats above
+    the run's first interval's (`history`: the loop's logged intervals, first to latest)."""
+    if max_rise is None or not history:
+        return
+    first, latest = history[0]["ar"], history[-1]
+    if math.isfinite(latest["loss"]) and latest["ar"] - first <= max_rise:
+        return
+    remedy = ("lower finetune.lr, or the adapters' rank or alpha (finetune.lora)" if lora
+              else "lower finetune.lr")
+    raise Diverged(f"fine-tuning diverged at step {latest['step']}: AR loss {latest['ar']:.3f} against {first:.3f} "
+                   f"at the start (finetune.max_ar_rise {max_rise:g} nats), so the CLLM is forgetting the teacher's "
+                   f"outputs; {remedy} (nothing was published)")
 
 
 def budget_warning(stage: str, done: int, steps: int, seconds: float, precision: str, knob: str) -> str:

@@ -15,7 +15,7 @@ from cllm_core.data.samples import epoch_size
 from cllm_core.data.trajectories import repetitive
 from cllm_core.engine.jacobi import jacobi_generate
 from cllm_core.engine.stopping import raise_if_stopped
-from cllm_core.runtime.guards import budget_warning
+from cllm_core.runtime.guards import budget_warning, check_divergence
 from cllm_core.training.batches import Batch, PackedBatch, Sampler
 from cllm_core.training.checkpoints import full_states, rng_state
 from cllm_core.training.objectives import ar_index, forcing_loss, process_shares, step_loss
@@ -86,6 +86,7 @@ def fit(run: Training, probe: tuple[list[str], bool], log: Callable[[str], None]
                 f"{metrics['agreement']:.3f}, "
                 f"{metrics['tokens_per_s']:.0f} tok/s, about {left:.0f} s left")
             window, window_tokens, window_start = [], 0, time.perf_counter()
+            check_divergence(history, config.max_ar_rise, config.lora is not None)  # every process: the same means
         if probe_ids is not None and (step % config.sample_every == 0 or last):
             samples = sample(base_model(accelerator.unwrap_model(lm)), run.tokenizer, probe_ids, data.n_tokens,
                              longest + data.n_tokens)

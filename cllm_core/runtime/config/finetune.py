@@ -89,6 +89,10 @@ class FinetuneConfig(Section):
                           "benchmarks/train_step.py --compile.")
     lora: LoraSection | None = Field(None, description="Train LoRA adapters instead of every weight (peft); none: "
                                      "full fine-tuning.")
+    max_ar_rise: float | None = Field(1.0, gt=0, description="Divergence guard: stop, in one line, once a log "
+                                      "interval's AR loss is this many nats above the run's first (a learning rate "
+                                      "too high for the model, LoRA at a high rank typically, makes the CLLM forget "
+                                      "the teacher's outputs; healthy runs rose under 0.1); none: no guard.")
     launch: LaunchSection = Field(LaunchSection(), description="Processes and strategy (DDP, FSDP); gradient_"
                                   "checkpointing is FSDP's activation checkpointing under fsdp.")
     seed: int = Field(0, description="Seed of the sample draws and of torch.")
@@ -141,7 +145,8 @@ class FinetuneConfig(Section):
         """What a checkpoint must match to be resumed (logging knobs and the time budget excluded; the objective's
         fields only when they decide something, so CLLMs trained before they existed stay valid)."""
         excluded = {"max_minutes", "log_every", "checkpoint_every", "sample_every", "sample_prompts",
-                    "registered_model", "decoding_sizes", "compile"} \
+                    "registered_model", "decoding_sizes", "compile",
+                    "max_ar_rise"} \
             | ({"anchor_weight"} if self.anchor_weight == 0 else set()) \
             | ({"lora"} if self.lora is None else set()) | ({"epochs"} if self.epochs is None else set())
         if self.objective == "cllm":
