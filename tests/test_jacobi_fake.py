@@ -189,3 +189,18 @@ def test_recycling_and_multi_block_arguments_are_checked():
                          ({"pool": -1}, "pool")]:
         with pytest.raises(ValueError, match=message):
             jacobi_generate(constant(), PROMPT, **bad)
+
+
+def test_a_pass_feeds_the_guess_up_to_its_first_eos_and_a_rejected_eos_keeps_the_output_greedy():
+    """A pass fed the whole block after a guessed EOS: on the demo's short answers a quarter of its tokens."""
+    ends = by_position([0, 0, 0, 4, 5, 6, 9, 8, 8, 8, 8])  # after the prompt: 4 5 6 and EOS 9
+    out = jacobi_generate(ends, PROMPT, n_tokens=8, max_new_tokens=8, eos_token_id=9)
+    assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6, 9]]
+    assert ends.calls == [(1, 3), (1, 8), (1, 3)]  # the prefill, the whole guess, then 5 with 6 9: not the 8s after
+
+    # a context the script does not know gets 63: guessed EOS everywhere past the first wrong token, rejected
+    # four times before the true one; each pass feeds one guessed token, and the output is the greedy one
+    model = scripted([1, 2, 3], [4, 5, 6, 7, 8, 9])
+    out = jacobi_generate(model, PROMPT, n_tokens=16, max_new_tokens=16, eos_token_id=63)
+    assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 63]]
+    assert model.calls == [(1, 3), (1, 16)] + [(1, 2)] * 5
