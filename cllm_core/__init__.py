@@ -15,6 +15,7 @@ _HOMES = {
     "reference_jacobi_generate": "engine.baselines",
     "SMOLLM2": "runtime.config", "ModelConfig": "runtime.config",
     "JacobiStep": "engine.jacobi", "RowStep": "engine.rows", "jacobi_generate": "engine.jacobi",
+    "greedy_generate": "engine.jacobi",
     "jacobi_steps": "engine.jacobi",
     "load_model": "runtime.models", "load_tokenizer": "runtime.models",
     "BlockTrajectory": "engine.outputs", "DecodeOutput": "engine.outputs", "DecodeStats": "engine.outputs",

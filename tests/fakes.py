@@ -23,8 +23,8 @@ class FakeLM(nn.Module):
         batch, q = input_ids.shape
         self.calls.append((batch, q))
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if attention_mask is not None:
-            assert attention_mask.shape == (batch, past + q), "mask must cover cache and new tokens"
+        if attention_mask is not None:  # (B, S) or, 4-D, (B or 1, 1, q, S): either must cover cache and new tokens
+            assert attention_mask.shape in ((batch, past + q), (batch, 1, q, past + q), (1, 1, q, past + q))
         if past_key_values is not None:
             slots = input_ids[:, None, :, None].float()  # (B, 1, q, 1): the cache stores the tokens themselves
             past_key_values.update(slots, slots, layer_idx=0)
@@ -79,7 +79,7 @@ class ContextLM(nn.Module):
         elif attention_mask.dim() == 2:
             allowed = causal & attention_mask[:, None, :].bool()
         else:  # additive 4-D: 0 attends
-            allowed = attention_mask[:, 0] == 0
+            allowed = (attention_mask[:, 0] == 0).expand(batch, q, past + q)
         predicted = torch.zeros(batch, q, dtype=torch.long)
         for b in range(batch):
             for i in range(q):

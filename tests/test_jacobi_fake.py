@@ -204,3 +204,16 @@ def test_a_pass_feeds_the_guess_up_to_its_first_eos_and_a_rejected_eos_keeps_the
     out = jacobi_generate(model, PROMPT, n_tokens=16, max_new_tokens=16, eos_token_id=63)
     assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 63]]
     assert model.calls == [(1, 3), (1, 16)] + [(1, 2)] * 5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_generate_is_ar_through_the_loop_one_token_a_pass(batch):
+    """The AR that Jacobi is timed against goes through the same forward: one fed token and one new token a pass."""
+    from cllm_core import greedy_generate
+
+    model = successor()
+    prompts = torch.tensor([[1, 2, 3], [20, 21, 22], [40, 41, 42]])[:batch]
+    out = greedy_generate(model, prompts, max_new_tokens=8, eos_token_id=6, pad_token_id=0)
+    assert out.sequences[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
+    assert all(q == 1 for _, q in model.calls[1:])  # after the prefill, the last token alone
+    assert out.stats.row_forwards[0] == 3 and out.stats.tokens_per_forward == 1.0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cllm_core import jacobi_generate, reference_jacobi_generate
+from cllm_core import greedy_generate, jacobi_generate, reference_jacobi_generate
 from cllm_core.engine import forwards
 from tests.tiny import PAD, prompts, tiny_model
 
@@ -54,6 +54,15 @@ def test_jacobi_equals_greedy_generate(model, n_tokens, batch, with_eos, carry):
     assert out.sequences.tolist() == expected.tolist()
     if with_eos:
         assert (out.sequences[0, ids.shape[1]:] == eos[0]).any()
+
+
+@pytest.mark.parametrize("with_eos", [False, True])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_loops_own_ar_equals_greedy_generate(model, batch, with_eos):
+    ids, mask = prompts(batch)
+    eos = [eos_from_output(model, ids, mask)] if with_eos else []
+    out = greedy_generate(model, ids, mask, max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
+    assert out.sequences.tolist() == greedy(model, ids, mask, eos=eos or None).tolist()
 
 
 @pytest.mark.parametrize("lookup", [1, 3])

@@ -63,7 +63,7 @@ def test_model_without_language_model_head_is_refused():
 
 
 def test_unknown_init_strategy_is_refused():
-    with pytest.raises(ValueError, match="init must be 'repeat' or 'random'"):
+    with pytest.raises(ValueError, match="init must be 'repeat', 'random' or 'none'"):
         jacobi_generate(constant(), PROMPT, init="zeros")
 
 

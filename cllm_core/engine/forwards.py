@@ -70,11 +70,15 @@ class PaddedForward(PassCounts):
         self.dtype = getattr(model, "dtype", torch.float32)  # of a 4-D attention mask
         self.cache = DynamicCache(config=getattr(model, "config", None))
         self.takes_logits_to_keep = takes_logits_to_keep(model)
+        # whether the cache may be gathered: plain layers only (a sliding window tracks its own length)
+        self.compactable = all(type(layer) is DynamicLayer for layer in self.cache.layers)
         self.kv_mask = None
+        self.holes = False  # whether kv_mask has a 0: without, a pass needs no (B, S) mask and no counting over it
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
         """Feed the left-padded prompts (B, L); each row's greedy next token ([] when L is 0)."""
         self.kv_mask = mask.cpu()
+        self.holes = not bool(self.kv_mask.all())
         if ids.shape[1] == 0:
             return []
         logits = self._call(ids, self.kv_mask, _positions(self.kv_mask), last_only=True)  # (B, 1, V)
@@ -85,12 +89,14 @@ class PaddedForward(PassCounts):
         MAIN + j, padding); `offset` each slot's position
         after the row's last committed token. The greedy token after each slot, on its branch."""
         kind, offset = kind.cpu(), offset.cpu()
+        self.branched = bool((kind > Slot.MAIN).any())
+        if not (self.holes or self.branched or (kind == Slot.PADDING).any()):  # batch 1 or rows level: the lean pass
+            return self._call_level(fed, offset + self.kv_mask.shape[1]).argmax(-1).tolist()
         live = self.kv_mask.bool()
         if self.compactable and int(live.sum(-1).max()) < (1 - COMPACT_AT) * live.shape[1]:
             self._compact()
         kv_mask = self.kv_mask
         positions = kv_mask.sum(-1, keepdim=True) + offset  # (B, W)
-        self.branched = bool((kind > Slot.MAIN).any())
         mask = (_branch_mask(kv_mask, kind, self.dtype) if self.branched
                 else torch.cat([kv_mask, (kind != Slot.PADDING).to(kv_mask.dtype)], 1))
         return self._call(fed, mask, positions).argmax(-1).tolist()
@@ -110,6 +116,7 @@ class PaddedForward(PassCounts):
         if kept.shape[1] - width:
             self.cache.crop(-(kept.shape[1] - width))
         self.kv_mask = torch.cat([self.kv_mask, kept[:, :width]], 1)
+        self.holes = self.holes or not bool(kept[:, :width].all())
 
     @torch.inference_mode()
     def select(self, keep: list[int]) -> None:
@@ -117,10 +124,22 @@ class PaddedForward(PassCounts):
         self.cache.batch_select_indices(torch.tensor(keep, device=self.device))
         self.kv_mask = self.kv_mask[keep]
 
-    @property
-    def compactable(self) -> bool:
-        """Whether the cache may be gathered: plain layers only (a sliding window tracks its own length)."""
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+    @torch.inference_mode()
+    def _call_level(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """A pass over a cache with no holes and rows with no padding: the causal mask over cache and pass is the
+        same for every row, built here as one (1, 1, q, S + q) mask (transformers would build it through its mask
+        functions, a tenth of a demo pass) and none for one token; the counts are plain arithmetic."""
+        batch, q = ids.shape
+        width = self.kv_mask.shape[1] + q
+        self.slots, self.live_slots = self.slots + batch * width * q, self.live_slots + batch * width * q
+        self.fed, self.live_fed = self.fed + batch * q, self.live_fed + batch * q
+        mask = None
+        if q > 1:
+            mask = torch.zeros(1, 1, q, width, dtype=self.dtype).masked_fill_(
+                torch.ones(q, width, dtype=torch.bool).triu_(width - q + 1), torch.finfo(self.dtype).min)
+        return self.model(input_ids=ids.to(self.device),
+                          attention_mask=None if mask is None else mask.to(self.device),
+                          position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True).logits
 
     @torch.inference_mode()
     def _call(self, ids, mask, positions, last_only=False):

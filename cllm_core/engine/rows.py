@@ -12,7 +12,7 @@ from typing import Literal
 from cllm_core.engine.drafts import lookup_draft
 from cllm_core.engine.outputs import fast_forward_counts
 
-Init = Literal["repeat", "random"]
+Init = Literal["repeat", "random", "none"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ def open_blocks(row: RowState, rule: DecodeRule) -> None:
 def initial_guess(text: list[int], size: int, rule: DecodeRule, rng: random.Random) -> list[int]:
     """A new block's guess after `text`: a lookup draft where there is one, then `rule.init`'s filling."""
     draft = lookup_draft(text, size, rule.lookup) if rule.lookup else []
+    if rule.init == "none":  # no guess: a pass feeds the last token alone (greedy AR through the loop)
+        return draft
     if rule.init == "repeat":
         return draft + [text[-1]] * (size - len(draft))
     return draft + rng.choices(text, k=size - len(draft))  # the reference code's draw when no draft

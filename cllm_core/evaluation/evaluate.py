@@ -25,7 +25,7 @@ from cllm_core.data.prompts import encode
 from cllm_core.data.trajectories import repetitive
 from cllm_core.engine.baselines import ar_generate, lookup_generate
 from cllm_core.engine.errors import UserError
-from cllm_core.engine.jacobi import jacobi_generate, jacobi_steps
+from cllm_core.engine.jacobi import greedy_generate, jacobi_generate, jacobi_steps
 from cllm_core.evaluation import report
 from cllm_core.evaluation.summary import Pair, mean_logprob, shortfalls, summarize
 from cllm_core.evaluation.tuning import DecodingChoice
@@ -39,7 +39,8 @@ def decoders(config: EvalConfig) -> dict[str, Callable]:
     """The compared decoders, each `decode(model, ids, mask)`; Jacobi at `config.jacobi`'s block size (or 16)."""
     common, jacobi = {"max_new_tokens": config.jacobi.max_new_tokens}, config.jacobi.arguments()
     multiblock = {"blocks": config.multiblock.blocks, "open_at": config.multiblock.open_at}
-    table = {"ar": partial(ar_generate, **common),
+    table = {"ar": partial(greedy_generate, **common),
+             "generate": partial(ar_generate, **common),
              "jacobi": partial(jacobi_generate, **jacobi),
              "jacobi_lookup": partial(jacobi_generate, **jacobi, lookup=LOOKUP_NGRAM, lookup_branch=True),
              "jacobi_multiblock": partial(jacobi_generate, **jacobi, **multiblock),

@@ -50,8 +50,11 @@ class PromoteConfig(Section):
 class EvalConfig(Section):
     """Speed and quality evaluation: which methods, how they decode, how answers are judged."""
 
-    methods: list[Literal["ar", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"]] = Field(
-        ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy `generate` (ar), "
+    methods: list[Literal["ar", "generate", "jacobi", "lookup", "jacobi_lookup", "jacobi_multiblock",
+                          "jacobi_recycling"]] = Field(
+        ["ar", "jacobi", "lookup"], min_length=1, description="Decoders to compare: greedy AR through the Jacobi "
+        "loop's own forward, one token a pass (ar: the baseline of every speedup, the fastest AR here), "
+        "transformers' greedy `generate` (generate: the same output with its own per-step costs), "
         "Jacobi, prompt-lookup decoding, Jacobi with prompt lookup's drafts (jacobi_lookup: each new block's "
         "guess drafted from the context, and every pass verifying the draft after the last token as a second "
         "branch beside Jacobi's update), Jacobi Forcing's multi-block decoding (jacobi_multiblock) and the same "
