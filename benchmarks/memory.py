@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--steps", type=int, help="override the profile's finetune.steps")
     parser.add_argument("--work-dir", type=Path, help="another work dir holding the profile's teacher, prompts and "
-                        "trajectories (e.g. runs/demo-jf, whose first collection is configs/demo.yaml's)")
+                        "trajectories (e.g. runs/demo-paper)")
     parser.add_argument("--limit", type=int, default=200, help="held-out prompts decoded")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child: train this variant, print its JSON

@@ -1,6 +1,10 @@
 """Time `cllm run` from nothing, split by stage, and the Prefect + MLflow overhead; print the demo's results.
 
-    python -m benchmarks.pipeline --config configs/demo.yaml --work-dir /tmp/demo-bench --json runs/bench-pipeline.json
+    python -m benchmarks.pipeline --config configs/demo.yaml --work-dir /tmp/demo-bench
+
+It writes `benchmarks/results/demo-<cpu class>.json` (`--json` elsewhere): the commit, the CPU class, the command,
+the stage table, the evaluation's table and the demo's goals, each MET or NOT MET. The README's first table is made
+from the committed files: `python -m benchmarks.pipeline --report-only --readme`.
 
 It runs the command users run, in a new work dir (the teacher trained, nothing cached), with Prefect's state in
 `<work_dir>/.prefect`, then reads the record back: every stage's wall time is its subflow run's, and its work is
@@ -15,11 +19,14 @@ The run records into the work dir's MLflow store, whatever MLFLOW_TRACKING_URI s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from benchmarks import write_json
 from flows.cli import use_work_dir
@@ -30,6 +37,12 @@ from flows.ingest import ingest_prompts
 from flows.teacher import train_teacher
 from tasks.finetune import log_cllm
 
+GOALS = {  # issue #34: (figure, at least / at most, goal)
+    "minutes": ("at most", 10.0), "cllm_tokens_per_forward": ("at least", 4.5),
+    "speedup_vs_fastest_ar": ("at least", 3.0), "wall_share_of_tokens_per_forward": ("at least", 0.75),
+    "accuracy_drop": ("at most", 0.01), "identical_to_teacher": ("at least", 0.99),
+    "teacher_accuracy": ("at least", 0.95), "repetition": ("at most", 0.0), "identical_to_own_ar": ("at least", 1.0)}
+LOSSLESS = ("jacobi", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling")  # equal to AR in fp32
 STAGES = {train_teacher.name: "teacher", ingest_prompts.name: "ingest", collect_trajectories.name: "collect",
           consistency_finetune.name: "finetune", evaluate_speedup.name: "evaluate"}
 OVERHEAD_TASKS = (log_cllm.name,)  # MLflow's own work inside a stage
@@ -103,23 +116,81 @@ def read_all(read, page: int = 200) -> list:
     return found
 
 
-def headline(work_dir: Path) -> dict[str, float]:
-    """The pipeline parent run's headline metrics from the work dir's MLflow store."""
-    import mlflow
+def cpu_class() -> str:
+    """`avx512`, `avx2`, ...: the kernels torch runs here (ATEN_CPU_CAPABILITY lowers them)."""
+    return torch.backends.cpu.get_cpu_capability().lower()
 
-    mlflow.set_tracking_uri(f"sqlite:///{(work_dir / 'mlflow.db').resolve()}")
-    (parent,) = mlflow.search_runs(experiment_names=["cllm"], filter_string="tags.`cllm.stage` = 'pipeline'",
-                                   output_format="list")
-    return parent.data.metrics
+
+def figures(table: list[dict], minutes: float) -> dict:
+    """The demo's headline figures from the evaluation's table: the CLLM's fastest lossless decoder against the
+    teacher's fastest AR (the loop's own, or `generate` where it was decoded and faster)."""
+    best = max((r for r in table if r["model"] == "cllm" and r["method"] in LOSSLESS), key=lambda r: r["tokens_per_s"])
+    fastest_ar = max(r["tokens_per_s"] for r in table if r["model"] == "teacher" and r["method"] in ("ar", "generate"))
+    teacher = next(r for r in table if (r["model"], r["method"]) == ("teacher", "ar"))
+    speedup = best["tokens_per_s"] / fastest_ar
+    return {"minutes": minutes, "cllm_decoder": best["method"], "cllm_tokens_per_forward": best["tokens_per_forward"],
+            "speedup_vs_fastest_ar": speedup, "wall_share_of_tokens_per_forward": speedup / best["tokens_per_forward"],
+            "cllm_accuracy": best["accuracy"], "teacher_accuracy": teacher["accuracy"],
+            "accuracy_drop": teacher["accuracy"] - best["accuracy"], "identical_to_teacher": best["same_as_baseline"],
+            "repetition": max(r["repetition_rate"] for r in table),
+            "identical_to_own_ar": min(r["exact_match"] for r in table if r["method"] in LOSSLESS)}
+
+
+def verdicts(found: dict) -> dict:
+    return {name: {"value": found[name], "goal": goal, "direction": direction,
+                   "met": found[name] >= goal if direction == "at least" else found[name] <= goal + 1e-12}
+            for name, (direction, goal) in GOALS.items()}
+
+
+def markdown(results: list[dict]) -> str:
+    """The README's demo table: a row per results file (a CPU class each)."""
+    lines = ["| CPU class | commit | whole run | teacher accuracy | CLLM decoder | tokens per forward | vs fastest AR "
+             "| wall / tokens per forward | CLLM accuracy | same output as teacher | outputs = own AR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        f = r["figures"]
+        lines.append(f"| {r['cpu_capability']} | {r['commit'][:7]} | {f['minutes']:.1f} min | "
+                     f"{f['teacher_accuracy']:.1%} | {f['cllm_decoder']} | **{f['cllm_tokens_per_forward']:.2f}** | "
+                     f"**{f['speedup_vs_fastest_ar']:.2f}x** | {f['wall_share_of_tokens_per_forward']:.2f} | "
+                     f"{f['cllm_accuracy']:.1%} | {f['identical_to_teacher']:.1%} | {f['identical_to_own_ar']:.0%} |")
+    return "\n".join(lines)
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE = ("<!-- demo table: python -m benchmarks.pipeline --report-only --readme -->", "<!-- end of the demo table -->")
+
+
+def readme_table(results: Path = RESULTS) -> str:
+    return markdown([json.loads(path.read_text()) for path in sorted(results.glob("demo-*.json"))])
+
+
+def with_readme_table(text: str, table: str) -> str:
+    """The README text with the block between the `TABLE` markers replaced by `table`."""
+    start, end = text.index(TABLE[0]) + len(TABLE[0]), text.index(TABLE[1])
+    return f"{text[:start]}\n{table}\n{text[end:]}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
-    parser.add_argument("--work-dir", type=Path, required=True, help="a new directory: the run starts from nothing")
+    parser.add_argument("--work-dir", type=Path, help="a new directory: the run starts from nothing")
     parser.add_argument("--set", dest="set_", action="append", default=[], help="SECTION.FIELD=VALUE, as cllm run")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help=f"default: benchmarks/results/demo-{cpu_class()}.json")
+    parser.add_argument("--report-only", action="store_true", help="print the results file's goals, run nothing")
+    parser.add_argument("--readme", action="store_true",
+                        help="with --report-only: write the committed results files' table into README.md")
     args = parser.parse_args()
+    path = args.json or RESULTS / f"demo-{cpu_class()}.json"
+    if args.report_only:
+        if args.readme:
+            README.write_text(with_readme_table(README.read_text(), readme_table()))
+            print(f"wrote the demo table of {README} from {RESULTS}/demo-*.json")
+        else:
+            report(json.loads(path.read_text()))
+        return
+    if args.work_dir is None:
+        parser.error("--work-dir is required (a new directory: the run starts from nothing)")
     if args.work_dir.exists():
         parser.error(f"{args.work_dir} exists; the benchmark times a run from nothing: give a new --work-dir")
     if any(item.startswith("tracking.") for item in args.set_):
@@ -130,39 +201,49 @@ def main() -> None:
     if code != 0:
         sys.exit(f"error: cllm run exited {code}; its output is in {args.work_dir / 'pipeline.log'}")
     stages = stage_times(args.work_dir)
-    metrics = headline(args.work_dir)
 
     work = sum(stage["work_s"] for stage in stages.values())
     outside = wall - sum(stage["wall_s"] for stage in stages.values())
-    print("\n| stage | wall s | work s | overhead s |\n|---|---|---|---|")
-    for name in sorted(stages, key=lambda name: stages[name]["started"]):  # in the order they ran
-        wall_s, work_s = stages[name]["wall_s"], stages[name]["work_s"]
-        print(f"| {name} | {wall_s:.1f} | {work_s:.1f} | {wall_s - work_s:.1f} |")
-    print(f"| outside the stages (start, imports, Prefect server) | {outside:.1f} | 0.0 | {outside:.1f} |")
-    print(f"| **total** | **{wall:.1f}** | **{work:.1f}** | **{wall - work:.1f}** ({(wall - work) / wall:.1%}) |")
-
     unfinished = {name: stage["unfinished_tasks"] for name, stage in stages.items() if "unfinished_tasks" in stage}
     if unfinished:
         print(f"task runs the record shows unfinished (their time counts as overhead): {unfinished}")
 
-    def metric(key: str) -> float:
-        return metrics.get(key, float("nan"))
-
-    teacher_accuracy = metric("teacher.ar.accuracy")
+    table = json.loads((args.work_dir / "eval" / "summary.json").read_text())
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    found = figures(table, wall / 60)
     result = {
-        "config": str(args.config), "set": args.set_, "wall_s": wall, "work_s": work, "overhead_s": wall - work,
-        "overhead_share": (wall - work) / wall, "outside_stages_s": outside, "stages": stages,
-        "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "cpus": os.cpu_count(),
-        "cllm_jacobi_tokens_per_forward": metric("cllm.jacobi.tokens_per_forward"),
-        "cllm_jacobi_speedup": metric("cllm.jacobi.speedup"), "cllm_jacobi_accuracy": metric("cllm.jacobi.accuracy"),
-        "teacher_ar_accuracy": teacher_accuracy,
+        "commit": commit, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "command": " ".join(["python -m benchmarks.pipeline", *sys.argv[1:]]), "config": str(args.config),
+        "set": args.set_, "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                                  if k in os.environ},
+        "wall_s": wall, "work_s": work, "overhead_s": wall - work, "overhead_share": (wall - work) / wall,
+        "outside_stages_s": outside, "stages": stages, "cpus": os.cpu_count(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+        "figures": found, "goals": verdicts(found), "table": table,
     }
-    print(f"\n{wall / 60:.1f} minutes end to end (goal: at most 15), overhead {result['overhead_share']:.1%} "
-          f"(goal: at most 5%); CLLM Jacobi {result['cllm_jacobi_tokens_per_forward']:.2f} tokens per forward "
-          f"(goal: at least 3.0), {result['cllm_jacobi_speedup']:.2f}x the teacher's AR (goal: at least 2.0x), "
-          f"accuracy {result['cllm_jacobi_accuracy']:.1%} vs the teacher's {teacher_accuracy:.1%} (goal: within 2 "
-          f"points); load average {load_before:.2f} before, {result['load_average_after']:.2f} after")
-    write_json(args.json, result)
+    report(result)
+    write_json(path, result)
+
+
+def report(result: dict) -> None:
+    """The stage table, the headline figures and every goal, MET or NOT MET."""
+    stages, wall = result["stages"], result["wall_s"]
+    print("\n| stage | wall s | work s | overhead s |\n|---|---|---|---|")
+    for name in sorted(stages, key=lambda name: stages[name]["started"]):  # in the order they ran
+        wall_s, work_s = stages[name]["wall_s"], stages[name]["work_s"]
+        print(f"| {name} | {wall_s:.1f} | {work_s:.1f} | {wall_s - work_s:.1f} |")
+    outside = result["outside_stages_s"]
+    print(f"| outside the stages (start, imports, Prefect server) | {outside:.1f} | 0.0 | {outside:.1f} |")
+    print(f"| **total** | **{wall:.1f}** | **{result['work_s']:.1f}** | **{result['overhead_s']:.1f}** "
+          f"({result['overhead_share']:.1%}) |")
+    f = result["figures"]
+    print(f"\n{f['minutes']:.1f} minutes end to end, overhead {result['overhead_share']:.1%}; CLLM {f['cllm_decoder']} "
+          f"{f['cllm_tokens_per_forward']:.2f} tokens per forward, {f['speedup_vs_fastest_ar']:.2f}x the teacher's "
+          f"fastest AR; {result['cpu_capability']} class, load average {result['load_average_before']:.2f} before, "
+          f"{result['load_average_after']:.2f} after")
+    for name, goal in result["goals"].items():
+        verdict = "MET" if goal["met"] else "NOT MET"
+        print(f"{verdict:8s} {name}: {goal['value']:.3f} ({goal['direction']} {goal['goal']})")
 
 
 if __name__ == "__main__":

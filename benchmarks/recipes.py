@@ -2,7 +2,7 @@
 decoded by every exact decoder at the block size that is best for it on this CPU, beside the teacher's AR and
 prompt lookup, in one interleaved run on the same held-out prompts.
 
-    cllm run --config configs/demo.yaml && cllm run --config configs/demo-jf.yaml
+    cllm run --config configs/demo-paper.yaml && cllm run --config configs/demo.yaml
     python -m benchmarks.recipes --json runs/recipes.json
 
 It trains nothing: `--recipe NAME=MODEL_DIR` names the CLLMs (default: the two demo profiles' models), which must
@@ -43,7 +43,7 @@ from cllm_core.evaluation.evaluate import decoders, eval_prompts, evaluate, reso
 from cllm_core.evaluation.summary import identical_to, summarize
 from cllm_core.runtime.config import EvalConfig, JacobiConfig
 
-RECIPES = {"paper": "runs/demo/cllm", "jf": "runs/demo-jf/cllm", "jf+round2": "runs/demo-jf/cllm-round2"}
+RECIPES = {"paper": "runs/demo-paper/cllm", "jf": "runs/demo/cllm", "jf+round2": "runs/demo/cllm-round2"}
 METHODS = ["jacobi", "jacobi_lookup", "jacobi_multiblock", "jacobi_recycling"]
 
 

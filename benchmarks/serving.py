@@ -4,7 +4,7 @@ trust_remote_code=True)`, the registered MLflow pyfunc in process, and `mlflow m
 127.0.0.1. Per way: tokens per forward, tokens/s, median seconds per request, and what it adds per
 request over the engine (median of the per-prompt differences); every way's text must equal the engine's.
 
-    python -m benchmarks.serving --model runs/demo-jf/cllm-round2 --prompts runs/demo-jf/prompts/eval.parquet \\
+    python -m benchmarks.serving --model runs/demo/cllm-round2 --prompts runs/demo/prompts/eval.parquet \\
         --limit 40 --json runs/serving.json
 
 The model is logged into a temporary MLflow store (sqlite) and served from there; the server is stopped at the
