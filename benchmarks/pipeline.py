@@ -226,24 +226,32 @@ def main() -> None:
 
 
 def report(result: dict) -> None:
-    """The stage table, the headline figures and every goal, MET or NOT MET."""
+    print("\n" + summary_markdown(result))
+
+
+def summary_markdown(result: dict) -> str:
+    """One run's stage table, its headline figures and every goal, MET or NOT MET (printed, and on the docs'
+    pipeline page for each committed results file)."""
     stages, wall = result["stages"], result["wall_s"]
-    print("\n| stage | wall s | work s | overhead s |\n|---|---|---|---|")
+    lines = ["| stage | wall s | work s | overhead s |", "|---|---|---|---|"]
     for name in sorted(stages, key=lambda name: stages[name]["started"]):  # in the order they ran
         wall_s, work_s = stages[name]["wall_s"], stages[name]["work_s"]
-        print(f"| {name} | {wall_s:.1f} | {work_s:.1f} | {wall_s - work_s:.1f} |")
+        lines.append(f"| {name} | {wall_s:.1f} | {work_s:.1f} | {wall_s - work_s:.1f} |")
     outside = result["outside_stages_s"]
-    print(f"| outside the stages (start, imports, Prefect server) | {outside:.1f} | 0.0 | {outside:.1f} |")
-    print(f"| **total** | **{wall:.1f}** | **{result['work_s']:.1f}** | **{result['overhead_s']:.1f}** "
-          f"({result['overhead_share']:.1%}) |")
+    lines += [f"| outside the stages (start, imports, Prefect server) | {outside:.1f} | 0.0 | {outside:.1f} |",
+              f"| **total** | **{wall:.1f}** | **{result['work_s']:.1f}** | **{result['overhead_s']:.1f}** "
+              f"({result['overhead_share']:.1%}) |", ""]
     f = result["figures"]
-    print(f"\n{f['minutes']:.1f} minutes end to end, overhead {result['overhead_share']:.1%}; CLLM {f['cllm_decoder']} "
-          f"{f['cllm_tokens_per_forward']:.2f} tokens per forward, {f['speedup_vs_fastest_ar']:.2f}x the teacher's "
-          f"fastest AR; {result['cpu_capability']} class, load average {result['load_average_before']:.2f} before, "
-          f"{result['load_average_after']:.2f} after")
+    lines += [f"{f['minutes']:.1f} minutes end to end, overhead {result['overhead_share']:.1%}; CLLM "
+              f"{f['cllm_decoder']} {f['cllm_tokens_per_forward']:.2f} tokens per forward, "
+              f"{f['speedup_vs_fastest_ar']:.2f}x the teacher's fastest AR; {result['cpu_capability']} class, commit "
+              f"{result['commit'][:7]}, load average {result['load_average_before']:.2f} before, "
+              f"{result['load_average_after']:.2f} after; `{result['command']}`", "",
+              "| goal | value | | verdict |", "|---|---|---|---|"]
     for name, goal in result["goals"].items():
-        verdict = "MET" if goal["met"] else "NOT MET"
-        print(f"{verdict:8s} {name}: {goal['value']:.3f} ({goal['direction']} {goal['goal']})")
+        lines.append(f"| {name} | {goal['value']:.3f} | {goal['direction']} {goal['goal']} | "
+                     f"{'MET' if goal['met'] else '**NOT MET**'} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

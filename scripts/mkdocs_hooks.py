@@ -10,8 +10,10 @@
 
 - `real-model.md`: the real-model tables, one per CPU class, from `benchmarks/results/real_model-*.json` (the
   README's, made the same way).
+- `stages/pipeline.md`: each committed demo run (`benchmarks/results/demo-*.json`), its stage table and goals.
 
-A page asks for one with a marker line (`{{ configuration }}`, `{{ packages }}`, `{{ results }}`).
+A page asks for one with a marker line (`{{ configuration }}`, `{{ packages }}`, `{{ results }}`, `{{ real_model }}`,
+`{{ demo }}`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def on_config(config):
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     for marker, render in (("{{ configuration }}", configuration), ("{{ packages }}", packages),
-                           ("{{ results }}", results), ("{{ real_model }}", real_model)):
+                           ("{{ results }}", results), ("{{ real_model }}", real_model),
+                           ("{{ demo }}", demo)):
         if marker in markdown:
             markdown = markdown.replace(marker, render())
     return markdown
@@ -158,6 +161,9 @@ def results() -> str:
         data = json.loads(path.read_text())
         headline = {key: data[key] for key in ("cllm_tokens_per_forward", "speedup_vs_fastest_ar",
                                                "speedup_vs_prompt_lookup", "final_answer_agreement") if key in data}
+        if "figures" in data:  # the demo: its headline figures
+            headline = {key: data["figures"][key] for key in ("minutes", "cllm_tokens_per_forward",
+                                                              "speedup_vs_fastest_ar")}
         if "variants" in data:  # the step benchmark: minutes per epoch of each variant
             headline = {f"{v['variant']} {v['precision']} min/epoch": v["minutes_per_epoch"] for v in data["variants"]}
         figures = ", ".join(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}"
@@ -167,6 +173,14 @@ def results() -> str:
         rows.append(f"| `{path.name}` | {data.get('cpu_capability', data.get('cpu_class', ''))} | "
                     f"`{str(data.get('commit', ''))[:10]}` | {_cell(figures)} | `{_cell(command)}` |")
     return "\n".join(rows) + "\n"
+
+
+def demo() -> str:
+    """Each committed demo run (`benchmarks/results/demo-*.json`): its stage table and goals."""
+    from benchmarks.pipeline import RESULTS, summary_markdown
+
+    return "\n\n".join(f"**{path.stem}**\n\n" + summary_markdown(json.loads(path.read_text()))
+                         for path in sorted(RESULTS.glob("demo-*.json"))) + "\n"
 
 
 def real_model() -> str:

@@ -97,3 +97,32 @@ def test_the_readmes_real_model_tables_are_the_committed_results_files():
     assert with_readme_tables(text, readme_tables()) == text, \
         "the README's tables are stale: python -m benchmarks.real_model --report-only --readme"
     assert len(text.splitlines()) <= 200
+
+
+def test_the_readmes_demo_table_is_the_committed_results_files():
+    """The README's first table is made from benchmarks/results/demo-*.json (a row per CPU class)."""
+    from benchmarks.pipeline import README, readme_table, with_readme_table
+
+    text = README.read_text()
+    assert sorted(p.name for p in (ROOT / "benchmarks" / "results").glob("demo-*.json")) == ["demo-avx2.json",
+                                                                                          "demo-avx512.json"]
+    assert with_readme_table(text, readme_table()) == text, \
+        "the README's demo table is stale: python -m benchmarks.pipeline --report-only --readme"
+
+
+def test_the_demo_benchmark_sets_the_cllms_fastest_lossless_decoder_against_the_teachers_fastest_ar():
+    from benchmarks.pipeline import figures, verdicts
+
+    def row(model, method, tokens_per_s, tpf=1.0, accuracy=0.99, same=1.0, exact=1.0):
+        return {"model": model, "method": method, "tokens_per_s": tokens_per_s, "tokens_per_forward": tpf,
+                "accuracy": accuracy, "same_as_baseline": same, "exact_match": exact, "repetition_rate": 0.0}
+
+    table = [row("teacher", "ar", 400.0), row("teacher", "generate", 500.0), row("teacher", "jacobi", 300.0, 1.4),
+             row("cllm", "jacobi", 1450.0, 4.6, 0.985, 0.99), row("cllm", "jacobi_lookup", 1600.0, 4.8, 0.98, 0.985),
+             row("cllm", "lookup", 2500.0, 5.0, 0.5, 0.5, 0.5)]  # prompt lookup is not lossless: not the CLLM's
+    found = figures(table, 9.5)
+    assert found["cllm_decoder"] == "jacobi_lookup" and found["speedup_vs_fastest_ar"] == 3.2  # against generate
+    assert found["wall_share_of_tokens_per_forward"] == pytest.approx(3.2 / 4.8)
+    assert found["accuracy_drop"] == pytest.approx(0.01) and found["identical_to_own_ar"] == 1.0
+    missed = {name for name, goal in verdicts(found).items() if not goal["met"]}
+    assert missed == {"wall_share_of_tokens_per_forward", "identical_to_teacher"}
