@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_json
+from benchmarks import between_markers, cpu_class, git_commit, write_json
 from flows.cli import use_work_dir
 from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
@@ -116,11 +116,6 @@ def read_all(read, page: int = 200) -> list:
     return found
 
 
-def cpu_class() -> str:
-    """`avx512`, `avx2`, ...: the kernels torch runs here (ATEN_CPU_CAPABILITY lowers them)."""
-    return torch.backends.cpu.get_cpu_capability().lower()
-
-
 def figures(table: list[dict], minutes: float) -> dict:
     """The demo's headline figures from the evaluation's table: the CLLM's fastest lossless decoder against the
     teacher's fastest AR (the loop's own, or `generate` where it was decoded and faster)."""
@@ -167,8 +162,7 @@ def readme_table(results: Path = RESULTS) -> str:
 
 def with_readme_table(text: str, table: str) -> str:
     """The README text with the block between the `TABLE` markers replaced by `table`."""
-    start, end = text.index(TABLE[0]) + len(TABLE[0]), text.index(TABLE[1])
-    return f"{text[:start]}\n{table}\n{text[end:]}"
+    return between_markers(text, TABLE, table)
 
 
 def main() -> None:
@@ -187,7 +181,7 @@ def main() -> None:
             README.write_text(with_readme_table(README.read_text(), readme_table()))
             print(f"wrote the demo table of {README} from {RESULTS}/demo-*.json")
         else:
-            report(json.loads(path.read_text()))
+            print(summary_markdown(json.loads(path.read_text())))
         return
     if args.work_dir is None:
         parser.error("--work-dir is required (a new directory: the run starts from nothing)")
@@ -209,10 +203,9 @@ def main() -> None:
         print(f"task runs the record shows unfinished (their time counts as overhead): {unfinished}")
 
     table = json.loads((args.work_dir / "eval" / "summary.json").read_text())
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     found = figures(table, wall / 60)
     result = {
-        "commit": commit, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "commit": git_commit(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "command": " ".join(["python -m benchmarks.pipeline", *sys.argv[1:]]), "config": str(args.config),
         "set": args.set_, "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
                                   if k in os.environ},
@@ -221,12 +214,8 @@ def main() -> None:
         "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
         "figures": found, "goals": verdicts(found), "table": table,
     }
-    report(result)
-    write_json(path, result)
-
-
-def report(result: dict) -> None:
     print("\n" + summary_markdown(result))
+    write_json(path, result)
 
 
 def summary_markdown(result: dict) -> str:

@@ -31,18 +31,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_json
+from benchmarks import between_markers, cpu_class, git_commit, write_json
 from cllm_core.runtime.config import Profile, read_profile, set_value
 from cllm_core.runtime.records import SummaryRow
 
 GOALS = {"cllm_tokens_per_forward": 2.5, "speedup_vs_fastest_ar": 1.5, "speedup_vs_prompt_lookup": 1.2,
          "final_answer_agreement": 0.8, "identical_to_own_ar_fp32": 1.0}
 STAGES = ("ingest", "collect", "train")
-
-
-def cpu_class() -> str:
-    """`avx512`, `avx2`, ...: the kernels torch runs here (ATEN_CPU_CAPABILITY lowers them)."""
-    return torch.backends.cpu.get_cpu_capability().lower()
 
 
 def run_stages(config: Path, sets: list[str], log_path: Path) -> dict[str, float]:
@@ -233,8 +228,7 @@ def readme_tables(results: Path = Path(__file__).resolve().parent / "results") -
 
 def with_readme_tables(text: str, tables: str) -> str:
     """The README text with the block between the `TABLES` markers replaced by `tables`."""
-    start, end = text.index(TABLES[0]) + len(TABLES[0]), text.index(TABLES[1])
-    return f"{text[:start]}\n{tables}\n{text[end:]}"
+    return between_markers(text, TABLES, tables)
 
 
 def verdicts(figures: dict) -> dict:
@@ -273,7 +267,7 @@ def main() -> None:
     eval_seconds = time.perf_counter() - start
     figures = headline(rows)
     spent = budget(profile.work_dir, wall, eval_seconds)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     result = {"commit": commit, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "command": " ".join(["python -m benchmarks.real_model", *sys.argv[1:]]), "config": str(args.config),
               "set": args.set_, "prompts": setup["prompts"], "n_tokens": setup["n_tokens"],

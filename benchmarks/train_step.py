@@ -27,14 +27,13 @@ import argparse
 import copy
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import write_json
+from benchmarks import git_commit, write_json
 from cllm_core.data.samples import epoch_size, load_trajectories
 from cllm_core.runtime.config import FinetuneConfig, load_profile
 from cllm_core.runtime.models import load_model
@@ -215,7 +214,7 @@ def main() -> None:
     cfg = runs[(best["variant"], best["precision"])]
     breakdown = profile_step(lm, batch_of(Sampler(data, cfg), 1, False), cfg, head, DTYPES[best["precision"]],
                              optimizer)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     result = {"commit": commit, "command": " ".join(["python -m benchmarks.train_step", *sys.argv[1:]]),
               "config": str(args.config), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "bf16_matmul_slowdown": slowdown, "rounds": args.rounds, "epoch": {

@@ -137,9 +137,7 @@ class PaddedForward(PassCounts):
         if q > 1:
             mask = torch.zeros(1, 1, q, width, dtype=self.dtype).masked_fill_(
                 torch.ones(q, width, dtype=torch.bool).triu_(width - q + 1), torch.finfo(self.dtype).min)
-        return self.model(input_ids=ids.to(self.device),
-                          attention_mask=None if mask is None else mask.to(self.device),
-                          position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True).logits
+        return self._forward(ids, mask, positions)
 
     @torch.inference_mode()
     def _call(self, ids, mask, positions, last_only=False):
@@ -151,16 +149,14 @@ class PaddedForward(PassCounts):
             self.fed, self.live_fed = self.fed + ids.numel(), self.live_fed + int(queries.sum())
         kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
         # no holes: let the kernel use its causal path; a 4-D mask is the branches' own
-        attention_mask = mask if mask.dim() == 4 else None if bool(mask.all()) else mask
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-            position_ids=positions.to(self.device),
-            past_key_values=self.cache,
-            use_cache=True,
-            **kwargs,
-        )
-        return out.logits
+        return self._forward(ids, mask if mask.dim() == 4 else None if bool(mask.all()) else mask, positions, **kwargs)
+
+    def _forward(self, ids, attention_mask, positions, **kwargs):
+        """The model on this cache, its inputs copied from the host to the device; the logits."""
+        return self.model(input_ids=ids.to(self.device),
+                          attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                          position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                          **kwargs).logits
 
     @torch.inference_mode()
     def _keep(self, slots: torch.Tensor) -> None:
