@@ -131,10 +131,10 @@ def figures(table: list[dict], minutes: float) -> dict:
             "identical_to_own_ar": min(r["exact_match"] for r in table if r["method"] in LOSSLESS)}
 
 
-def verdicts(found: dict) -> dict:
+def verdicts(found: dict, goals: dict = GOALS) -> dict:
     return {name: {"value": found[name], "goal": goal, "direction": direction,
                    "met": found[name] >= goal if direction == "at least" else found[name] <= goal + 1e-12}
-            for name, (direction, goal) in GOALS.items()}
+            for name, (direction, goal) in goals.items()}
 
 
 def markdown(results: list[dict]) -> str:

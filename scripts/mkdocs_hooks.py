@@ -161,7 +161,11 @@ def results() -> str:
         data = json.loads(path.read_text())
         headline = {key: data[key] for key in ("cllm_tokens_per_forward", "speedup_vs_fastest_ar",
                                                "speedup_vs_prompt_lookup", "final_answer_agreement") if key in data}
-        if "figures" in data:  # the demo: its headline figures
+        if "figures" in data and "all" in data["figures"]:  # the demo's models on many held-out prompts
+            headline = {"prompts": data["figures"]["all"]["prompts"]} | {
+                key: data["figures"]["all"][key] for key in ("identical_to_teacher", "accuracy_drop",
+                                                             "cllm_tokens_per_forward", "speedup_vs_fastest_ar")}
+        elif "figures" in data:  # the demo: its headline figures
             headline = {key: data["figures"][key] for key in ("minutes", "cllm_tokens_per_forward",
                                                               "speedup_vs_fastest_ar")}
         if "variants" in data:  # the step benchmark: minutes per epoch of each variant
@@ -176,11 +180,16 @@ def results() -> str:
 
 
 def demo() -> str:
-    """Each committed demo run (`benchmarks/results/demo-*.json`): its stage table and goals."""
+    """Each committed demo run (`benchmarks/results/demo-*.json`): its stage table and goals; then its models on
+    many more held-out prompts (`demo_held_out-*.json`)."""
+    from benchmarks.held_out import report
     from benchmarks.pipeline import RESULTS, summary_markdown
 
-    return "\n\n".join(f"**{path.stem}**\n\n" + summary_markdown(json.loads(path.read_text()))
-                         for path in sorted(RESULTS.glob("demo-*.json"))) + "\n"
+    runs = [f"**{path.stem}**\n\n" + summary_markdown(json.loads(path.read_text()))
+            for path in sorted(RESULTS.glob("demo-*.json"))]
+    held_out = [f"**{path.stem}**\n\n" + report(json.loads(path.read_text()))
+                for path in sorted(RESULTS.glob("demo_held_out-*.json"))]
+    return "\n\n".join(runs + held_out) + "\n"
 
 
 def real_model() -> str:
