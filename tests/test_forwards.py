@@ -22,24 +22,28 @@ same products in another order (its linear layers see N tokens, not B x W), so o
 
 
 def one_pass(forward, ids, mask):
-    """A prefill, then one pass with rows of different widths (a guess of 3, 2 and 1 tokens, and one row with a
-    second branch): the logits of the pass at its fed slots, (N, V) row-major, and its predictions."""
-    seen = []
+    """Two passes with rows of different widths (a guess of 3, 2 and 1 tokens, and one row with a second branch):
+    the first feeds the prompts too, the second (its main branches kept in the cache) feeds the same slots again.
+    Each pass's logits at its fed slots, (N, V) row-major, and its predictions."""
+    seen, found = [], []
     hook = forward.model.register_forward_hook(lambda module, args, out: seen.append(out.logits))
+    M, P = Slot.MAIN, Slot.PADDING
+    kind = torch.tensor([[Slot.LAST, M, M, M], [Slot.LAST, M, P, P], [Slot.LAST, P, P, P],
+                         [Slot.LAST, M, M + 1, M + 1]])
+    offset = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 2]])
+    live = kind != Slot.PADDING
     try:
         forward.prefill(ids, mask)
-        guess = [[7, 8, 9, 10], [11, 12, PAD, PAD], [13, PAD, PAD, PAD], [14, 15, 16, 17]]
-        M, P = Slot.MAIN, Slot.PADDING
-        kind = torch.tensor([[Slot.LAST, M, M, M], [Slot.LAST, M, P, P], [Slot.LAST, P, P, P],
-                             [Slot.LAST, M, M + 1, M + 1]])
-        offset = torch.tensor([[0, 1, 2, 3], [0, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 2]])
-        predictions = forward.predict(torch.tensor(guess), kind, offset)
+        for guess in ([[7, 8, 9, 10], [11, 12, PAD, PAD], [13, PAD, PAD, PAD], [14, 15, 16, 17]],
+                      [[8, 9, 10, 11], [12, 13, PAD, PAD], [14, PAD, PAD, PAD], [15, 16, 17, 18]]):
+            predictions = forward.predict(torch.tensor(guess), kind, offset)
+            logits = seen[-1]
+            found.append(((logits[0] if logits.shape[0] == 1 else logits[live]).float(),
+                          [p for row, keep in zip(predictions, live.tolist()) for p, k in zip(row, keep) if k]))
+            forward.keep_slots((kind == Slot.LAST) | (kind == M))
     finally:
         hook.remove()
-    logits = seen[-1]
-    live = kind != Slot.PADDING
-    return (logits[0] if logits.shape[0] == 1 else logits[live]).float(), \
-        [p for row, keep in zip(predictions, live.tolist()) for p, k in zip(row, keep) if k]
+    return torch.cat([logits for logits, _ in found]), [p for _, predictions in found for p in predictions]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -51,7 +55,7 @@ def test_a_packed_pass_gives_the_padded_passs_logits_within_the_tolerance_and_it
     assert isinstance(packed_forward, packed.PackedForward)
     packed_logits, packed_predictions = one_pass(packed_forward, ids, mask)
     padded_logits, padded_predictions = one_pass(padded_forward, ids, mask)
-    assert packed_logits.shape == padded_logits.shape == (4 + 2 + 1 + 4, model.config.vocab_size)
+    assert packed_logits.shape == padded_logits.shape == (2 * (4 + 2 + 1 + 4), model.config.vocab_size)
     difference = (packed_logits - padded_logits).abs().max().item()
     assert difference <= TOLERANCE[dtype], f"{dtype}: logits differ by {difference}"
     near_tie = padded_logits.topk(2).values.diff().abs().squeeze(-1) <= 2 * TOLERANCE[dtype]

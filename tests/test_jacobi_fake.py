@@ -14,10 +14,12 @@ def test_constant_model_converges_in_one_pass_per_block(n_tokens):
     out = jacobi_generate(constant(7), PROMPT, n_tokens=n_tokens, max_new_tokens=12, eos_token_id=[],
                           return_trajectories=True)
     assert out.sequences[0, 3:].tolist() == [7] * 12
-    # the prefill, then a whole block per pass (n_tokens=1: the carried token fills a block, so a pass
-    # works on the next one and fixes it and its own carried token)
+    # the first pass feeds the prompt with block 0's guess (the prompt's last token repeated: wrong, so it fixes
+    # one token and the update makes the rest right), then a whole block per pass (n_tokens=1: the carried token
+    # fills a block, so a pass works on the next one and fixes it and its own carried token)
     assert out.stats.forwards == 1 + -(-11 // max(n_tokens, 2))
-    assert all(block.passes <= 1 for block in out.trajectories[0])
+    assert out.trajectories[0][0].passes == min(n_tokens, 2)
+    assert all(block.passes <= 1 for block in out.trajectories[0][1:])
 
 
 def test_successor_model_needs_one_pass_per_token():
@@ -26,19 +28,21 @@ def test_successor_model_needs_one_pass_per_token():
     assert out.sequences[0, 3:].tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
     assert out.stats.forwards == 8 and out.stats.tokens_per_forward == 1.0
     assert out.stats.fast_forward == 0
-    # only the unconverged tail is re-fed: [last] + 3, 2, 1 guesses in block 0, then 4, 3, 2, 1 in block 1
-    assert [q for _, q in model.calls] == [3, 4, 3, 2, 5, 4, 3, 2]
+    # only the unconverged tail is re-fed: the prompt and block 0's whole guess (2 + 1 + 4), then [last] + 3, 2, 1
+    # guesses in block 0, then 4, 3, 2, 1 in block 1
+    assert [q for _, q in model.calls] == [7, 4, 3, 2, 5, 4, 3, 2]
 
 
 def test_fast_forward_and_stationary_counts_on_a_known_trajectory():
-    # positions 3..: 5 6 5 5 9; the repeat guess 5 5 5 is right at positions 5 and 6 from the first pass on
-    model = by_position([0, 0, 0, 5, 6, 5, 5, 9, 9, 9])
+    # positions 3..: 5 6 3 3 9; block 0's guess, the prompt's last token repeated (3 3 3 3), is right at positions
+    # 5 and 6 from the first pass on; the second pass confirms 6 3 3 and fixes 9, the next block's carried token
+    model = by_position([0, 0, 0, 5, 6, 3, 3, 9, 9, 9])
     out = jacobi_generate(model, PROMPT, n_tokens=4, max_new_tokens=5, eos_token_id=[], return_trajectories=True)
-    assert out.sequences[0, 3:].tolist() == [5, 6, 5, 5, 9]
-    assert out.stats.forwards == 3
-    assert (out.stats.fast_forward, out.stats.stationary) == (2, 2)
+    assert out.sequences[0, 3:].tolist() == [5, 6, 3, 3, 9]
+    assert out.stats.forwards == 2
+    assert (out.stats.fast_forward, out.stats.stationary) == (3, 2)
     first = out.trajectories[0][0]
-    assert first.states == [[5, 5, 5, 5], [5, 6, 5, 5]] and first.fixed_point == [5, 6, 5, 5] and first.passes == 2
+    assert first.states == [[3, 3, 3, 3], [5, 6, 3, 3]] and first.fixed_point == [5, 6, 3, 3] and first.passes == 2
     assert out.trajectories[0][1].fixed_point == [9] and out.trajectories[0][1].passes == 0  # the carried token
 
 
@@ -100,7 +104,7 @@ def test_a_stop_request_ends_decoding_before_the_next_pass():
 
     model = successor()
     steps = jacobi_steps(model, PROMPT, n_tokens=4, max_new_tokens=8, eos_token_id=[])
-    next(steps), next(steps)  # the prefill and one pass
+    next(steps), next(steps)  # two passes (the first feeds the prompt too)
     request_stop()
     try:
         with pytest.raises(Stopped):
@@ -112,14 +116,15 @@ def test_a_stop_request_ends_decoding_before_the_next_pass():
 
 def test_lookup_drafts_turn_a_cycle_the_successor_model_walks_token_by_token_into_whole_blocks():
     """next = token % 8 + 1 after the prompt 1..8: plain Jacobi is wrong until each predecessor is fixed (one
-    token a pass); the context already holds the cycle, so a new block's draft from it is right whole."""
+    token a pass); the context already holds the cycle, so a new block's draft from it is right whole. Block 0 opens
+    before the first token is known ("7 8" occurs nowhere earlier): it is walked like plain Jacobi's."""
     prompt, expected = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), [1, 2, 3, 4, 5, 6, 7, 8] * 2
     cycle = lambda: FakeLM(lambda ids, pos: ids % 8 + 1)  # noqa: E731
     plain = jacobi_generate(cycle(), prompt, n_tokens=4, max_new_tokens=16, eos_token_id=[])
     drafted = jacobi_generate(cycle(), prompt, n_tokens=4, max_new_tokens=16, eos_token_id=[], lookup=2)
     assert plain.sequences[0, 8:].tolist() == drafted.sequences[0, 8:].tolist() == expected
     assert plain.stats.forwards == 16
-    assert drafted.stats.forwards == 5  # the prefill's token, then 4 + 4 + 4 + 3 a pass
+    assert drafted.stats.forwards == 7  # block 0 one token a pass (4), then 4 + 4 + 4 a pass (the last's bonus)
 
 
 def test_a_lookup_draft_continues_the_latest_earlier_occurrence_of_the_longest_matching_tail():
@@ -149,10 +154,10 @@ def test_recycling_recovers_a_rejected_draft_behind_its_one_wrong_token(pool):
                           lookup=1, pool=pool)
     assert out.sequences[0, len(SHIFTED_PROMPT):].tolist() == SHIFTED_TRUTH
     if pool == 0:
-        assert out.stats.forwards == 16  # the prefill's token, then one a pass
-    else:  # the prefill, "3", "4 5 6 7 8 10", then block 1 one token a pass
-        assert out.stats.forwards == 11
-        assert model.calls[2] == (1, 1 + 6 + 6)  # the last token, the guess, the recycled branch
+        assert out.stats.forwards == 15  # "2" with the prompt, then one a pass (block 1's first token carried)
+    else:  # "2" with the prompt, "3", "4 5 6 7 8 10", then block 1 one token a pass
+        assert out.stats.forwards == 10
+        assert model.calls[1] == (1, 1 + 6 + 6)  # the last token, the guess, the recycled branch
 
 
 def test_a_lookup_branch_recovers_the_prompts_run_after_the_rejected_draft():
@@ -162,7 +167,7 @@ def test_a_lookup_branch_recovers_the_prompts_run_after_the_rejected_draft():
     out = jacobi_generate(model, torch.tensor([SHIFTED_PROMPT]), n_tokens=8, max_new_tokens=16, eos_token_id=[],
                           lookup=1, lookup_branch=True)
     assert out.sequences[0, len(SHIFTED_PROMPT):].tolist() == SHIFTED_TRUTH
-    assert out.stats.forwards == 11 and model.calls[2] == (1, 1 + 6 + 6)
+    assert out.stats.forwards == 10 and model.calls[1] == (1, 1 + 6 + 6)
     with pytest.raises(ValueError, match="lookup_branch"):
         jacobi_generate(constant(), PROMPT, lookup_branch=True)
 
@@ -178,9 +183,10 @@ def test_multi_block_opens_the_next_block_once_the_share_is_solved():
                               open_at=open_at)
         assert out.sequences[0, 3:].tolist() == sequence[3:19]
         runs[blocks, open_at] = (out.stats.forwards, [q for _, q in model.calls])
-    assert runs[1, 0.5] == runs[2, 1.0] == (9, [3, 4, 3, 4, 3, 4, 3, 4, 3])  # open_at 1: never before a block ends
-    # block 1 opens after pass 1 (2 of block 0 committed): 1 + 2 + 4 slots; its tail is right a pass later
-    assert runs[2, 0.5] == (7, [3, 4, 7, 4, 4, 7, 4])
+    # the first pass feeds the prompt with block 0's whole guess (2 + 1 + 4); open_at 1: never before a block ends
+    assert runs[1, 0.5] == runs[2, 1.0] == (8, [7, 4, 4, 3, 4, 3, 4, 3])
+    # block 2 opens after pass 3 (2 of block 1 committed): 1 + 2 + 4 slots; its tail is right a pass later
+    assert runs[2, 0.5] == (7, [7, 4, 4, 7, 4, 4, 3])
     assert runs[3, 0.5] == runs[2, 0.5]  # a third block opens only once the second is half solved
 
 
@@ -196,14 +202,14 @@ def test_a_pass_feeds_the_guess_up_to_its_first_eos_and_a_rejected_eos_keeps_the
     ends = by_position([0, 0, 0, 4, 5, 6, 9, 8, 8, 8, 8])  # after the prompt: 4 5 6 and EOS 9
     out = jacobi_generate(ends, PROMPT, n_tokens=8, max_new_tokens=8, eos_token_id=9)
     assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6, 9]]
-    assert ends.calls == [(1, 3), (1, 8), (1, 3)]  # the prefill, the whole guess, then 5 with 6 9: not the 8s after
+    assert ends.calls == [(1, 11), (1, 4)]  # the prompt with the whole guess, then 4 5 6 9: not the 8s after
 
     # a context the script does not know gets 63: guessed EOS everywhere past the first wrong token, rejected
     # four times before the true one; each pass feeds one guessed token, and the output is the greedy one
     model = scripted([1, 2, 3], [4, 5, 6, 7, 8, 9])
     out = jacobi_generate(model, PROMPT, n_tokens=16, max_new_tokens=16, eos_token_id=63)
     assert out.sequences.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 63]]
-    assert model.calls == [(1, 3), (1, 16)] + [(1, 2)] * 5
+    assert model.calls == [(1, 2 + 1 + 16)] + [(1, 2)] * 6
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -215,5 +221,5 @@ def test_greedy_generate_is_ar_through_the_loop_one_token_a_pass(batch):
     prompts = torch.tensor([[1, 2, 3], [20, 21, 22], [40, 41, 42]])[:batch]
     out = greedy_generate(model, prompts, max_new_tokens=8, eos_token_id=6, pad_token_id=0)
     assert out.sequences[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
-    assert all(q == 1 for _, q in model.calls[1:])  # after the prefill, the last token alone
+    assert model.calls[0] == (batch, 3) and all(q == 1 for _, q in model.calls[1:])  # the prompt, then one token
     assert out.stats.row_forwards[0] == 3 and out.stats.tokens_per_forward == 1.0

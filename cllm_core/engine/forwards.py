@@ -73,16 +73,14 @@ class PaddedForward(PassCounts):
         # whether the cache may be gathered: plain layers only (a sliding window tracks its own length)
         self.compactable = all(type(layer) is DynamicLayer for layer in self.cache.layers)
         self.kv_mask = None
+        self.pending = None  # the prompts and their mask, until the first pass feeds them (`prefill`)
         self.holes = False  # whether kv_mask has a 0: without, a pass needs no (B, S) mask and no counting over it
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
-        """Feed the left-padded prompts (B, L); each row's greedy next token ([] when L is 0)."""
-        self.kv_mask = mask.cpu()
-        self.holes = not bool(self.kv_mask.all())
-        if ids.shape[1] == 0:
-            return []
-        logits = self._call(ids, self.kv_mask, _positions(self.kv_mask), last_only=True)  # (B, 1, V)
-        return logits[:, -1].argmax(-1).tolist()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Take the left-padded prompts (B, L) to feed with the first pass, in one forward with the first guesses
+        (a forward of their own would cost about a pass and commit nothing)."""
+        self.pending = (ids, mask.cpu())
+        self.kv_mask = mask.cpu()[:, :0]
 
     def predict(self, fed: torch.Tensor, kind: torch.Tensor, offset: torch.Tensor) -> list[list[int]]:
         """Feed (B, W) tokens: `kind` each slot's `Slot` (the last token, branch j as
@@ -90,7 +88,10 @@ class PaddedForward(PassCounts):
         after the row's last committed token. The greedy token after each slot, on its branch."""
         kind, offset = kind.cpu(), offset.cpu()
         self.branched = bool((kind > Slot.MAIN).any())
-        if not (self.holes or self.branched or (kind == Slot.PADDING).any()):  # batch 1 or rows level: the lean pass
+        padded = bool((kind == Slot.PADDING).any())
+        if self.pending is not None:
+            return self._first(fed, kind, offset, padded)
+        if not (self.holes or self.branched or padded):  # batch 1 or rows level: the lean pass
             return self._call_level(fed, offset + self.kv_mask.shape[1]).argmax(-1).tolist()
         live = self.kv_mask.bool()
         if self.compactable and int(live.sum(-1).max()) < (1 - COMPACT_AT) * live.shape[1]:
@@ -100,6 +101,22 @@ class PaddedForward(PassCounts):
         mask = (_branch_mask(kv_mask, kind, self.dtype) if self.branched
                 else torch.cat([kv_mask, (kind != Slot.PADDING).to(kv_mask.dtype)], 1))
         return self._call(fed, mask, positions).argmax(-1).tolist()
+
+    def _first(self, fed, kind, offset, padded) -> list[list[int]]:
+        """The first pass: the prompts and the fed slots in one forward, the prompts causal among themselves and the
+        fed slots seeing them as they would see the cache; the predictions of the fed slots."""
+        (prompts, mask), width = self.pending, fed.shape[1]
+        self.pending, self.kv_mask, self.holes = None, mask, not bool(mask.all())
+        both = torch.cat([prompts, fed], 1)
+        if not (self.holes or self.branched or padded):  # batch 1, or rows level
+            positions = torch.cat([torch.arange(mask.shape[1]).expand(len(fed), -1), offset + mask.shape[1]], 1)
+            return self._call_level(both, positions, cached=0, keep=width).argmax(-1).tolist()
+        positions = torch.cat([_positions(mask), mask.sum(-1, keepdim=True) + offset], 1)
+        if self.branched:
+            seen = torch.cat([_prompt_mask(mask, width, self.dtype), _branch_mask(mask, kind, self.dtype)], 2)
+        else:
+            seen = torch.cat([mask, (kind != Slot.PADDING).to(mask.dtype)], 1)
+        return self._call(both, seen, positions, keep=width).argmax(-1).tolist()
 
     def keep_slots(self, kept: torch.Tensor) -> None:
         """Keep in the cache the slots of the last pass that `kept` (B, W) marks; the rest become holes, trailing
@@ -125,38 +142,43 @@ class PaddedForward(PassCounts):
         self.kv_mask = self.kv_mask[keep]
 
     @torch.inference_mode()
-    def _call_level(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _call_level(self, ids: torch.Tensor, positions: torch.Tensor, cached: int | None = None,
+                    keep: int | None = None) -> torch.Tensor:
         """A pass over a cache with no holes and rows with no padding: the causal mask over cache and pass is the
         same for every row, built here as one (1, 1, q, S + q) mask (transformers would build it through its mask
-        functions, a tenth of a demo pass) and none for one token; the counts are plain arithmetic."""
+        functions, a tenth of a demo pass) and none for one token; the counts are plain arithmetic. `cached`: the
+        slots in the cache (default: the mask's); `keep`: the last slots whose logits are returned (default: all)."""
         batch, q = ids.shape
-        width = self.kv_mask.shape[1] + q
+        width = (self.kv_mask.shape[1] if cached is None else cached) + q
         self.slots, self.live_slots = self.slots + batch * width * q, self.live_slots + batch * width * q
         self.fed, self.live_fed = self.fed + batch * q, self.live_fed + batch * q
         mask = None
         if q > 1:
             mask = torch.zeros(1, 1, q, width, dtype=self.dtype).masked_fill_(
                 torch.ones(q, width, dtype=torch.bool).triu_(width - q + 1), torch.finfo(self.dtype).min)
-        return self._forward(ids, mask, positions)
+        return self._forward(ids, mask, positions, keep)
 
     @torch.inference_mode()
-    def _call(self, ids, mask, positions, last_only=False):
-        """One forward; `mask` and `positions` on the host, where the counts are made, then copied to the device."""
+    def _call(self, ids, mask, positions, keep=None):
+        """One forward; `mask` and `positions` on the host, where the counts are made, then copied to the device.
+        `keep`: the last slots whose logits are returned (default: all)."""
         if mask.dim() == 2:
             queries = mask[:, -ids.shape[1]:].sum(-1)
             self.slots += mask.numel() * ids.shape[1]
             self.live_slots += int((queries * mask.sum(-1)).sum())
             self.fed, self.live_fed = self.fed + ids.numel(), self.live_fed + int(queries.sum())
-        kwargs = {"logits_to_keep": 1} if (last_only and self.takes_logits_to_keep) else {}
         # no holes: let the kernel use its causal path; a 4-D mask is the branches' own
-        return self._forward(ids, mask if mask.dim() == 4 else None if bool(mask.all()) else mask, positions, **kwargs)
+        return self._forward(ids, mask if mask.dim() == 4 else None if bool(mask.all()) else mask, positions, keep)
 
-    def _forward(self, ids, attention_mask, positions, **kwargs):
-        """The model on this cache, its inputs copied from the host to the device; the logits."""
-        return self.model(input_ids=ids.to(self.device),
-                          attention_mask=None if attention_mask is None else attention_mask.to(self.device),
-                          position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
-                          **kwargs).logits
+    def _forward(self, ids, attention_mask, positions, keep=None):
+        """The model on this cache, its inputs copied from the host to the device; the logits of the last `keep`
+        slots (default: all), computed only there where the model allows it."""
+        kwargs = {"logits_to_keep": keep} if (keep and self.takes_logits_to_keep) else {}
+        logits = self.model(input_ids=ids.to(self.device),
+                            attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                            position_ids=positions.to(self.device), past_key_values=self.cache, use_cache=True,
+                            **kwargs).logits
+        return logits[:, -keep:] if keep else logits
 
     @torch.inference_mode()
     def _keep(self, slots: torch.Tensor) -> None:
@@ -186,6 +208,15 @@ def _gather_slots(states: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded batch, as `generate` builds them (pads get a dummy position)."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _prompt_mask(mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L + width) additive mask of a first pass's prompt queries: each sees the live prompt slots up to
+    itself, none of the `width` fed slots after the prompts."""
+    length = mask.shape[1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    allowed = torch.cat([allowed, torch.zeros(len(mask), length, width, dtype=torch.bool)], -1)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _branch_mask(kv_mask: torch.Tensor, kind: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

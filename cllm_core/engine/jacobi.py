@@ -49,7 +49,7 @@ from cllm_core.engine.stopping import raise_if_stopped
 class JacobiStep:
     """One parallel forward pass: the rows it served."""
 
-    index: int  # 0 is the prefill
+    index: int  # from 1: the first pass, which feeds the prompt too
     rows: tuple[RowStep, ...]
 
 
@@ -76,8 +76,9 @@ def jacobi_steps(
     `init` fills a new block's guess: "repeat" the last token, or "random" tokens drawn with replacement
     from the row's context (prompt and response so far), seeded per row by `seed` (int: seed + row); "none"
     guesses nothing, so every pass feeds the last token alone: greedy AR (`greedy_generate`).
-    `carry` starts each block with the free token the previous pass already fixed (faster decoding); without
-    it every block starts from a whole guess, as in the paper's trajectories (and its reference code).
+    `carry` starts each block after the first with the free token the previous pass already fixed (faster
+    decoding); without it every block starts from a whole guess, as in the paper's trajectories (and its reference
+    code). The first block always does: the first pass feeds it with the prompt, in one forward.
     `lookup` > 0 drafts a new block's guess from the context as prompt lookup does: it begins with what followed
     the latest earlier occurrence of the context's last `lookup`..1 tokens, where there is one, and `init` fills
     the rest. Drafts are verified like any guess, so the output stays the greedy output. (Drafting after every
@@ -144,12 +145,11 @@ class DecodeLoop:
 
 def _steps(loop: DecodeLoop) -> Iterator[JacobiStep]:
     forward, rows, pad, rule = loop.forward, loop.rows, loop.pad, loop.rule
-    if rule.carry:  # the prefill fixes the first token, which opens the first block
-        first = forward.prefill(loop.input_ids, loop.kv_mask)
-        yield JacobiStep(0, tuple(accept(row, [tok], [], rule) for row, tok in zip(rows, first)))
-    else:  # the prompt's last token is fed with the first block's whole guess, so the prefill stops before it
-        forward.prefill(loop.input_ids[:, :-1], loop.kv_mask[:, :-1])
-        yield JacobiStep(0, tuple(accept(row, [], [], rule) for row in rows))
+    # The first block opens with a whole guess after the prompt, and the first pass feeds the prompt with it, in one
+    # forward: a forward of the prompt alone (a prefill) would cost about a pass to fix one token.
+    forward.prefill(loop.input_ids[:, :-1], loop.kv_mask[:, :-1])
+    for row in rows:
+        accept(row, [], [], rule)
     index = 0
     while True:
         raise_if_stopped()  # a stop request ends a collection or decode within one pass

@@ -2,7 +2,7 @@
 
 Counting conventions (shared by Jacobi and the baselines, so their figures compare):
 - a *forward* is one call of the model; a batched call counts once in `forwards`, and once for every row
-  it served in `row_forwards`. The prefill that yields the first token is a forward.
+  it served in `row_forwards`. The first pass feeds the prompt too (there is no forward of the prompt alone).
 - `tokens_per_forward` = new tokens / forwards a row took part in, over all rows.
 - *fast-forward* tokens: guess tokens that a pass confirmed, i.e. tokens a pass fixed beyond the one
   every pass is guaranteed (docs/design/cllm_reference.md, "Fast-forwarding and stationary tokens").

@@ -73,27 +73,52 @@ class PackedForward(PassCounts):
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # live slots per buffer row
         self.active = torch.arange(batch, device=device)  # the loop's rows -> buffer rows
         self.branched, self.fed_index = False, None
+        self.pending = None  # the prompts and their mask, until the first pass feeds them (`prefill`)
 
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
-        """Feed the left-padded prompts (B, L); each row's greedy next token ([] when nothing is fed)."""
-        if not bool(mask.any()):
-            return []
-        live = mask.bool()
-        order = torch.sort(live.to(torch.int8), dim=-1, descending=True, stable=True).indices  # live first
-        fed, live = ids.gather(1, order).to(self.device), live.gather(1, order).to(self.device)
-        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=self.device).tril()
-        positions = torch.arange(ids.shape[1], device=self.device).expand_as(fed)
-        last = live.sum(-1).cumsum(0) - 1  # each row's last token in the packed sequence
-        first = self._run(fed, live, positions, causal.expand(len(ids), -1, -1), logits_to_keep=last)
-        self.lengths += live.sum(-1)  # the prompts stay in the cache
-        return first.tolist()
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Take the left-padded prompts (B, L) to feed with the first pass (as `PaddedForward.prefill`)."""
+        self.pending = (ids, mask)
 
     def predict(self, fed: torch.Tensor, kind: torch.Tensor, offset: torch.Tensor) -> list[list[int]]:
         """As `PaddedForward.predict`."""
-        fed, kind = fed.to(self.device), kind.to(self.device)
+        fed, kind, offset = fed.to(self.device), kind.to(self.device), offset.to(self.device)
         self.branched = bool((kind > Slot.MAIN).any())
-        positions = self.lengths[self.active, None] + offset.to(self.device)
+        if self.pending is not None:
+            return self._first(fed, kind, offset)
+        positions = self.lengths[self.active, None] + offset
         predicted = self._run(fed, kind != Slot.PADDING, positions, sees_in_pass(kind))  # (N,)
+        grid = torch.zeros(fed.numel(), dtype=torch.long, device=self.device)
+        return grid.index_copy_(0, self.fed_index, predicted).view(fed.shape).tolist()
+
+    def _first(self, fed: torch.Tensor, kind: torch.Tensor, offset: torch.Tensor) -> list[list[int]]:
+        """The first pass: each row's live prompt tokens, then its fed slots, as one packed row; the prompt tokens
+        see the prompt causally, the fed slots the whole prompt and what `sees_in_pass` allows. The prompts stay in
+        the cache; the predictions are the fed slots'."""
+        (ids, mask), self.pending = self.pending, None
+        live_prompt = mask.bool().to(self.device)
+        order = torch.sort(live_prompt.to(torch.int8), dim=-1, descending=True, stable=True).indices  # live first
+        prompts, length = ids.to(self.device).gather(1, order), live_prompt.sum(-1, keepdim=True)  # (b, L), (b, 1)
+        width = fed.shape[1]
+        cols = torch.arange(ids.shape[1] + width, device=self.device)[None]  # (1, T): a row's prompt, then its pass
+        in_prompt, slot = cols < length, (cols - length).clamp(0, width - 1)  # (b, T): each column's fed slot
+        tokens = torch.where(in_prompt, prompts.gather(1, cols.clamp(max=max(ids.shape[1] - 1, 0))
+                                                       .expand(len(fed), -1)) if ids.shape[1] else 0,
+                             fed.gather(1, slot))
+        live = in_prompt | ((cols - length < width) & (kind != Slot.PADDING).gather(1, slot))
+        positions = torch.where(in_prompt, cols, length + offset.gather(1, slot))
+        within = sees_in_pass(kind)  # (b, W, W) over the pass's slots, spread over the columns
+        within = within.gather(1, slot[:, :, None].expand(-1, -1, width)).gather(
+            2, slot[:, None, :].expand(-1, cols.shape[1], -1))
+        prompt_key = in_prompt[:, None, :]  # (b, 1, T)
+        sees = torch.where(in_prompt[:, :, None], (cols[:, None, :] <= cols[:, :, None]) & prompt_key,
+                           prompt_key | (~prompt_key & within))
+        fed_live = kind != Slot.PADDING
+        starts = live.sum(-1).cumsum(0) - live.sum(-1)  # each row's first token in the packed sequence
+        picked = (starts[:, None] + length + torch.arange(width, device=self.device))[fed_live]
+        predicted = self._run(tokens, live, positions, sees, logits_to_keep=picked)
+        row, col = fed_live.nonzero(as_tuple=True)
+        self.fed_index = row * width + col
+        self.lengths[self.active] += length[:, 0]  # the prompts stay in the cache; the pass's slots follow them
         grid = torch.zeros(fed.numel(), dtype=torch.long, device=self.device)
         return grid.index_copy_(0, self.fed_index, predicted).view(fed.shape).tolist()
 

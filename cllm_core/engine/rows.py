@@ -21,7 +21,7 @@ class RowStep:
 
     row: int  # index in the input batch
     block: int  # index of the block the pass worked on
-    state: tuple[int, ...]  # the block as fed: its committed prefix, then the guess (empty for the prefill)
+    state: tuple[int, ...]  # the block as fed: its committed prefix, then the guess
     prefix: int  # how many tokens of `state` were committed before this pass
     committed: tuple[int, ...]  # tokens this pass fixed, in order (at least one)
     fast_forward: int  # guess tokens the pass confirmed

@@ -135,7 +135,7 @@ class TrajectoryView:
 
     def render(self) -> Group:
         if self.step is None:
-            return Group(Text("prefill ...", style="dim"))
+            return Group(Text("the prompt and the first guess ...", style="dim"))
         new = len(self.step.committed)
         body = Text.assemble(self.piece(self.committed[:-new], "default"),
                              self.piece(self.committed[-new:], "bold black on green"))
