@@ -193,8 +193,8 @@ def test_the_ragged_mask_lets_each_row_see_its_committed_slots_then_its_own_fed_
 
 
 def test_one_token_prompts_padded_wider_decode_packed_without_a_prefill(model):
-    """Regression: without carry the prefill stops before each prompt's last token; prompts of one token padded to
-    two left it nothing to feed, and the packed forward built an empty mask and failed."""
+    """Regression: the prompts' part fed before their last tokens (once a prefill of its own, now the first pass's)
+    is empty for prompts of one token padded to two, and the packed forward once built an empty mask and failed."""
     ids, mask = torch.tensor([[PAD, 5], [PAD, 9]]), torch.tensor([[0, 1], [0, 1]])
     assert isinstance(forwards.make_forward(model, torch.device("cpu"), 2), forwards.PackedForward)
     out = jacobi_generate(model, ids, mask, n_tokens=4, max_new_tokens=MAX_NEW, eos_token_id=[], pad_token_id=PAD,

@@ -77,9 +77,10 @@ class PaddedForward(PassCounts):
         self.holes = False  # whether kv_mask has a 0: without, a pass needs no (B, S) mask and no counting over it
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """Take the left-padded prompts (B, L) to feed with the first pass, in one forward with the first guesses
-        (a forward of their own would cost about a pass and commit nothing)."""
-        self.pending = (ids, mask.cpu())
+        """Take the left-padded prompts (B, L) but their last tokens (the first pass feeds those as its LAST slots)
+        to feed with the first pass, in one forward with the first guesses: a forward of their own would cost
+        about a pass to fix one token. Kept on the host, like every input of a pass until `_forward`."""
+        self.pending = (ids.cpu(), mask.cpu())
         self.kv_mask = mask.cpu()[:, :0]
 
     def predict(self, fed: torch.Tensor, kind: torch.Tensor, offset: torch.Tensor) -> list[list[int]]:
@@ -108,7 +109,8 @@ class PaddedForward(PassCounts):
         (prompts, mask), width = self.pending, fed.shape[1]
         self.pending, self.kv_mask, self.holes = None, mask, not bool(mask.all())
         both = torch.cat([prompts, fed], 1)
-        if not (self.holes or self.branched or padded):  # batch 1, or rows level
+        if self.compactable and not (self.holes or self.branched or padded):  # batch 1, or rows level (a sliding
+            # window builds its own mask: the 2-D path below leaves it to transformers)
             positions = torch.cat([torch.arange(mask.shape[1]).expand(len(fed), -1), offset + mask.shape[1]], 1)
             return self._call_level(both, positions, cached=0, keep=width).argmax(-1).tolist()
         positions = torch.cat([_positions(mask), mask.sum(-1, keepdim=True) + offset], 1)
@@ -212,9 +214,11 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def _prompt_mask(mask: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, L, L + width) additive mask of a first pass's prompt queries: each sees the live prompt slots up to
-    itself, none of the `width` fed slots after the prompts."""
+    itself, none of the `width` fed slots after the prompts; a padding slot sees itself (as in `_branch_mask`, so
+    that no query row is all masked)."""
     length = mask.shape[1]
     allowed = torch.ones(length, length, dtype=torch.bool).tril() & mask.bool()[:, None, :]
+    allowed |= torch.eye(length, dtype=torch.bool)
     allowed = torch.cat([allowed, torch.zeros(len(mask), length, width, dtype=torch.bool)], -1)
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 

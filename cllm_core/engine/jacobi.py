@@ -7,7 +7,8 @@ disagreed (it saw a correct context, so it is the greedy token). The rest of the
 predictions (the Jacobi update) and re-fed next pass. When a whole block is confirmed, the prediction after
 its last token is free: it is carried in as the first token of the next block.
 
-Invariant: the cache holds K/V for the prompt and every committed token except the last one (`last`).
+Invariant: after each pass the cache holds K/V for the prompt and every committed token except the last one
+(`last`). Before the first it is empty: the first pass feeds the prompt with the first block's guess.
 Rows of a batch keep their own progress, each feeding its own number of tokens on top of its own number of cached
 ones; finished rows leave the batch. How such a batch meets the model (rows packed into one sequence over a ragged
 cache, or padded with holes) is `forwards.py`'s business: the loop sees greedy predictions per fed slot. A row's
