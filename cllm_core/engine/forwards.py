@@ -105,20 +105,21 @@ class PaddedForward(PassCounts):
 
     def _first(self, fed, kind, offset, padded) -> list[list[int]]:
         """The first pass: the prompts and the fed slots in one forward, the prompts causal among themselves and the
-        fed slots seeing them as they would see the cache; the predictions of the fed slots."""
+        fed slots seeing them as they would see the cache; the predictions of the fed slots. The cache is empty until
+        this forward fills it (`kv_mask` (B, 0)); afterwards the prompts' mask is its mask."""
         (prompts, mask), width = self.pending, fed.shape[1]
-        self.pending, self.kv_mask, self.holes = None, mask, not bool(mask.all())
-        both = torch.cat([prompts, fed], 1)
-        if self.compactable and not (self.holes or self.branched or padded):  # batch 1, or rows level (a sliding
+        both, holes = torch.cat([prompts, fed], 1), not bool(mask.all())
+        if self.compactable and not (holes or self.branched or padded):  # batch 1, or rows level (a sliding
             # window builds its own mask: the 2-D path below leaves it to transformers)
             positions = torch.cat([torch.arange(mask.shape[1]).expand(len(fed), -1), offset + mask.shape[1]], 1)
-            return self._call_level(both, positions, cached=0, keep=width).argmax(-1).tolist()
-        positions = torch.cat([_positions(mask), mask.sum(-1, keepdim=True) + offset], 1)
-        if self.branched:
-            seen = torch.cat([_prompt_mask(mask, width, self.dtype), _branch_mask(mask, kind, self.dtype)], 2)
+            logits = self._call_level(both, positions, keep=width)
         else:
-            seen = torch.cat([mask, (kind != Slot.PADDING).to(mask.dtype)], 1)
-        return self._call(both, seen, positions, keep=width).argmax(-1).tolist()
+            positions = torch.cat([_positions(mask), mask.sum(-1, keepdim=True) + offset], 1)
+            seen = (torch.cat([_prompt_mask(mask, width, self.dtype), _branch_mask(mask, kind, self.dtype)], 2)
+                    if self.branched else torch.cat([mask, (kind != Slot.PADDING).to(mask.dtype)], 1))
+            logits = self._call(both, seen, positions, keep=width)
+        self.pending, self.kv_mask, self.holes = None, mask, holes
+        return logits.argmax(-1).tolist()
 
     def keep_slots(self, kept: torch.Tensor) -> None:
         """Keep in the cache the slots of the last pass that `kept` (B, W) marks; the rest become holes, trailing
@@ -144,14 +145,13 @@ class PaddedForward(PassCounts):
         self.kv_mask = self.kv_mask[keep]
 
     @torch.inference_mode()
-    def _call_level(self, ids: torch.Tensor, positions: torch.Tensor, cached: int | None = None,
-                    keep: int | None = None) -> torch.Tensor:
+    def _call_level(self, ids: torch.Tensor, positions: torch.Tensor, keep: int | None = None) -> torch.Tensor:
         """A pass over a cache with no holes and rows with no padding: the causal mask over cache and pass is the
         same for every row, built here as one (1, 1, q, S + q) mask (transformers would build it through its mask
-        functions, a tenth of a demo pass) and none for one token; the counts are plain arithmetic. `cached`: the
-        slots in the cache (default: the mask's); `keep`: the last slots whose logits are returned (default: all)."""
+        functions, a tenth of a demo pass) and none for one token; the counts are plain arithmetic. `keep`: the
+        last slots whose logits are returned (default: all)."""
         batch, q = ids.shape
-        width = (self.kv_mask.shape[1] if cached is None else cached) + q
+        width = self.kv_mask.shape[1] + q
         self.slots, self.live_slots = self.slots + batch * width * q, self.live_slots + batch * width * q
         self.fed, self.live_fed = self.fed + batch * q, self.live_fed + batch * q
         mask = None

@@ -97,13 +97,11 @@ class PackedForward(PassCounts):
         (ids, mask), self.pending = self.pending, None
         live_prompt = mask.bool().to(self.device)
         order = torch.sort(live_prompt.to(torch.int8), dim=-1, descending=True, stable=True).indices  # live first
-        prompts, length = ids.to(self.device).gather(1, order), live_prompt.sum(-1, keepdim=True)  # (b, L), (b, 1)
-        width = fed.shape[1]
+        length, width = live_prompt.sum(-1, keepdim=True), fed.shape[1]  # (b, 1): each row's live prompt tokens
         cols = torch.arange(ids.shape[1] + width, device=self.device)[None]  # (1, T): a row's prompt, then its pass
         in_prompt, slot = cols < length, (cols - length).clamp(0, width - 1)  # (b, T): each column's fed slot
-        tokens = torch.where(in_prompt, prompts.gather(1, cols.clamp(max=max(ids.shape[1] - 1, 0))
-                                                       .expand(len(fed), -1)) if ids.shape[1] else 0,
-                             fed.gather(1, slot))
+        both = torch.cat([ids.to(self.device).gather(1, order), fed], 1)  # live prompt tokens first, then the pass
+        tokens = both.gather(1, torch.where(in_prompt, cols, ids.shape[1] + slot))
         live = in_prompt | ((cols - length < width) & (kind != Slot.PADDING).gather(1, slot))
         positions = torch.where(in_prompt, cols, length + offset.gather(1, slot))
         within = sees_in_pass(kind)  # (b, W, W) over the pass's slots, spread over the columns
