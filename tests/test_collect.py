@@ -98,6 +98,35 @@ def test_masked_collection_holds_the_greedy_responses_with_states_made_without_a
 
 
 @pytest.mark.slow  # collects shards
+def test_a_reference_keeps_only_rows_whose_fixed_points_are_its_responses(tmp_path, teacher, prompts):
+    reference = ShardStore(str(tmp_path / "reference"))
+    collect(CONFIG.model_copy(update={"noise": "masked"}), teacher, prompts, reference.url, log=quiet)
+    checked = CONFIG.model_copy(update={"reference": reference.url})
+    collect(checked, teacher, prompts, str(tmp_path / "same"), log=quiet)  # the same teacher: every row agrees
+    collect(CONFIG, teacher, prompts, str(tmp_path / "plain"), log=quiet)
+    assert rows(tmp_path / "same", [0, 1, 2]) == rows(tmp_path / "plain", [0, 1, 2])
+
+    table = reference.read([1]).to_pylist()  # one reference response changed: that prompt departs
+    table[0]["response_ids"] = table[0]["response_ids"][:-1] + [table[0]["response_ids"][-1] + 1]
+    reference.write(1, pa.Table.from_pylist(table, schema=TRAJECTORY_SCHEMA), reference.manifest(1))
+    said = []
+    manifests = collect(checked, teacher, prompts, str(tmp_path / "departed"), log=said.append)
+    kept = rows(tmp_path / "departed", [0, 1, 2])
+    assert [r["prompt_id"] for r in kept] == sorted(r["prompt_id"] for r in rows(tmp_path / "same", [0, 1, 2])
+                                                    if r["prompt_id"] != table[0]["prompt_id"])
+    assert [m.departed for m in manifests] == [0, 1, 0]
+    assert "1 left out (fixed points not the reference's response)" in said[1]
+    with pytest.raises(ValueError, match=r"differs in: the reference store's content"):  # its content is its identity
+        collect(checked, teacher, prompts, str(tmp_path / "same"), log=quiet)
+
+
+def test_a_reference_without_trajectories_is_one_clear_line(tmp_path, teacher, prompts):
+    with pytest.raises(ValueError, match=r"collect.reference .*empty holds no collected trajectories: collect them"):
+        collect(CONFIG.model_copy(update={"reference": str(tmp_path / "empty")}), teacher, prompts,
+                str(tmp_path / "store"), log=quiet)
+
+
+@pytest.mark.slow  # collects shards
 def test_a_prompts_trajectory_does_not_depend_on_its_batch(tmp_path, teacher, prompts):
     collect(CONFIG, teacher, prompts, str(tmp_path / "batched"), log=quiet)
     collect(CONFIG.model_copy(update={"batch_size": 1}), teacher, prompts, str(tmp_path / "single"), log=quiet)

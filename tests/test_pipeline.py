@@ -207,6 +207,10 @@ def test_a_second_round_collects_from_the_cllm_and_trains_it_again_with_records_
     assert second["config"]["batch_size"] == 4  # what the profile's round 1 says, where round 2 is silent
     collected = json.loads((work / "trajectories-round2/collection.json").read_text())
     assert collected["config"]["n_tokens"] == 6
+    first = json.loads((work / "trajectories/collection.json").read_text())  # round 2 keeps the teacher's fixed points
+    assert collected["reference"]["config_hash"] == first["config_hash"]
+    manifests = [json.loads(path.read_text()) for path in sorted((work / "trajectories-round2").glob("shard-*.json"))]
+    assert sum(m["rows"] + m["departed"] for m in manifests) == 9  # every training prompt: kept or departed
 
     runs = mlflow.search_runs(experiment_names=["cllm"], output_format="list")
     (parent,) = [r for r in runs if r.data.tags["cllm.stage"] == "pipeline"]

@@ -66,12 +66,14 @@ def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: s
     bf16, fp16) the teacher decodes in. The teacher is its content identity: not its path, not its device."""
     from cllm_core.runtime.models import model_identity
 
-    kept = config.model_dump(exclude={"jacobi", "batch_size", "devices", "max_repetitive"}
+    kept = config.model_dump(exclude={"jacobi", "batch_size", "devices", "max_repetitive", "reference"}
                              | ({"finished_only"} if not config.finished_only else set())
                              | ({"noise"} if config.noise == "jacobi" else set()))  # old stores stay valid
     content = config.jacobi.model_dump() | kept | _rounding(config, model, precision)  # flat: old stores stay valid
     record = {"config": content, "precision": precision, "teacher": model_identity(model), "tokenizer": tokenizer,
               "prompts_sha256": file_digest(prompts_path)}
+    if config.reference:  # its content decides which rows are kept, not its path
+        record["reference"] = reference_identity(config.reference)
     record["config_hash"] = digest(record)
     return record
 
@@ -119,20 +121,58 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
         if config.finished_only:
             part = ending_within_budget(lm, tokenizer, part, chat, config, eos)
         rows, forwards = _jacobi_rows(lm, tokenizer, part, chat, config, eos)
+    departed = 0
+    if config.reference:
+        rows, departed = agreeing(rows, reference_responses(config.reference, collection["reference"]))
     seconds = time.perf_counter() - start
     tokens = sum(len(row["response_ids"]) for row in rows)
     passes = [p for row in rows for p in row["block_passes"]]
     figures = {"seconds": seconds, "prompts_per_s": len(rows) / seconds, "tokens_per_s": tokens / seconds,
                "tokens": tokens, "forwards": forwards, "mean_passes_per_block": sum(passes) / max(len(passes), 1),
-               "repetitive": sum(row["repetitive"] for row in rows), "unfinished": seen - len(rows)}
+               "repetitive": sum(row["repetitive"] for row in rows), "unfinished": seen - len(rows) - departed,
+               "departed": departed}
     manifest = ShardManifest.from_json(store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), {
         "config_hash": collection["config_hash"], "teacher": collection["teacher"], **figures}))
     unfinished = f", {manifest.unfinished} left out (no EOS within the budget)" if config.finished_only else ""
+    departed = (f", {manifest.departed} left out (fixed points not the reference's response)"
+                if config.reference else "")
     states = ("masked states (no Jacobi pass)" if config.noise == "masked"
               else f"{manifest.mean_passes_per_block:.2f} passes per block")
     log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({manifest.prompts_per_s:.2f} "
-        f"prompts/s, {states}, {manifest.repetitive} repetitive{unfinished})")
+        f"prompts/s, {states}, {manifest.repetitive} repetitive{unfinished}{departed})")
     return manifest
+
+
+def reference_identity(url: str) -> dict:
+    """What identifies a reference store's content: its collection's hash and its shards' sha256, in order."""
+    store = ShardStore(url)
+    held = store.collection()
+    if held is None or not store.shards():
+        raise UserError(f"collect.reference {url} holds no collected trajectories: collect them first (a second "
+                        "round's reference is round 1's store)")
+    return {"config_hash": held["config_hash"],
+            "shards_sha256": digest([store.manifest(shard)["sha256"] for shard in store.shards()])}
+
+
+def reference_responses(url: str, identity: dict) -> dict[str, list[int]]:
+    """prompt id -> response ids in the reference store, which must still be what `identity` names."""
+    if reference_identity(url) != identity:
+        raise UserError(f"collect.reference {url} changed since this collection was planned (collected again?); "
+                        "rerun the collection, which plans it anew")
+    return _responses(url, identity["shards_sha256"])
+
+
+@functools.lru_cache(maxsize=2)
+def _responses(url: str, shards_sha256: str) -> dict[str, list[int]]:
+    store = ShardStore(url)
+    table = pa.concat_tables(store.read([shard]).select(["prompt_id", "response_ids"]) for shard in store.shards())
+    return dict(zip(table.column("prompt_id").to_pylist(), table.column("response_ids").to_pylist()))
+
+
+def agreeing(rows: list[dict], responses: dict[str, list[int]]) -> tuple[list[dict], int]:
+    """The rows whose response is their prompt's reference response, and how many departed (or had none)."""
+    kept = [row for row in rows if responses.get(row["prompt_id"]) == row["response_ids"]]
+    return kept, len(rows) - len(kept)
 
 
 def _seed(prompt: dict, config: CollectConfig) -> int:

@@ -153,7 +153,8 @@ def _differences(held: dict, collection: dict) -> str:
     if held.get("teacher") != collection.get("teacher"):
         changed.append("teacher (its files changed since: retrained or replaced)")
     changed += [what for key, what in (("precision", "precision"), ("tokenizer", "tokenizer"),
-                                       ("prompts_sha256", "prompts")) if held.get(key) != collection.get(key)]
+                                       ("prompts_sha256", "prompts"), ("reference", "the reference store's content"))
+                if held.get(key) != collection.get(key)]
     return ", ".join(changed) or "how the collection is identified (collected by another version)"
 
 

@@ -70,10 +70,13 @@ def check_collected(manifests: list[ShardManifest], finished_only: bool, max_new
     """Raise `NothingCollected` when these shard manifests hold no row: a run must not go on to train on nothing."""
     if sum(m.rows for m in manifests):
         return
-    seen = sum(m.rows + m.unfinished for m in manifests)
+    seen, departed = sum(m.rows + m.unfinished + m.departed for m in manifests), sum(m.departed for m in manifests)
     why = (f": collect.finished_only left out all {seen} prompts, none of whose greedy responses ended within "
            f"max_new_tokens {max_new_tokens}; raise collect.jacobi.max_new_tokens or set collect.finished_only: false"
-           if finished_only else "")
+           if finished_only and not departed else
+           f": {departed} of {seen} prompts were left out because their fixed points are not collect.reference's "
+           "responses (a second round's reference is the teacher's: its CLLM departs from the teacher everywhere); "
+           "check the CLLM, or set second_round.teacher_fixed_points: false" if departed else "")
     raise NothingCollected(f"the collection holds no trajectory{why}")
 
 

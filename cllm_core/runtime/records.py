@@ -63,10 +63,11 @@ class ShardManifest(Record):
     mean_passes_per_block: float
     repetitive: int
     unfinished: int = 0  # prompts left out because the teacher's greedy response did not end in the budget
+    departed: int = 0  # prompts left out because their fixed points are not the reference's (collect.reference)
     extra: dict = field(default_factory=dict)
 
     COLUMNS: ClassVar = ("shard", "rows", "tokens", "seconds", "prompts_per_s", "mean_passes_per_block",
-                         "repetitive", "unfinished")
+                         "repetitive", "unfinished", "departed")
     """The figures a table of shards shows (Prefect's collect-shards artifact)."""
 
 
@@ -77,6 +78,7 @@ def collection_figures(manifests: list[ShardManifest]) -> dict[str, float]:
     rows, seconds = sum(m.rows for m in manifests), sum(m.seconds for m in manifests)
     return {"prompts_per_s": rows / seconds, "tokens_per_s": sum(m.tokens for m in manifests) / seconds,
             "repetitive": sum(m.repetitive for m in manifests), "unfinished": sum(m.unfinished for m in manifests),
+            "departed": sum(m.departed for m in manifests),
             "mean_passes_per_block": sum(m.mean_passes_per_block * m.rows for m in manifests) / max(rows, 1)}
 
 

@@ -223,6 +223,12 @@ class CollectConfig(Section):
                                                "first k tokens with the rest drawn from the 128 context tokens "
                                                "before it (no Jacobi pass: about n times less compute a response).")
     limit: int | None = Field(None, ge=1, description="Collect only the first N training prompts.")
+    reference: str | None = Field(None, description="A trajectory store (path or fsspec URL) whose responses the "
+                                  "collected ones must equal: a row whose fixed points depart from its prompt's "
+                                  "response there, or whose prompt has none there, is left out and counted "
+                                  "(`departed`). A second round sets it to round 1's store, the teacher's greedy "
+                                  "responses, so that the round-1 CLLM's departures from the teacher are not "
+                                  "trained into round 2 as targets.")
     devices: list[str] = Field([], description="Devices to spread shards over (e.g. [cuda:0, cuda:1]); "
                                "empty: the model's device.")
     max_repetitive: float = Field(0.5, ge=0, le=1, description="Stop before fine-tuning when more than this "
