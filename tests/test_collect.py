@@ -8,12 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from cllm_core import ModelConfig, ar_generate, load_model, load_tokenizer
-from cllm_core.data.collect import collect, masked_blocks, read_prompt_table
+from cllm_core.data.collect import collect, collect_shard, masked_blocks, plan, read_prompt_table
 from cllm_core.data.ingest import ingest
 from cllm_core.data.prompts import encode
 from cllm_core.data.shards import ShardStore
 from cllm_core.data.trajectories import TRAJECTORY_SCHEMA, check_schema, repetitive
 from cllm_core.runtime.config import CollectConfig, IngestConfig
+from cllm_core.runtime.guards import check_collected
+from cllm_core.runtime.records import ShardManifest
 from cllm_core.training.forcing import noise, noisy_state
 
 CONFIG = CollectConfig(jacobi={"n_tokens": 4, "max_new_tokens": 12}, batch_size=4, shard_size=4, limit=10)
@@ -118,6 +120,26 @@ def test_a_reference_keeps_only_rows_whose_fixed_points_are_its_responses(tmp_pa
     assert "1 left out (fixed points not the reference's response)" in said[1]
     with pytest.raises(ValueError, match=r"differs in: the reference store's content"):  # its content is its identity
         collect(checked, teacher, prompts, str(tmp_path / "same"), log=quiet)
+    with pytest.raises(ValueError, match=r"differs in: collect.reference \(the store was collected without one"):
+        collect(checked, teacher, prompts, str(tmp_path / "plain"), log=quiet)
+
+    work = plan(checked, teacher, prompts, str(tmp_path / "late"))  # the reference changes after the plan
+    reference.write(1, reference.read([1]).slice(1), reference.manifest(1))
+    with pytest.raises(ValueError, match=r"changed since the collection into .*late was planned .* delete"):
+        collect_shard(checked, teacher, prompts, ShardStore(str(tmp_path / "late")), 0, work.collection, log=quiet)
+    (tmp_path / "reference/shard-00001.parquet").write_bytes(b"truncated")  # a reference is verified as data is
+    with pytest.raises(ValueError, match=r"shards \[1\] are unfinished, altered or of another collection"):
+        collect(checked, teacher, prompts, str(tmp_path / "broken"), log=quiet)
+
+
+def test_a_collection_with_nothing_left_says_why():
+    def manifest(unfinished, departed):
+        return ShardManifest(0, 0, 0, "", "", "", 1, 1.0, 0.0, 0.0, 0, 0, 0.0, 0, unfinished, departed)
+    with pytest.raises(ValueError, match=r"of 5 prompts, 3 departed from collect.reference's responses and 2 did not "
+                                         r"end within max_new_tokens 12; check the model"):
+        check_collected([manifest(1, 2), manifest(1, 1)], True, 12)
+    with pytest.raises(ValueError, match=r"finished_only left out all 2 prompts"):
+        check_collected([manifest(1, 0), manifest(1, 0)], True, 12)
 
 
 def test_a_reference_without_trajectories_is_one_clear_line(tmp_path, teacher, prompts):

@@ -89,6 +89,8 @@ def test_below_fp32_batch_size_precision_and_device_kind_are_part_of_a_collectio
     assert config_hash("fp32", 8) == config_hash("fp32", 64) != config_hash("fp32", 8, "meta")  # off a CPU, fp32 too
     assert config_hash("bf16", 8) != config_hash("bf16", 64)
     assert len({config_hash("fp32"), config_hash("bf16"), config_hash("fp16")}) == 3
+    record = collection_record(COLLECT, teacher, prompts)  # no reference: the record stores had before it existed
+    assert "reference" not in record and "reference" not in record["config"]
     assert config_hash("bf16", 8, "cpu") == config_hash("bf16", 8, "cpu:0") != config_hash("bf16", 8, "meta")
 
 

@@ -73,7 +73,7 @@ def collection_record(config: CollectConfig, model: ModelConfig, prompts_path: s
     record = {"config": content, "precision": precision, "teacher": model_identity(model), "tokenizer": tokenizer,
               "prompts_sha256": file_digest(prompts_path)}
     if config.reference:  # its content decides which rows are kept, not its path
-        record["reference"] = reference_identity(config.reference)
+        record["reference"] = checked_reference(config.reference, tokenizer)
     record["config_hash"] = digest(record)
     return record
 
@@ -123,7 +123,8 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
         rows, forwards = _jacobi_rows(lm, tokenizer, part, chat, config, eos)
     departed = 0
     if config.reference:
-        rows, departed = agreeing(rows, reference_responses(config.reference, collection["reference"]))
+        responses = reference_responses(config.reference, collection["reference"], store.url)
+        rows, departed = agreeing(rows, responses)
     seconds = time.perf_counter() - start
     tokens = sum(len(row["response_ids"]) for row in rows)
     passes = [p for row in rows for p in row["block_passes"]]
@@ -133,18 +134,34 @@ def collect_shard(config: CollectConfig, model: ModelConfig, prompts_path: str |
                "departed": departed}
     manifest = ShardManifest.from_json(store.write(shard, pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), {
         "config_hash": collection["config_hash"], "teacher": collection["teacher"], **figures}))
-    unfinished = f", {manifest.unfinished} left out (no EOS within the budget)" if config.finished_only else ""
-    departed = (f", {manifest.departed} left out (fixed points not the reference's response)"
-                if config.reference else "")
+    left_out = f", {manifest.unfinished} left out (no EOS within the budget)" if config.finished_only else ""
+    if config.reference:
+        left_out += f", {manifest.departed} left out (fixed points not the reference's response)"
     states = ("masked states (no Jacobi pass)" if config.noise == "masked"
               else f"{manifest.mean_passes_per_block:.2f} passes per block")
     log(f"shard {shard}: {len(rows)} prompts, {tokens} tokens in {seconds:.1f} s ({manifest.prompts_per_s:.2f} "
-        f"prompts/s, {states}, {manifest.repetitive} repetitive{unfinished}{departed})")
+        f"prompts/s, {states}, {manifest.repetitive} repetitive{left_out})")
     return manifest
 
 
+def checked_reference(url: str, tokenizer: str | None) -> dict:
+    """The reference store's identity, once its every shard is verified (as training verifies its data) and its
+    tokenizer is this collection's: responses in other token ids would all depart."""
+    store, identity = ShardStore(url), reference_identity(url)
+    held = store.collection()
+    broken = [shard for shard in store.shards() if not store.is_done(shard, held["config_hash"])]
+    if broken:
+        raise UserError(f"collect.reference {url}: shards {broken} are unfinished, altered or of another collection; "
+                        "finish that collection (rerun it) before collecting against it")
+    if tokenizer and held.get("tokenizer") and held["tokenizer"] != tokenizer:
+        raise UserError(f"collect.reference {url} was collected with another tokenizer ({held['tokenizer']}, this "
+                        f"collection's is {tokenizer}): its responses are not comparable")
+    return identity
+
+
 def reference_identity(url: str) -> dict:
-    """What identifies a reference store's content: its collection's hash and its shards' sha256, in order."""
+    """What identifies a reference store's content: its collection's hash and its shards' sha256, in order (read off
+    the manifests: cheap enough for every shard to check)."""
     store = ShardStore(url)
     held = store.collection()
     if held is None or not store.shards():
@@ -154,18 +171,20 @@ def reference_identity(url: str) -> dict:
             "shards_sha256": digest([store.manifest(shard)["sha256"] for shard in store.shards()])}
 
 
-def reference_responses(url: str, identity: dict) -> dict[str, list[int]]:
-    """prompt id -> response ids in the reference store, which must still be what `identity` names."""
+def reference_responses(url: str, identity: dict, store: str) -> dict[str, list[int]]:
+    """prompt id -> response ids in the reference store, which must still be what `identity` names (the collection
+    into `store` was planned against it)."""
     if reference_identity(url) != identity:
-        raise UserError(f"collect.reference {url} changed since this collection was planned (collected again?); "
-                        "rerun the collection, which plans it anew")
+        raise UserError(f"collect.reference {url} changed since the collection into {store} was planned (collected "
+                        f"again?): delete {store}, whose shards the old reference chose, or collect into another "
+                        "store")
     return _responses(url, identity["shards_sha256"])
 
 
 @functools.lru_cache(maxsize=2)
 def _responses(url: str, shards_sha256: str) -> dict[str, list[int]]:
     store = ShardStore(url)
-    table = pa.concat_tables(store.read([shard]).select(["prompt_id", "response_ids"]) for shard in store.shards())
+    table = store.read(store.shards(), columns=["prompt_id", "response_ids"])
     return dict(zip(table.column("prompt_id").to_pylist(), table.column("response_ids").to_pylist()))
 
 

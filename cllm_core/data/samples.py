@@ -73,8 +73,9 @@ def load_trajectories(store_url: str, include_repetitive: bool = False, vocab_si
     table = store.read(shards)
     check_schema(table.schema, store_url)
     if not table.num_rows:
-        raise UserError(f"{store_url} holds no trajectories (every prompt was left out: see its shards' `unfinished`); "
-                        "collect again with a larger collect.jacobi.max_new_tokens or collect.finished_only: false")
+        raise UserError(f"{store_url} holds no trajectories (every prompt was left out: see its shards' `unfinished` "
+                        "and `departed`); collect again with a larger collect.jacobi.max_new_tokens or "
+                        "collect.finished_only: false")
     sizes = pc.unique(table.column("n_tokens")).to_pylist()
     if len(sizes) != 1:
         raise UserError(f"{store_url} mixes block sizes {sizes}; train on one collection at a time")

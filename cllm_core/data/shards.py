@@ -108,14 +108,13 @@ class ShardStore:
         self._write_atomically(manifest_name(shard), _json(manifest))
         return manifest
 
-    def read(self, shards: list[int]) -> pa.Table:
-        """The given shards as one table, each checked against the trajectory schema."""
+    def read(self, shards: list[int], columns: list[str] | None = None) -> pa.Table:
+        """The given shards as one table, each checked against the trajectory schema; only `columns` if named."""
         tables = []
         for shard in shards:
             with self.fs.open(self.path(shard_name(shard)), "rb") as stream:
-                table = pq.read_table(stream)
-            check_schema(table.schema, self.path(shard_name(shard)))
-            tables.append(table)
+                check_schema(pq.read_schema(stream), self.path(shard_name(shard)))
+                tables.append(pq.read_table(stream, columns=columns))
         return pa.concat_tables(tables)
 
     def _write_atomically(self, name: str, data: bytes) -> None:
@@ -153,8 +152,12 @@ def _differences(held: dict, collection: dict) -> str:
     if held.get("teacher") != collection.get("teacher"):
         changed.append("teacher (its files changed since: retrained or replaced)")
     changed += [what for key, what in (("precision", "precision"), ("tokenizer", "tokenizer"),
-                                       ("prompts_sha256", "prompts"), ("reference", "the reference store's content"))
-                if held.get(key) != collection.get(key)]
+                                       ("prompts_sha256", "prompts")) if held.get(key) != collection.get(key)]
+    if ("reference" in held) != ("reference" in collection):
+        changed.append(f"collect.reference (the store was collected {'without' if 'reference' in collection else 'with'}"
+                       " one; a second round sets it unless second_round.teacher_fixed_points is false)")
+    elif held.get("reference") != collection.get("reference"):
+        changed.append("the reference store's content")
     return ", ".join(changed) or "how the collection is identified (collected by another version)"
 
 

@@ -70,13 +70,18 @@ def check_collected(manifests: list[ShardManifest], finished_only: bool, max_new
     """Raise `NothingCollected` when these shard manifests hold no row: a run must not go on to train on nothing."""
     if sum(m.rows for m in manifests):
         return
-    seen, departed = sum(m.rows + m.unfinished + m.departed for m in manifests), sum(m.departed for m in manifests)
-    why = (f": collect.finished_only left out all {seen} prompts, none of whose greedy responses ended within "
-           f"max_new_tokens {max_new_tokens}; raise collect.jacobi.max_new_tokens or set collect.finished_only: false"
-           if finished_only and not departed else
-           f": {departed} of {seen} prompts were left out because their fixed points are not collect.reference's "
-           "responses (a second round's reference is the teacher's: its CLLM departs from the teacher everywhere); "
-           "check the CLLM, or set second_round.teacher_fixed_points: false" if departed else "")
+    unfinished, departed = sum(m.unfinished for m in manifests), sum(m.departed for m in manifests)
+    seen = unfinished + departed
+    why = ""
+    if departed:
+        why = (f": of {seen} prompts, {departed} departed from collect.reference's responses"
+               + (f" and {unfinished} did not end within max_new_tokens {max_new_tokens}" if unfinished else "")
+               + "; check the model collected from against the reference's (in a second round, the CLLM against "
+               "the teacher), or collect without the reference (second_round.teacher_fixed_points: false)")
+    elif finished_only:
+        why = (f": collect.finished_only left out all {seen} prompts, none of whose greedy responses ended within "
+               f"max_new_tokens {max_new_tokens}; raise collect.jacobi.max_new_tokens or set collect.finished_only: "
+               "false")
     raise NothingCollected(f"the collection holds no trajectory{why}")
 
 

@@ -110,7 +110,8 @@ class SecondRound(Section):
                                        "CLLM's own departures into round 2 as targets: on the demo, 44 of 8,000 "
                                        "took round 2 from 99.05% of held-out outputs identical to the teacher's to "
                                        "98.6%, and leaving them out kept 99.05%. false: keep every trajectory (the "
-                                       "reference implementation's round 2).")
+                                       "reference implementation's round 2). A `collect.reference` the profile sets "
+                                       "(round 2 inherits round 1's) is used instead.")
 
 
 def _over(base: dict, part: dict) -> dict:
