@@ -50,7 +50,12 @@ def test_the_demos_prompts_are_the_first_of_the_held_out_set_and_both_sets_get_t
     assert every["identical_to_teacher"] == every["identical_to_own_ar"] == demo["identical_to_teacher"] == 1.0
     assert every["accuracy_drop"] == 0.0 and "minutes" not in result["goals"]["all"]
     assert result["goals"]["all"]["identical_to_teacher"]["met"] is True
-    assert "| identical_to_teacher | 1.000: MET | 1.000: MET |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| identical_to_teacher | 1.000: MET | 1.000: MET |" in printed
+    ceiling = result["wall_share_ceiling"]  # a forward of the mean pass's width against a 1-token forward
+    assert ceiling["prompts"] == 7 and ceiling["mean_pass_width"] >= 1 and ceiling["pass_forward_ms"] > 0
+    assert ceiling["ceiling"] == pytest.approx(ceiling["ar_forward_ms"] / ceiling["pass_forward_ms"])
+    assert f"ceiling from the forward alone: {ceiling['ceiling']:.2f}" in printed
     assert len(json.loads((run / "held-out-7" / "prompts" / "manifest.json").read_text())) > 0
 
 
