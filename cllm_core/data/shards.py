@@ -154,8 +154,9 @@ def _differences(held: dict, collection: dict) -> str:
     changed += [what for key, what in (("precision", "precision"), ("tokenizer", "tokenizer"),
                                        ("prompts_sha256", "prompts")) if held.get(key) != collection.get(key)]
     if ("reference" in held) != ("reference" in collection):
-        changed.append(f"collect.reference (the store was collected {'without' if 'reference' in collection else 'with'}"
-                       " one; a second round sets it unless second_round.teacher_fixed_points is false)")
+        how = "without" if "reference" in collection else "with"
+        changed.append(f"collect.reference (the store was collected {how} one; a second round sets it unless "
+                       "second_round.teacher_fixed_points is false)")
     elif held.get("reference") != collection.get("reference"):
         changed.append("the reference store's content")
     return ", ".join(changed) or "how the collection is identified (collected by another version)"
