@@ -55,6 +55,8 @@ def test_the_demos_prompts_are_the_first_of_the_held_out_set_and_both_sets_get_t
     forward = result["forward_share"]  # the forward calls' time per AR token over that per Jacobi pass
     assert forward["prompts"] == 7 and forward["ar_forward_ms"] > 0 and forward["pass_forward_ms"] > 0
     assert forward["share"] == pytest.approx(forward["ar_forward_ms"] / forward["pass_forward_ms"])
+    assert forward["wall_share"] == pytest.approx(forward["ar_wall_ms"] / forward["pass_wall_ms"])
+    assert forward["ar_wall_ms"] > forward["ar_forward_ms"] and forward["pass_wall_ms"] > forward["pass_forward_ms"]
     assert f"The wall share of the model's forward alone: {forward['share']:.2f}" in printed
     assert len(json.loads((run / "held-out-7" / "prompts" / "manifest.json").read_text())) > 0
 
