@@ -66,9 +66,10 @@ def quality(samples: list[dict], ids: set[str] | None = None) -> dict:
     return found | {"prompts": len({s["prompt_id"] for s in samples if ids is None or s["prompt_id"] in ids})}
 
 
-def forward_share(cllm, tokenizer, prompts: list[dict], chat: bool, jacobi: dict, budget: int) -> dict:
+def forward_share(cllm, tokenizer, prompts: list[dict], chat: bool, decoders: dict) -> dict:
     """The wall share with the decoding loop's own cost taken out: seconds in the CLLM's forward calls per greedy AR
-    token over those per Jacobi pass, both decoding `prompts` at batch 1, interleaved per prompt."""
+    token over those per Jacobi pass, both decoding `prompts` at batch 1 (`decoders`: "ar" and "jacobi", as the
+    evaluation ran them), interleaved per prompt; beside it the whole wall share of the same decodes."""
     from cllm_core.data.prompts import encode
 
     calls: list[float] = []
@@ -80,11 +81,10 @@ def forward_share(cllm, tokenizer, prompts: list[dict], chat: bool, jacobi: dict
     try:
         for prompt in prompts:
             ids, mask = encode(tokenizer, [prompt["prompt"]], "cpu", chat)
-            for method, decode in (("ar", partial(greedy_generate, max_new_tokens=budget)),
-                                   ("jacobi", partial(jacobi_generate, **jacobi))):
+            for method in ("ar", "jacobi"):
                 calls.clear()
                 start = time.perf_counter()
-                out = decode(cllm, ids, mask)
+                out = decoders[method](cllm, ids, mask)
                 wall[method] += time.perf_counter() - start
                 forward[method] += sum(calls)
                 counts[method] += out.stats.new_tokens if method == "ar" else out.stats.forwards
@@ -135,7 +135,7 @@ def main() -> None:
                        log=partial(every_hundred, total=len(prompts)), pairs=pairs)
     seconds = time.perf_counter() - start
     pq.write_table(pa.Table.from_pylist(samples), out_dir / "samples.parquet")
-    forward = forward_share(loaded["cllm"], tokenizer, prompts[:200], chat, config.jacobi.arguments(), budget)
+    forward = forward_share(loaded["cllm"], tokenizer, prompts[:200], chat, decoders)
 
     run_ids = set(pq.read_table(args.run_dir / "prompts" / "eval.parquet", columns=["prompt_id"])
                   .column("prompt_id").to_pylist())

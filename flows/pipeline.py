@@ -68,11 +68,9 @@ def second_round(profile: Profile, round1: ModelConfig, precision: str) -> CllmR
     """Jacobi Forcing's second round: the round-1 CLLM's own trajectories (<work_dir>/trajectories-round2), then
     that CLLM fine-tuned on them into <work_dir>/cllm-round2; each stage its own MLflow run (`-round2`)."""
     work_dir, second = profile.work_dir, profile.second_round
-    store, collect = str(work_dir / "trajectories-round2"), second.collect
-    if second.teacher_fixed_points and collect.reference is None:  # round 1's store: the teacher's greedy responses
-        collect = collect.model_copy(update={"reference": str(work_dir / "trajectories")})
-    collect_trajectories(collect, round1, work_dir, store=store, tracking=profile.tracking,
-                         precision=precision, stage="collect-round2")
+    store = str(work_dir / "trajectories-round2")
+    collect_trajectories(second.collection(str(work_dir / "trajectories")), round1, work_dir, store=store,
+                         tracking=profile.tracking, precision=precision, stage="collect-round2")
     return consistency_finetune(second.finetune, round1, work_dir, store=store, tracking=profile.tracking,
                                 precision=precision, out_dir=work_dir / "cllm-round2", stage="finetune-round2")
 

@@ -54,3 +54,13 @@ def test_a_second_round_says_only_what_differs_from_the_first():
         Profile.model_validate(data)
     assert "second_round collects at n_tokens 16, round 1 at 8: both CLLMs are evaluated at one block size; set " \
            "evaluate.jacobi.n_tokens" in describe(error.value)
+
+
+def test_a_second_round_checks_its_trajectories_against_the_teachers_unless_told_otherwise():
+    data = {"collect": {"jacobi": {"n_tokens": 8}}, "second_round": {"finetune": {"steps": 2}}}
+    assert Profile.model_validate(data).second_round.collection("w/trajectories").reference == "w/trajectories"
+    set_value(data, "second_round.teacher_fixed_points=false")
+    assert Profile.model_validate(data).second_round.collection("w/trajectories").reference is None
+    set_value(data, "second_round.collect.reference=other")  # a reference the profile names is kept either way
+    set_value(data, "second_round.teacher_fixed_points=true")
+    assert Profile.model_validate(data).second_round.collection("w/trajectories").reference == "other"

@@ -148,8 +148,8 @@ def checked_reference(url: str, tokenizer: str | None) -> dict:
     """The reference store's identity, once its every shard is verified (as training verifies its data) and its
     tokenizer is this collection's: responses in other token ids would all depart."""
     store, identity = ShardStore(url), reference_identity(url)
-    held = store.collection()
-    broken = [shard for shard in store.shards() if not store.is_done(shard, held["config_hash"])]
+    held = store.collection()  # present: reference_identity refuses a store without one
+    broken = [shard for shard in store.shards() if not store.is_done(shard, identity["config_hash"])]
     if broken:
         raise UserError(f"collect.reference {url}: shards {broken} are unfinished, altered or of another collection; "
                         "finish that collection (rerun it) before collecting against it")

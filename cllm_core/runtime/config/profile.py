@@ -113,6 +113,13 @@ class SecondRound(Section):
                                        "reference implementation's round 2). A `collect.reference` the profile sets "
                                        "(round 2 inherits round 1's) is used instead.")
 
+    def collection(self, teacher_store: str) -> CollectConfig:
+        """Round 2's collection: `collect`, checked against `teacher_store` (round 1's: the teacher's greedy
+        responses) when `teacher_fixed_points` asks and the profile names no reference of its own."""
+        if self.teacher_fixed_points and self.collect.reference is None:
+            return self.collect.model_copy(update={"reference": teacher_store})
+        return self.collect
+
 
 def _over(base: dict, part: dict) -> dict:
     """`part` over `base`, nested sections merged key by key."""
