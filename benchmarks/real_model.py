@@ -40,11 +40,12 @@ GOALS = {"cllm_tokens_per_forward": 2.5, "speedup_vs_fastest_ar": 1.5, "speedup_
 STAGES = ("ingest", "collect", "train")
 
 
-def run_stages(config: Path, sets: list[str], log_path: Path) -> dict[str, float]:
-    """Each stage's command in a subprocess, output passed through and appended to `log_path`; its wall seconds."""
+def run_stages(config: Path, sets: list[str], log_path: Path, teacher: bool = False) -> dict[str, float]:
+    """Each stage's command in a subprocess, output passed through and appended to `log_path`; its wall seconds.
+    `teacher`: the profile makes its teacher first (`cllm teacher`: a domain teacher, `sft`)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     seconds = {}
-    for stage in STAGES:
+    for stage in (("teacher",) if teacher else ()) + STAGES:
         command = [sys.executable, "-m", "flows.cli", stage, "--config", str(config), "--no-progress",
                    *[f"--set={s}" for s in sets]]
         if stage == "ingest":
@@ -185,7 +186,16 @@ def budget(work_dir: Path, wall: dict[str, float], eval_seconds: float) -> dict:
     metrics = cllm["metrics"]
     minutes = {"collect": sum(m["seconds"] for m in manifests) / 60, "finetune": metrics["train_seconds"] / 60,
                "evaluate": eval_seconds / 60}
-    return {"collected_prompts": sum(m["rows"] for m in manifests),
+    made = work_dir / "teacher" / "teacher.json"
+    teacher = json.loads(made.read_text()) if made.is_file() else None
+    domain = {}
+    if teacher is not None and "model" in teacher["config"]:  # a domain teacher (`sft`): its fine-tuning counts
+        minutes = {"teacher": teacher["metrics"]["train_seconds"] / 60} | minutes
+        domain = {"sft": {key: teacher["metrics"][key] for key in ("answers", "train_steps", "epochs", "eval_problems",
+                                                                   "eval_accuracy_before", "eval_accuracy")}
+                  | {"base": teacher["config"]["model"]["name_or_path"], "lr": teacher["config"]["lr"],
+                     "train_precision": teacher["precision"]}}
+    return domain | {"collected_prompts": sum(m["rows"] for m in manifests),
             "left_out_unfinished": sum(m.get("unfinished", 0) for m in manifests),
             "response_tokens": sum(m["tokens"] for m in manifests), "n_tokens": cllm["n_tokens"],
             "objective": cllm["config"]["objective"], "epochs": cllm["config"].get("epochs"),
@@ -261,7 +271,7 @@ def main() -> None:
         set_value(data, item)
     profile = Profile.model_validate(data)
     started = time.perf_counter()
-    wall = run_stages(args.config, args.set_, profile.work_dir / "real_model.log")
+    wall = run_stages(args.config, args.set_, profile.work_dir / "real_model.log", teacher=profile.sft is not None)
     start = time.perf_counter()
     rows, setup = evaluate_run(profile, args.prompts, args.all_ar_precisions)
     eval_seconds = time.perf_counter() - start

@@ -1,5 +1,5 @@
-"""The pipeline: (demo teacher) -> ingest -> collect -> fine-tune -> (collect from the CLLM -> fine-tune it again)
--> evaluate, one profile, one MLflow record.
+"""The pipeline: (demo or domain teacher) -> ingest -> collect -> fine-tune -> (collect from the CLLM -> fine-tune it
+again) -> evaluate, one profile, one MLflow record.
 
 A stage whose result cannot be trusted stops it in one line before anything downstream starts: a teacher below
 its quality floor, a collection of mostly degenerate repetition (cllm_core/runtime/guards.py).
@@ -23,7 +23,7 @@ from flows.collect import collect_trajectories
 from flows.evaluate import evaluate_speedup
 from flows.finetune import consistency_finetune
 from flows.ingest import ingest_prompts
-from flows.teacher import train_teacher
+from flows.teacher import sft_teacher, train_teacher
 from tasks.finetune import promote_cllm
 from tasks.tracking import mlflow_run
 
@@ -38,6 +38,8 @@ def cllm_pipeline(profile: Profile) -> dict:
         precision = profile.precision
         if profile.teacher is not None:
             train_teacher(profile.teacher, profile.work_dir, profile.tracking, precision)
+        if profile.sft is not None:
+            sft_teacher(profile.sft, profile.ingest, profile.work_dir, profile.tracking, precision)
         ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
         collect_trajectories(profile.collect, profile.model, profile.work_dir, tracking=profile.tracking,
                              precision=precision)

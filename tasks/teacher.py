@@ -1,4 +1,5 @@
-"""Prefect task of the demo teacher: train it (figures streamed live), or reuse the cached one."""
+"""Prefect tasks of the teacher: train the demo teacher, or fine-tune a domain teacher (figures streamed live),
+or reuse the cached one."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from cllm_core.runtime.config import TeacherConfig
+from cllm_core.runtime.config import SftConfig, TeacherConfig
+from cllm_core.training.sft import build_sft_teacher
 from cllm_core.training.teacher import build_teacher
 from tasks.progress import reporter
 
@@ -18,3 +20,13 @@ def train_or_reuse_teacher(config: TeacherConfig, directory: Path, precision: st
     logger = get_run_logger()
     return build_teacher(config, directory, log=logger.info, warn=logger.warning, precision=precision,
                          progress=reporter("teacher", run_id))
+
+
+@task(name="fine-tune-teacher")
+def fine_tune_teacher(config: SftConfig, prompts_dir: Path, directory: Path, check: str, precision: str = "auto",
+                      run_id: str | None = None) -> dict:
+    """The domain teacher's record (config, fingerprint, precision, metrics with accuracy before and after, loss
+    history, reused): `config.model` fine-tuned on the ingested answers, or the one made before from the same."""
+    logger = get_run_logger()
+    return build_sft_teacher(config, prompts_dir, directory, check, log=logger.info, warn=logger.warning,
+                             precision=precision, progress=reporter("teacher", run_id))

@@ -89,3 +89,31 @@ def test_cllm_teacher_trains_once_then_reuses_the_cache(prefect_server, tracking
     assert (trained.data.tags["cllm.reused"], reused.data.tags["cllm.reused"]) == ("False", "True")
     assert trained.data.metrics["train_steps"] == TINY.steps and "eval_accuracy" in trained.data.metrics
     assert len(mlflow.MlflowClient().get_metric_history(trained.info.run_id, "train_loss")) >= 1
+
+
+def test_cllm_teacher_with_sft_fine_tunes_the_base_once_then_reuses_it(prefect_server, tracking, tmp_path,
+                                                                       tiny_model_dir):
+    source = tmp_path / "q.jsonl"
+    source.write_text("".join(json.dumps({"question": f"How many are {i} and {i + 1}?", "answer": "#### 7"}) + "\n"
+                              for i in range(24)))
+    profile = tmp_path / "domain.yaml"
+    profile.write_text(yaml.safe_dump({
+        "ingest": {"source": str(source), "template": "plain", "eval_fraction": 0.25, "max_train": 4},
+        "sft": {"model": {"name_or_path": str(tiny_model_dir)}, "epochs": 1, "batch_size": 6,
+                "eval_max_new_tokens": 4}}))
+    arguments = ["teacher", "--config", str(profile), "--work-dir", str(tmp_path / "work")]
+    first = runner.invoke(app, arguments)
+    assert first.exit_code == 0, first.output
+    assert "domain teacher" in first.output and "(trained)" in first.output
+    assert "fine-tuned on 18 answers, 3 steps" in first.output  # every train answer: ingest.max_train is collection's
+    second = runner.invoke(app, arguments)
+    assert second.exit_code == 0 and "(reused)" in second.output
+    trained, reused = sorted(runs(tracking, "teacher"), key=lambda run: run.data.tags["cllm.reused"])
+    assert trained.data.tags["cllm.teacher_base"] == str(tiny_model_dir)
+    assert {"eval_accuracy_before", "eval_accuracy", "answers"} <= set(trained.data.metrics)
+    assert len(mlflow.MlflowClient().get_metric_history(trained.info.run_id, "train_loss")) >= 1
+    teacher = ModelConfig(name_or_path=str(tmp_path / "work/teacher"))
+    assert json.loads((tmp_path / "work/teacher/teacher.json").read_text())["fingerprint"] == \
+        trained.data.tags["cllm.teacher_fingerprint"]
+    from cllm_core import load_model
+    assert type(load_model(teacher)).__name__ == "LlamaForCausalLM"

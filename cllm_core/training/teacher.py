@@ -19,14 +19,16 @@ import torch
 from transformers import GenerationConfig
 
 from cllm_core.data.answers import is_correct
+from cllm_core.data.prompts import encode
 from cllm_core.data.templates import render_template
 from cllm_core.engine.baselines import ar_generate
-from cllm_core.runtime.config import TeacherConfig
+from cllm_core.runtime.config import SftConfig, TeacherConfig
 from cllm_core.runtime.files import publish_dir
 from cllm_core.runtime.guards import BelowQualityFloor, budget_warning
 from cllm_core.runtime.precision import resolve
 from cllm_core.training.teacher_model import (
     Problem,
+    Schedule,
     build_model,
     encode_drills,
     encode_examples,
@@ -35,19 +37,25 @@ from cllm_core.training.teacher_model import (
 )
 
 
-@torch.inference_mode()
 def answer_accuracy(model, tokenizer, problems: list[Problem], template: str, batch_size: int = 50,
                     max_new_tokens: int = 96) -> float:
     """Share of problems whose greedy answer ends with the right `#### N`."""
+    prompts = [render_template(template, p) for p in problems]
+    return greedy_accuracy(model, tokenizer, prompts, [p["answer"] for p in problems], is_correct, batch_size,
+                           max_new_tokens)
+
+
+@torch.inference_mode()
+def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str], check: Callable[[str, str], bool],
+                    batch_size: int = 50, max_new_tokens: int = 96) -> float:
+    """Share of rendered prompts whose greedy response `check` finds right against its answer (batched AR)."""
     correct = 0
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        batch = tokenizer([render_template(template, p) for p in chunk], return_tensors="pt", padding=True)
-        output = ar_generate(model, batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-                             max_new_tokens=max_new_tokens)
-        texts = tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
-        correct += sum(is_correct(text, p["answer"]) for text, p in zip(texts, chunk))
-    return correct / len(problems)
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = encode(tokenizer, prompts[start:start + batch_size], model.device)
+        output = ar_generate(model, ids, mask, max_new_tokens=max_new_tokens)
+        texts = tokenizer.batch_decode(output.sequences[:, ids.shape[1]:], skip_special_tokens=True)
+        correct += sum(check(text, answer) for text, answer in zip(texts, answers[start:start + batch_size]))
+    return correct / len(prompts)
 
 
 def build_teacher(config: TeacherConfig, directory: str | Path, log: Callable[[str], None] = print, *,
@@ -96,7 +104,7 @@ def build_teacher(config: TeacherConfig, directory: str | Path, log: Callable[[s
     examples = encode_examples(tokenizer, train_set, config.template)
     drills = round(len(examples) * config.drill_share / (1 - config.drill_share))
     examples += encode_drills(tokenizer, train_set, drills, config.drill_lines, config.seed)
-    metrics = train(config, model, examples, tokenizer.pad_token_id, on_step, resolved.autocast)
+    metrics = train(Schedule.of(config), model, examples, tokenizer.pad_token_id, on_step, resolved.autocast)
     if metrics["stopped_by_budget"]:
         warn(budget_warning("teacher", metrics["train_steps"], config.steps, metrics["train_seconds"],
                             resolved.name, "teacher.max_minutes"))
@@ -131,10 +139,11 @@ def describe_teacher(record: dict) -> str:
             f"{metrics['eval_accuracy']:.1%} on {metrics['eval_problems']} held-out problems")
 
 
-def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig, metrics: dict[str, float],
-                 history: list[dict[str, float]], precision: str = "fp32") -> None:
-    """An ordinary HF model directory plus `teacher.json` (config, the files' content identity, measured figures,
-    loss history); the identity's file hashes stay in the directory's sidecar, so no later stage hashes again."""
+def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig | SftConfig, metrics: dict[str, float],
+                 history: list[dict[str, float]], precision: str = "fp32", fingerprint: str | None = None) -> None:
+    """An ordinary HF model directory plus `teacher.json` (config, fingerprint: the demo teacher's config's unless
+    given, the files' content identity, measured figures, loss history); the identity's file hashes stay in the
+    directory's sidecar, so no later stage hashes again."""
     from cllm_core.runtime.config import ModelConfig
     from cllm_core.runtime.models import model_identity
 
@@ -144,7 +153,7 @@ def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig, metri
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     identity = model_identity(ModelConfig(name_or_path=str(directory)))
-    record = {"config": config.model_dump(), "fingerprint": config.fingerprint(), "identity": identity,
+    record = {"config": config.model_dump(), "fingerprint": fingerprint or config.fingerprint(), "identity": identity,
               "precision": precision,
               "metrics": metrics,
               "history": history}

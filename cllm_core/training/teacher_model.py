@@ -1,13 +1,15 @@
 """The demo teacher's making, piece by piece: a byte-level BPE tokenizer with a token per digit, a small Llama,
 the examples (the loss on answers only) and arithmetic drills, batches, Muon for the hidden matrices and AdamW for
 the rest, and the training loop with its step-count schedule and wall-clock guard. teacher.py builds, checks and
-saves the teacher from them."""
+saves the teacher from them; sft.py fine-tunes a pretrained model into a domain teacher with the same loop."""
 
 from __future__ import annotations
 
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -29,6 +31,27 @@ Problem = dict[str, str]
 
 
 Example = tuple[list[int], list[int]]  # (input ids, labels)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What `train` runs: its length in steps, batches, optimiser and wall-clock guard. The demo teacher's is its
+    `TeacherConfig`'s; a domain teacher's (`SftConfig`) counts its steps from its epochs."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    max_minutes: float
+    seed: int
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr_scale: float = 1.0
+
+    @classmethod
+    def of(cls, config, **given) -> Schedule:
+        """The schedule a config section holds (the fields of the same names), `given` over it."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)} | given)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -94,7 +117,9 @@ def encode_drills(tokenizer, problems: list[Problem], count: int, lines: int, se
 
 
 def batches(examples: list[Example], batch_size: int, pad: int, rng: random.Random):
-    """Endless length-bucketed batches (input_ids, labels), padded on the right to a multiple of 16.
+    """Endless length-bucketed batches (input_ids, labels, attention_mask), padded on the right to a multiple of 16.
+    The mask is the examples' lengths', not `ids != pad`: a chat model's pad is often its end-of-turn token, which
+    its prompts hold too.
 
     Few distinct shapes matter on CPU: the first step of each new shape pays kernel set-up.
     """
@@ -110,19 +135,21 @@ def batches(examples: list[Example], batch_size: int, pad: int, rng: random.Rand
             width = -(-max(len(examples[i][0]) for i in group) // 16) * 16
             ids = torch.full((len(group), width), pad)
             labels = torch.full((len(group), width), IGNORE)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
             for row, i in enumerate(group):
                 tokens, targets = examples[i]
                 ids[row, :len(tokens)] = torch.tensor(tokens)
                 labels[row, :len(targets)] = torch.tensor(targets)
-            yield ids, labels
+                mask[row, :len(tokens)] = 1
+            yield ids, labels, mask
 
 
-def learning_rate(config: TeacherConfig, step: int, progress: float) -> float:
+def learning_rate(config: Schedule | TeacherConfig, step: int, progress: float) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak as progress (of the whole run) goes from 0 to 1."""
     return config.lr * warmup_cosine(step, config.warmup_steps, progress, floor=0.1)
 
 
-def make_optimisers(config: TeacherConfig, model: LlamaForCausalLM,
+def make_optimisers(config: Schedule, model: torch.nn.Module,
                     dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """AdamW everywhere, or Muon on the hidden matrices (AdamW keeps embeddings and norms), as configured;
     Muon's Newton-Schulz iteration runs in `dtype`."""
@@ -140,7 +167,7 @@ def make_optimisers(config: TeacherConfig, model: LlamaForCausalLM,
     return [muon, adamw([{"params": other, "weight_decay": 0.0, "lr_scale": 1.0}])]
 
 
-def train(config: TeacherConfig, model: LlamaForCausalLM, examples, pad: int,
+def train(config: Schedule, model: torch.nn.Module, examples, pad: int,
           log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
           autocast: torch.dtype | None = None, log_every: int = 25) -> dict[str, float]:
     """Train in place (fp32 weights, `autocast` compute if given) for `steps`, unless the `max_minutes` guard
@@ -156,9 +183,9 @@ def train(config: TeacherConfig, model: LlamaForCausalLM, examples, pad: int,
         for optimiser in optimisers:
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(config, step, step / config.steps) * group["lr_scale"]
-        ids, labels = (t.to(device) for t in next(stream))
+        ids, labels, mask = (t.to(device) for t in next(stream))
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            loss = model(input_ids=ids, attention_mask=(ids != pad).long(), labels=labels).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         scaler.scale(loss).backward()
         for optimiser in optimisers:
             scaler.unscale_(optimiser)
@@ -167,7 +194,7 @@ def train(config: TeacherConfig, model: LlamaForCausalLM, examples, pad: int,
             scaler.step(optimiser)
             optimiser.zero_grad(set_to_none=True)
         scaler.update()
-        tokens, done = tokens + int((ids != pad).sum()), done + 1
+        tokens, done = tokens + int(mask.sum()), done + 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if step % log_every == 0 or done == config.steps:
             seconds = time.perf_counter() - start

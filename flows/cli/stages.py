@@ -41,16 +41,23 @@ def ingest(profile: Profile) -> None:
 
 @command("teacher")
 def teacher(profile: Profile, progress: ProgressOption = True) -> None:
-    """Train the demo teacher from scratch into <work_dir>/teacher, or reuse it if its config is unchanged."""
-    announce_precision(profile.precision, "cpu")
+    """Make the teacher in <work_dir>/teacher, or reuse it if made from the same inputs: the profile's `sft` (a
+    pretrained model fine-tuned on the prompt source's answers), else its demo `teacher` (trained from scratch)."""
+    announce_precision(profile.precision, profile.sft.model.device if profile.sft else "cpu")
     start_prefect(profile.work_dir, profile.tracking)
+    from cllm_core.training.sft import describe_sft
     from cllm_core.training.teacher import describe_teacher
-    from flows.teacher import train_teacher
+    from flows.teacher import sft_teacher, train_teacher
 
     with live_progress(progress):
-        record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking,
-                               profile.precision)
-    console.print(f"[bold]demo teacher[/] {describe_teacher(record)}", soft_wrap=True, highlight=False)
+        if profile.sft is not None:
+            record = sft_teacher(profile.sft, profile.ingest, profile.work_dir, profile.tracking, profile.precision)
+            line = f"[bold]domain teacher[/] {describe_sft(record)}"
+        else:
+            record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking,
+                                   profile.precision)
+            line = f"[bold]demo teacher[/] {describe_teacher(record)}"
+    console.print(line, soft_wrap=True, highlight=False)
 
 
 @command("collect", "model")

@@ -27,6 +27,7 @@ from cllm_core.runtime.config.sections import (
     ModelConfig,
     Precision,
     Section,
+    SftConfig,
     TeacherConfig,
     chosen_block_size,
     trained_block_size,
@@ -34,5 +35,6 @@ from cllm_core.runtime.config.sections import (
 
 __all__ = ["DEFAULT_BLOCK", "JACOBI_FIELDS", "SMOLLM2", "CollectConfig", "EvalConfig", "FinetuneConfig", "IngestConfig",
            "Init", "JacobiConfig", "LaunchSection", "LoraSection", "ModelConfig", "MultiBlockConfig", "Precision",
-           "Profile", "PromoteConfig", "SecondRound", "Section", "TeacherConfig", "TrackingConfig", "chosen_block_size",
-           "describe", "load_profile", "masked", "put", "read_profile", "set_value", "trained_block_size"]
+           "Profile", "PromoteConfig", "SecondRound", "Section", "SftConfig", "TeacherConfig", "TrackingConfig",
+           "chosen_block_size", "describe", "load_profile", "masked", "put", "read_profile", "set_value",
+           "trained_block_size"]

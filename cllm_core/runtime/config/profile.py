@@ -18,6 +18,7 @@ from cllm_core.runtime.config.sections import (
     ModelConfig,
     Precision,
     Section,
+    SftConfig,
     TeacherConfig,
     refuse_moved_jacobi,
 )
@@ -70,7 +71,7 @@ class EvalConfig(Section):
     warmup: int = Field(2, ge=0, description="Untimed warm-up decodes per model and method.")
     check: Literal["auto", "math", "exact"] = Field(
         "auto", description="How an answer is judged: the number after `####` (math), the whole text (exact), "
-        "or auto: the ingest preset's second_round_part (math for gsm8k and synthetic-math, exact otherwise).")
+        "or auto: the ingest preset's check (math for gsm8k and synthetic-math, exact otherwise).")
     promote: PromoteConfig = Field(PromoteConfig(), description="The floors a pipeline's CLLM must pass to get "
                                    "the registry alias users load.")
 
@@ -136,10 +137,12 @@ class Profile(Section):
                                  "AVX512-BF16 or AMX; fp32 otherwise), bf16, fp16 or fp32. Training keeps fp32 "
                                  "weights and autocasts; decoding loads the weights in it. fp32 keeps Jacobi output "
                                  "token-identical to greedy AR.")
-    model: ModelConfig | None = Field(None, description="The teacher to load. Default with `teacher`: the demo "
-                                      "teacher in <work_dir>/teacher.")
+    model: ModelConfig | None = Field(None, description="The teacher to load. Default with `teacher` or `sft`: the "
+                                      "teacher they make in <work_dir>/teacher.")
     decode: JacobiConfig = Field(JacobiConfig(max_new_tokens=128), description="`cllm decode`'s Jacobi settings.")
     teacher: TeacherConfig | None = Field(None, description="Train this demo teacher from scratch (cached).")
+    sft: SftConfig | None = Field(None, description="Make the teacher a domain teacher first: `sft.model` "
+                                  "fine-tuned on the prompt source's answers (cached).")
     ingest: IngestConfig | None = Field(None, description="The prompt source.")
     collect: CollectConfig = Field(CollectConfig(), description="Trajectory collection.")
     finetune: FinetuneConfig = Field(FinetuneConfig(), description="Consistency fine-tuning.")
@@ -193,7 +196,31 @@ class Profile(Section):
     @model_validator(mode="before")
     @classmethod
     def _teacher_is_the_model(cls, data):
-        if isinstance(data, dict) and data.get("model") is None and data.get("teacher") is not None:
-            work_dir = Path(data.get("work_dir") or cls.model_fields["work_dir"].default)
-            data = data | {"model": {"name_or_path": str(work_dir / "teacher")}}
+        if not isinstance(data, dict) or (data.get("teacher") is None and data.get("sft") is None):
+            return data
+        if data.get("teacher") is not None and data.get("sft") is not None:
+            raise UserError("the profile has both `teacher` (a demo teacher trained from scratch) and `sft` (a "
+                            "pretrained model fine-tuned into the teacher): keep one")
+        work_dir = Path(data.get("work_dir") or cls.model_fields["work_dir"].default)
+        made = str(work_dir / "teacher")
+        if data.get("sft") is None:
+            model = {"name_or_path": made}
+        else:
+            sft = data["sft"]
+            base = sft.model if isinstance(sft, SftConfig) else ModelConfig.model_validate((sft or {}).get("model"))
+            model = base.derived(made).model_dump()
+        given = data.get("model")
+        if given is None:
+            return data | {"model": model}
+        path = given.name_or_path if isinstance(given, ModelConfig) else (given or {}).get("name_or_path")
+        if data.get("sft") is not None and path != made:
+            raise UserError(f"with `sft` the teacher is the model it makes, {made}: name the pretrained model to "
+                            f"fine-tune as sft.model (it is {path} in `model` now) and drop `model`")
         return data
+
+    @model_validator(mode="after")
+    def _sft_has_a_source(self) -> Profile:
+        if self.sft is not None and self.ingest is None:
+            raise UserError("sft fine-tunes sft.model on the prompt source's answers: the profile needs an `ingest` "
+                            "section naming the source")
+        return self

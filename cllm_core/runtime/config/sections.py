@@ -166,6 +166,39 @@ class TeacherConfig(Section):
         return digest(decisive, length=12)
 
 
+class SftConfig(Section):
+    """A domain teacher, made as the paper made its GSM8K, Spider and code teachers: a pretrained `model`
+    fine-tuned on the prompt source's reference answers (the loss on the answer and its end-of-turn token) into
+    <work_dir>/teacher, which every later stage then reads as the profile's model. A chat model answers a domain's
+    prompts in varied prose; trained on the domain's answers it answers alike, in the answers' own form, and those
+    are the outputs a CLLM learns to decode several tokens a pass. The source is `ingest`'s, read and rendered the
+    same way (its train split, none of its held-out prompts) into <work_dir>/sft/prompts."""
+
+    model: ModelConfig = Field(description="The pretrained model to fine-tune; the teacher keeps its tokenizer.")
+    max_train: int | None = Field(None, ge=1, description="Answers to train on, from the source's train split "
+                                  "(none: all of them); `ingest.max_train` is the collection's, not this.")
+    max_answer_tokens: int = Field(384, ge=1, description="Answers longer than this in tokens are left out (and "
+                                   "counted).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the answers; the schedule's step count follows.")
+    batch_size: int = Field(16, ge=1, description="Answers per step.")
+    lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine to a tenth).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
+    eval_max_new_tokens: int = Field(256, ge=1, description="Budget of the greedy answers whose accuracy on the "
+                                     "held-out prompts is measured before and after.")
+    max_minutes: float = Field(60.0, gt=0, description="Wall-clock guard: training stops here (loudly) if its "
+                               "steps are not done; the next run trains again.")
+    min_accuracy: float | None = Field(None, ge=0, le=1, description="Quality floor: below this held-out accuracy "
+                                       "the teacher is not published and nothing downstream runs.")
+    seed: int = Field(0, description="Seed of the batch order.")
+
+    def fingerprint(self, model: str, data: str) -> str:
+        """Content hash of what decides the teacher's weights: this config (the guard, the floor and the
+        accuracy check's budget left out; the model by `model`, its content identity) and `data`, the answers'."""
+        decisive = self.model_dump(exclude={"max_minutes", "min_accuracy", "eval_max_new_tokens", "model"})
+        return digest({"config": decisive, "model": model, "data": data}, length=12)
+
+
 class IngestConfig(Section):
     """Where prompts come from and how they become the pipeline's prompt set."""
 
