@@ -33,17 +33,18 @@ def prompts_dir(tmp_path_factory, tiny_model_dir):
 
 def sft(tiny_model_dir, **fields) -> SftConfig:
     return SftConfig(model=ModelConfig(name_or_path=str(tiny_model_dir)), **{
-        "epochs": 12, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2, "eval_max_new_tokens": 16} | fields)
+        "epochs": 3, "batch_size": 8, "lr": 1e-2, "warmup_steps": 2, "eval_max_new_tokens": 16} | fields)
 
 
+@pytest.mark.slow  # a stage run: the tiny model fine-tuned
 def test_the_teacher_learns_the_answers_and_says_what_it_bought(tmp_path, tiny_model_dir, prompts_dir):
     config, lines = sft(tiny_model_dir), []
     record = build_sft_teacher(config, prompts_dir, tmp_path / "teacher", check="math", log=lines.append,
                                precision="fp32")
     metrics = record["metrics"]
-    assert not record["reused"] and metrics["answers"] == 40 and metrics["train_steps"] == metrics["steps"] == 60
+    assert not record["reused"] and metrics["answers"] == 40 and metrics["train_steps"] == metrics["steps"] == 15
     assert metrics["eval_accuracy_before"] == 0.0 and metrics["eval_accuracy"] == 1.0
-    assert metrics["eval_problems"] == 8 and record["history"][-1]["epoch"] == pytest.approx(12)
+    assert metrics["eval_problems"] == 8 and record["history"][-1]["epoch"] == pytest.approx(3)
     assert any("0.0% before, 100.0% after" in line for line in lines)
     # an ordinary model directory the shared loader reads, with the base's tokenizer and chat template
     teacher = ModelConfig(name_or_path=str(tmp_path / "teacher"))
@@ -56,12 +57,13 @@ def test_the_teacher_learns_the_answers_and_says_what_it_bought(tmp_path, tiny_m
     # the same inputs reuse it; another learning rate makes another teacher
     again = build_sft_teacher(config, prompts_dir, tmp_path / "teacher", check="math", log=lines.append)
     assert again["reused"] and again["fingerprint"] == record["fingerprint"]
-    other = build_sft_teacher(sft(tiny_model_dir, epochs=1), prompts_dir, tmp_path / "teacher", check="math",
+    other = build_sft_teacher(sft(tiny_model_dir, epochs=0.2), prompts_dir, tmp_path / "teacher", check="math",
                               log=lines.append, precision="fp32")
     assert not other["reused"] and other["fingerprint"] != record["fingerprint"]
     assert any("made from another config, base model or answers" in line for line in lines)
 
 
+@pytest.mark.slow  # a stage run: the tiny model fine-tuned
 def test_a_teacher_below_its_floor_is_one_line_and_is_not_kept(tmp_path, tiny_model_dir, prompts_dir):
     config = sft(tiny_model_dir, epochs=0.2, min_accuracy=0.9)
     with pytest.raises(BelowQualityFloor, match=r"below sft.min_accuracy 90%: raise sft.epochs"):
@@ -69,14 +71,15 @@ def test_a_teacher_below_its_floor_is_one_line_and_is_not_kept(tmp_path, tiny_mo
     assert not (tmp_path / "teacher").exists()
 
 
+@pytest.mark.slow  # a stage run: the tiny model fine-tuned
 def test_a_stop_by_the_guard_is_loud_and_the_next_run_trains_again(tmp_path, tiny_model_dir, prompts_dir):
     warnings, lines = [], []
     build_sft_teacher(sft(tiny_model_dir, epochs=1, max_minutes=1e-6), prompts_dir, tmp_path / "teacher",
                       log=lines.append, warn=warnings.append, precision="fp32")
     assert len(warnings) == 1 and warnings[0].startswith("STOPPED EARLY: the domain teacher fine-tuning's")
     assert "Raise sft.max_minutes" in warnings[0]
-    build_sft_teacher(sft(tiny_model_dir, epochs=1), prompts_dir, tmp_path / "teacher", log=lines.append,
-                      precision="fp32")
+    build_sft_teacher(sft(tiny_model_dir, epochs=1, max_minutes=1e-6), prompts_dir, tmp_path / "teacher",
+                      log=lines.append, warn=warnings.append, precision="fp32")
     assert any("stopped by its guard at step 1 of 5; fine-tuning it again" in line for line in lines)
 
 
