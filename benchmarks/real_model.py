@@ -176,8 +176,9 @@ def curve(work_dir: Path) -> list[dict]:
     return [points[step] for step in sorted(points)]
 
 
-def budget(work_dir: Path, wall: dict[str, float], eval_seconds: float) -> dict:
-    """Prompts, tokens, steps and minutes per stage, from the run's records."""
+def budget(work_dir: Path, wall: dict[str, float], eval_seconds: float, domain_teacher: bool = False) -> dict:
+    """Prompts, tokens, steps and minutes per stage, from the run's records; with `domain_teacher` (the profile's
+    `sft`), the teacher's fine-tuning and what it bought."""
     from cllm_core.data.shards import ShardStore
 
     store = ShardStore(str(work_dir / "trajectories"))
@@ -186,10 +187,9 @@ def budget(work_dir: Path, wall: dict[str, float], eval_seconds: float) -> dict:
     metrics = cllm["metrics"]
     minutes = {"collect": sum(m["seconds"] for m in manifests) / 60, "finetune": metrics["train_seconds"] / 60,
                "evaluate": eval_seconds / 60}
-    made = work_dir / "teacher" / "teacher.json"
-    teacher = json.loads(made.read_text()) if made.is_file() else None
     domain = {}
-    if teacher is not None and "model" in teacher["config"]:  # a domain teacher (`sft`): its fine-tuning counts
+    if domain_teacher:  # its fine-tuning counts (not its held-out decodes before and after)
+        teacher = json.loads((work_dir / "teacher" / "teacher.json").read_text())
         minutes = {"teacher": teacher["metrics"]["train_seconds"] / 60} | minutes
         domain = {"sft": {key: teacher["metrics"][key] for key in ("answers", "train_steps", "epochs", "eval_problems",
                                                                    "eval_accuracy_before", "eval_accuracy")}
@@ -276,7 +276,7 @@ def main() -> None:
     rows, setup = evaluate_run(profile, args.prompts, args.all_ar_precisions)
     eval_seconds = time.perf_counter() - start
     figures = headline(rows)
-    spent = budget(profile.work_dir, wall, eval_seconds)
+    spent = budget(profile.work_dir, wall, eval_seconds, domain_teacher=profile.sft is not None)
     commit = git_commit()
     result = {"commit": commit, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "command": " ".join(["python -m benchmarks.real_model", *sys.argv[1:]]), "config": str(args.config),

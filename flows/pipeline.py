@@ -39,7 +39,8 @@ def cllm_pipeline(profile: Profile) -> dict:
         if profile.teacher is not None:
             train_teacher(profile.teacher, profile.work_dir, profile.tracking, precision)
         if profile.sft is not None:
-            sft_teacher(profile.sft, profile.ingest, profile.work_dir, profile.tracking, precision)
+            sft_teacher(profile.sft, profile.ingest, profile.work_dir, profile.tracking, precision,
+                        profile.evaluate.check)
         ingest_prompts(profile.ingest, profile.model, profile.work_dir, profile.tracking)
         collect_trajectories(profile.collect, profile.model, profile.work_dir, tracking=profile.tracking,
                              precision=precision)

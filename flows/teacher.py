@@ -4,6 +4,7 @@ math), or a domain teacher (a pretrained model fine-tuned on the prompt source's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 from prefect import flow
@@ -34,15 +35,17 @@ def train_teacher(teacher: TeacherConfig = TeacherConfig(), work_dir: Path = Pat
 
 @flow(name="sft-teacher")
 def sft_teacher(sft: SftConfig, ingest: IngestConfig, work_dir: Path = Path("runs/demo"),
-                tracking: TrackingConfig = TrackingConfig(), precision: Precision = "auto") -> dict:
+                tracking: TrackingConfig = TrackingConfig(), precision: Precision = "auto",
+                check: Literal["auto", "math", "exact"] = "auto") -> dict:
     """Make `<work_dir>/teacher` a domain teacher, `sft.model` fine-tuned on the answers of `ingest`'s source (its
     train split up to `sft.max_train`, ingested into `<work_dir>/sft/prompts`), unless the same one is there; a
-    teacher below `sft.min_accuracy` fails the flow and is not kept."""
+    teacher below `sft.min_accuracy` fails the flow and is not kept. `check`: how held-out answers are judged, as
+    the evaluation judges them (`evaluate.check`; auto: the source preset's)."""
     directory, prompts = work_dir / "teacher", work_dir / "sft" / "prompts"
-    params = {"sft": sft.model_dump(), "ingest": ingest.model_dump(), "precision": precision}
+    params = {"sft": sft.model_dump(), "ingest": ingest.model_dump(), "precision": precision, "check": check}
     with mlflow_run(tracking, work_dir, "teacher", params) as run:
         write_prompts(ingest.model_copy(update={"max_train": sft.max_train}), sft.model, prompts)
-        check = ingest.resolved_preset().check
+        check = ingest.resolved_preset().check if check == "auto" else check
         record = fine_tune_teacher(sft, prompts, directory, check, precision, run.info.run_id)
         mlflow.set_tags({"cllm.teacher_fingerprint": record["fingerprint"], "cllm.reused": str(record["reused"]),
                          "cllm.precision": record.get("precision", ""), "cllm.teacher_base": sft.model.name_or_path})

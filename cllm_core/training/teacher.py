@@ -47,11 +47,12 @@ def answer_accuracy(model, tokenizer, problems: list[Problem], template: str, ba
 
 @torch.inference_mode()
 def greedy_accuracy(model, tokenizer, prompts: list[str], answers: list[str], check: Callable[[str, str], bool],
-                    batch_size: int = 50, max_new_tokens: int = 96) -> float:
-    """Share of rendered prompts whose greedy response `check` finds right against its answer (batched AR)."""
+                    batch_size: int = 50, max_new_tokens: int = 96, chat: bool = False) -> float:
+    """Share of rendered prompts whose greedy response `check` finds right against its answer (batched AR);
+    `chat`: the prompts were rendered with the chat template (which writes its own special tokens)."""
     correct = 0
     for start in range(0, len(prompts), batch_size):
-        ids, mask = encode(tokenizer, prompts[start:start + batch_size], model.device)
+        ids, mask = encode(tokenizer, prompts[start:start + batch_size], model.device, chat=chat)
         output = ar_generate(model, ids, mask, max_new_tokens=max_new_tokens)
         texts = tokenizer.batch_decode(output.sequences[:, ids.shape[1]:], skip_special_tokens=True)
         correct += sum(check(text, answer) for text, answer in zip(texts, answers[start:start + batch_size]))
@@ -140,21 +141,21 @@ def describe_teacher(record: dict) -> str:
 
 
 def save_teacher(model, tokenizer, directory: Path, config: TeacherConfig | SftConfig, metrics: dict[str, float],
-                 history: list[dict[str, float]], precision: str = "fp32", fingerprint: str | None = None) -> None:
-    """An ordinary HF model directory plus `teacher.json` (config, fingerprint: the demo teacher's config's unless
-    given, the files' content identity, measured figures, loss history); the identity's file hashes stay in the
-    directory's sidecar, so no later stage hashes again."""
+                 history: list[dict[str, float]], precision: str = "fp32", generation: GenerationConfig | None = None,
+                 **fields) -> None:
+    """An ordinary HF model directory plus `teacher.json` (config, fingerprint, the files' content identity, measured
+    figures, loss history); the identity's file hashes stay in the directory's sidecar, so no later stage hashes
+    again. `generation`: the model's generation config (the demo teacher's greedy one, from its tokenizer, if not
+    given); `fields` over the record's (a domain teacher's fingerprint, how its accuracy was measured)."""
     from cllm_core.runtime.config import ModelConfig
     from cllm_core.runtime.models import model_identity
 
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, do_sample=False,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = generation or GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     identity = model_identity(ModelConfig(name_or_path=str(directory)))
-    record = {"config": config.model_dump(), "fingerprint": fingerprint or config.fingerprint(), "identity": identity,
-              "precision": precision,
-              "metrics": metrics,
-              "history": history}
+    record = {"config": config.model_dump(), "fingerprint": fields.pop("fingerprint", None) or config.fingerprint(),
+              "identity": identity, "precision": precision, "metrics": metrics, "history": history} | fields
     (directory / "teacher.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -51,7 +51,8 @@ def teacher(profile: Profile, progress: ProgressOption = True) -> None:
 
     with live_progress(progress):
         if profile.sft is not None:
-            record = sft_teacher(profile.sft, profile.ingest, profile.work_dir, profile.tracking, profile.precision)
+            record = sft_teacher(profile.sft, profile.ingest, profile.work_dir, profile.tracking, profile.precision,
+                                 profile.evaluate.check)
             line = f"[bold]domain teacher[/] {describe_sft(record)}"
         else:
             record = train_teacher(profile.teacher or TeacherConfig(), profile.work_dir, profile.tracking,

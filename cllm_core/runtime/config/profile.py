@@ -196,27 +196,28 @@ class Profile(Section):
     @model_validator(mode="before")
     @classmethod
     def _teacher_is_the_model(cls, data):
+        """With `teacher` or `sft` the model is the teacher they make in <work_dir>/teacher (on `sft.model`'s
+        device); a `model` given in part (`--set model.device=cuda`) lays over it."""
         if not isinstance(data, dict) or (data.get("teacher") is None and data.get("sft") is None):
             return data
         if data.get("teacher") is not None and data.get("sft") is not None:
             raise UserError("the profile has both `teacher` (a demo teacher trained from scratch) and `sft` (a "
                             "pretrained model fine-tuned into the teacher): keep one")
+        sft = data.get("sft")
+        if sft is not None and not isinstance(sft, SftConfig) and not (isinstance(sft, dict) and "model" in sft):
+            return data  # pydantic names what `sft` lacks
         work_dir = Path(data.get("work_dir") or cls.model_fields["work_dir"].default)
         made = str(work_dir / "teacher")
-        if data.get("sft") is None:
-            model = {"name_or_path": made}
-        else:
-            sft = data["sft"]
-            base = sft.model if isinstance(sft, SftConfig) else ModelConfig.model_validate((sft or {}).get("model"))
-            model = base.derived(made).model_dump()
+        base = sft.model if isinstance(sft, SftConfig) else ModelConfig.model_validate(sft["model"]) if sft else None
+        model = base.derived(made).model_dump(exclude_defaults=True) if base else {"name_or_path": made}
         given = data.get("model")
-        if given is None:
-            return data | {"model": model}
-        path = given.name_or_path if isinstance(given, ModelConfig) else (given or {}).get("name_or_path")
-        if data.get("sft") is not None and path != made:
-            raise UserError(f"with `sft` the teacher is the model it makes, {made}: name the pretrained model to "
-                            f"fine-tune as sft.model (it is {path} in `model` now) and drop `model`")
-        return data
+        given = given.model_dump(exclude_defaults=True) if isinstance(given, ModelConfig) else dict(given or {})
+        path = given.get("name_or_path", made)
+        if sft is not None and path != made:
+            raise UserError(f"with `sft` the profile's model is the teacher it makes, {made}, not {path}: name the "
+                            "pretrained model to fine-tune as sft.model, and drop `model` (after a work_dir change "
+                            "too; a part such as --set model.device=cuda still applies)")
+        return data | {"model": model | given}
 
     @model_validator(mode="after")
     def _sft_has_a_source(self) -> Profile:

@@ -177,8 +177,8 @@ class SftConfig(Section):
     model: ModelConfig = Field(description="The pretrained model to fine-tune; the teacher keeps its tokenizer.")
     max_train: int | None = Field(None, ge=1, description="Answers to train on, from the source's train split "
                                   "(none: all of them); `ingest.max_train` is the collection's, not this.")
-    max_answer_tokens: int = Field(384, ge=1, description="Answers longer than this in tokens are left out (and "
-                                   "counted).")
+    max_answer_tokens: int = Field(384, ge=2, description="Answers that do not end within this many tokens (their "
+                                   "end token counted) are left out, and counted.")
     epochs: float = Field(1.0, gt=0, description="Passes over the answers; the schedule's step count follows.")
     batch_size: int = Field(16, ge=1, description="Answers per step.")
     lr: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine to a tenth).")
@@ -192,11 +192,12 @@ class SftConfig(Section):
                                        "the teacher is not published and nothing downstream runs.")
     seed: int = Field(0, description="Seed of the batch order.")
 
-    def fingerprint(self, model: str, data: str) -> str:
+    def fingerprint(self, model: str, data: str, precision: str) -> str:
         """Content hash of what decides the teacher's weights: this config (the guard, the floor and the
-        accuracy check's budget left out; the model by `model`, its content identity) and `data`, the answers'."""
+        accuracy check's budget left out; the model by `model`, its content identity), `data` (the answers'
+        identity) and the resolved `precision` it trains in."""
         decisive = self.model_dump(exclude={"max_minutes", "min_accuracy", "eval_max_new_tokens", "model"})
-        return digest({"config": decisive, "model": model, "data": data}, length=12)
+        return digest({"config": decisive, "model": model, "data": data, "precision": precision}, length=12)
 
 
 class IngestConfig(Section):
