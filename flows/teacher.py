@@ -44,9 +44,8 @@ def sft_teacher(sft: SftConfig, ingest: IngestConfig, work_dir: Path = Path("run
     directory, prompts = work_dir / "teacher", work_dir / "sft" / "prompts"
     params = {"sft": sft.model_dump(), "ingest": ingest.model_dump(), "precision": precision, "check": check}
     with mlflow_run(tracking, work_dir, "teacher", params) as run:
-        write_prompts(ingest.model_copy(update={"max_train": sft.max_train}), sft.model, prompts)
-        check = ingest.resolved_preset().check if check == "auto" else check
-        record = fine_tune_teacher(sft, prompts, directory, check, precision, run.info.run_id)
+        write_prompts(sft.ingestion(ingest), sft.model, prompts)
+        record = fine_tune_teacher(sft, prompts, directory, ingest.resolved_check(check), precision, run.info.run_id)
         mlflow.set_tags({"cllm.teacher_fingerprint": record["fingerprint"], "cllm.reused": str(record["reused"]),
                          "cllm.precision": record.get("precision", ""), "cllm.teacher_base": sft.model.name_or_path})
         _log_record(record, directory)

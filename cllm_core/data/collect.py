@@ -51,8 +51,12 @@ def read_prompt_table(path: str | Path, limit: int | None = None) -> tuple[pa.Ta
         raise UserError(f"{path} is not a prompts file from `cllm ingest`: no column {missing[0]!r} "
                         f"(columns: {', '.join(schema.names)})")
     table = pq.read_table(path, columns=list(PROMPT_COLUMNS))
-    chat = (schema.metadata or {}).get(b"cllm.template") == b"chat"
-    return (table.slice(0, limit) if limit else table), chat
+    return (table.slice(0, limit) if limit else table), rendered_with_chat(schema)
+
+
+def rendered_with_chat(schema) -> bool:
+    """Whether `cllm ingest` rendered a prompts file's prompts with the chat template (its schema's metadata)."""
+    return (schema.metadata or {}).get(b"cllm.template") == b"chat"
 
 
 def shard_count(prompts: int, shard_size: int) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cllm_core.data.answers import CHECKS
+from cllm_core.data.collect import rendered_with_chat
 from cllm_core.engine.errors import UserError
 from cllm_core.runtime.config import SftConfig
 from cllm_core.runtime.files import publish_dir
@@ -50,7 +51,7 @@ class Answers:
             if not path.is_file():
                 raise UserError(f"sft: no ingested prompts at {path}; `cllm teacher` ingests them first")
             tables[split] = pq.read_table(path, columns=["prompt", "answer"])
-        chat = (pq.read_schema(prompts_dir / "train.parquet").metadata or {}).get(b"cllm.template") == b"chat"
+        chat = rendered_with_chat(pq.read_schema(prompts_dir / "train.parquet"))
         answered = {split: [row for row in table.to_pylist() if row["answer"]] for split, table in tables.items()}
         if not answered["train"]:
             raise UserError(f"sft: none of the {tables['train'].num_rows} train prompts in {prompts_dir} has a "

@@ -192,6 +192,10 @@ class SftConfig(Section):
                                        "the teacher is not published and nothing downstream runs.")
     seed: int = Field(0, description="Seed of the batch order.")
 
+    def ingestion(self, ingest: IngestConfig) -> IngestConfig:
+        """How the answers are ingested: as `ingest` says, up to `max_train` train prompts."""
+        return ingest.model_copy(update={"max_train": self.max_train})
+
     def fingerprint(self, model: str, data: str, precision: str) -> str:
         """Content hash of what decides the teacher's weights: this config (the guard, the floor and the
         accuracy check's budget left out; the model by `model`, its content identity), `data` (the answers'
@@ -237,6 +241,10 @@ class IngestConfig(Section):
     def resolved_preset(self) -> Preset:
         """The preset this source is read with; a plain local file or hub id gets the empty preset."""
         return PRESETS.get(self.preset or self.source, Preset())
+
+    def resolved_check(self, check: str) -> str:
+        """How answers from this source are judged: `check`, or with auto its preset's (`answers.CHECKS`)."""
+        return self.resolved_preset().check if check == "auto" else check
 
 
 class CollectConfig(Section):
